@@ -1,0 +1,132 @@
+"""Typed run configuration, validated once at the edge (CLI / flow entry).
+
+The core library never sees these objects' validation logic: stages receive plain values
+(or the small frozen sections below), so a config is checked once when it is loaded.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are an error, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    crop_margin: float = Field(0.15, ge=0.0, le=2.0, description="margin added on each side of the extreme-point box, as a fraction of its size")
+    crop_min_margin_px: int = Field(4, ge=0, description="at least this many pixels of margin on each side")
+    crop_size: int = Field(96, ge=16, le=2048, description="side of the square object crop fed to the ViT")
+    derive_missing_points: bool = Field(True, description="derive extreme points from GT masks when an annotation has none (labelling step)")
+    point_tolerance_px: float = Field(1.0, ge=0.0, description="how far an extreme point may lie from its box edge")
+    check_images: bool = Field(True, description="open every image once during validation (catches corrupt files)")
+
+
+class BackboneConfig(Section):
+    vit_name: str = "vit_tiny_patch16_224"
+    img_size: int = Field(96, ge=16)
+    patch_size: int = Field(8, ge=2)
+    depth: int | None = Field(None, ge=1)
+    embed_dim: int | None = Field(None, ge=8)
+    num_heads: int | None = Field(None, ge=1)
+    conv_stem: bool = True
+    decoder_dim: int = Field(64, ge=8)
+    image_skip: bool = True
+    pretrained_path: str | None = None
+
+    @model_validator(mode="after")
+    def _grid_divides(self) -> "BackboneConfig":
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
+        return self
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+
+class OptimConfig(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    num_workers: int = Field(0, ge=0)
+
+
+class SimilarityConfig(Section):
+    optim: OptimConfig = OptimConfig(epochs=8)
+    layers: list[int] = Field(default_factory=lambda: [-1], description="transformer layers whose attention is averaged into S")
+
+
+class RetrievalConfig(Section):
+    delta_px: float = Field(4.0, ge=0, description="extreme points moved this many crop pixels inwards (P_FG)")
+    sinkhorn_iters: int = Field(50, ge=1)
+    alpha: int = Field(8, ge=1, description="random-walk steps")
+    tau_fg: float = 0.2
+    tau_bg: float = -0.2
+    normalize: bool = True
+    batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RetrievalConfig":
+        if self.tau_bg > self.tau_fg:
+            raise ValueError(f"tau_bg ({self.tau_bg}) must be <= tau_fg ({self.tau_fg})")
+        return self
+
+
+class CrfConfig(Section):
+    impl: Literal["meanfield", "dense"] = "meanfield"
+    iters: int = Field(5, ge=1)
+    params: dict[str, float] = Field(default_factory=dict, description="kernel parameters passed to crf_refine")
+
+
+class GeneratorConfig(Section):
+    optim: OptimConfig = OptimConfig(epochs=15)
+    use_retrieval: bool = Field(True, description="False = box-supervised baseline (MIL + CRF only)")
+    point_dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    lambda_point: float = Field(1.0, ge=0)
+    lambda_crf: float = Field(0.5, ge=0)
+    lambda_mil: float = Field(1.0, ge=0)
+    crf_warmup_epochs: int = Field(2, ge=0, description="epochs before the CRF loss switches on (the teacher needs to be sensible first)")
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    crf: CrfConfig = CrfConfig()
+
+
+class PseudoLabelConfig(Section):
+    threshold: float = Field(0.5, gt=0, lt=1)
+    batch_size: int = Field(64, ge=1)
+    crf_refine: bool = Field(True, description="refine the generator's mask with the CRF before thresholding")
+
+
+class EvalConfig(Section):
+    separated_min_part_pixels: int = Field(16, ge=1)
+    separated_min_part_fraction: float = Field(0.05, ge=0, le=0.5)
+    separated_ids_path: str | None = None
+
+
+class ExitsConfig(Section):
+    """The whole run: one YAML file, overridable with ``--set key.sub=value``."""
+
+    name: str = "exits"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    similarity: SimilarityConfig = SimilarityConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    pseudo: PseudoLabelConfig = PseudoLabelConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\"):
+            raise ValueError(f"name must be a plain word, got {v!r}")
+        return v

@@ -1,0 +1,62 @@
+"""Atomic file writes: a crash or kill mid-write never leaves a half-written output.
+
+Every file the pipeline produces goes through these helpers: the bytes are written to a
+temporary file in the destination folder (same filesystem, so the rename is atomic), flushed
+and fsynced, then moved over the destination with ``os.replace``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; on success rename it over ``dest``.
+
+    For writers that want a path (``pq.write_table``, ``torch.save``, ``PIL.Image.save``).
+    On any exception the temporary file is removed and ``dest`` is untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(dest: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; it replaces ``dest`` only if the block succeeds."""
+    if "b" in mode:
+        encoding = None
+    with atomic_path(dest) as tmp:
+        with open(tmp, mode, encoding=encoding) as fh:
+            yield fh
+            fh.flush()
+
+
+def write_json(dest: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
+    """Atomically write ``obj`` as JSON."""
+    with atomic_open(dest, "w") as fh:
+        json.dump(obj, fh, indent=indent)
+    return Path(dest)
+
+
+def write_bytes(dest: str | os.PathLike, data: bytes) -> Path:
+    """Atomically write raw bytes."""
+    with atomic_open(dest, "wb") as fh:
+        fh.write(data)
+    return Path(dest)
