@@ -1,0 +1,152 @@
+"""Ground-truth instance masks for evaluation — the leak boundary of the project.
+
+LEAK BOUNDARY: this module (and the rest of ``exits.eval``) is the ONLY place in the
+project that reads ground-truth masks. Training and pseudo-labelling code (``exits.data``
+and everything downstream of it) sees extreme points and boxes only, never a GT
+``segmentation``. GT masks are loaded here, for scoring pseudo masks, either from the same
+COCO/LVIS json the points came from or from a separate ``--gt`` file; nothing loaded here
+may be fed back into training. Keep it that way: do not import this module from
+``exits.data``, the models, the losses or the training loops.
+
+Reads COCO instances json and LVIS json (same annotation layout; LVIS has no ``iscrowd``).
+A ``segmentation`` may be polygons, uncompressed RLE or compressed RLE; all are turned into
+compressed RLE with ``bytes`` counts (see :mod:`exits.eval.rle`) as ``COCO.annToRLE`` does.
+Annotations without a segmentation (missing, ``null``, empty list, or only degenerate
+polygons with < 3 points) are skipped.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from exits.eval.rle import Rle, rle_area, segmentation_to_rle
+
+
+@dataclass(frozen=True)
+class GtInstance:
+    """One ground-truth object.
+
+    ``rle`` is compressed RLE ``{"size": [height, width], "counts": bytes}``. ``area`` is the
+    json's ``area`` field (the value COCOeval buckets sizes by), or the mask's pixel count
+    when the json has none. ``iscrowd`` is ``False`` for LVIS.
+    """
+
+    ann_id: int
+    image_id: int
+    category_id: int
+    rle: Rle
+    area: float
+    height: int
+    width: int
+    iscrowd: bool
+
+
+class GtFormatError(ValueError):
+    """A ground-truth json that cannot be read as COCO/LVIS instances."""
+
+
+def read_gt_json(json_path: str | os.PathLike) -> dict[str, Any]:
+    """Load a COCO/LVIS json into a dict (call once, then use the ``*_from_coco`` helpers)."""
+    path = Path(json_path)
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise GtFormatError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise GtFormatError(f"{path}: expected a COCO/LVIS json object with an 'annotations' list")
+    return data
+
+
+def _as_int(value: Any, what: str, source: str, ann_id: Any) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise GtFormatError(f"{source}: annotation {ann_id}: '{what}' must be an integer, got {value!r}")
+    return int(value)
+
+
+def _image_sizes(images: Iterable[dict[str, Any]], source: str) -> dict[int, tuple[int, int]]:
+    sizes: dict[int, tuple[int, int]] = {}
+    for img in images:
+        try:
+            sizes[int(img["id"])] = (int(img["height"]), int(img["width"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GtFormatError(f"{source}: image entry {img!r:.120} lacks an integer id/height/width") from exc
+    return sizes
+
+
+def gt_instances_from_coco(
+    data: dict[str, Any],
+    source: str = "<in-memory json>",
+    ann_ids: set[int] | None = None,
+) -> dict[int, GtInstance]:
+    """GT instances from an already loaded COCO/LVIS dict.
+
+    Args:
+        data: the json object (``images`` and ``annotations``).
+        source: name used in error messages (the file path).
+        ann_ids: keep only these annotation ids (others are not even decoded); ids that are
+            not in the json, or have no segmentation, are simply absent from the result.
+    Returns:
+        ``{ann_id: GtInstance}``.
+    Raises:
+        GtFormatError: naming ``source`` and the annotation id, for a malformed
+            segmentation, an RLE whose size differs from its image, a polygon whose image
+            is not listed, or a duplicated annotation id.
+    """
+    anns = data.get("annotations")
+    if not isinstance(anns, list):
+        raise GtFormatError(f"{source}: expected an 'annotations' list")
+    sizes = _image_sizes(data.get("images") or [], source)
+    out: dict[int, GtInstance] = {}
+    for ann in anns:
+        raw_id = ann.get("id") if isinstance(ann, dict) else None
+        ann_id = _as_int(raw_id, "id", source, raw_id)
+        if ann_ids is not None and ann_id not in ann_ids:
+            continue
+        if ann_id in out:
+            raise GtFormatError(f"{source}: annotation id {ann_id} appears more than once")
+        image_id = _as_int(ann.get("image_id"), "image_id", source, ann_id)
+        category_id = _as_int(ann.get("category_id"), "category_id", source, ann_id)
+        height, width = sizes.get(image_id, (None, None))
+        try:
+            rle = segmentation_to_rle(ann.get("segmentation"), height, width)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise GtFormatError(f"{source}: annotation {ann_id} (image {image_id}): malformed segmentation: {exc}") from exc
+        if rle is None:
+            continue
+        h, w = int(rle["size"][0]), int(rle["size"][1])
+        area_field = ann.get("area")
+        if isinstance(area_field, numbers.Real) and not isinstance(area_field, bool):
+            area = float(area_field)
+        else:
+            area = float(rle_area(rle))
+        out[ann_id] = GtInstance(
+            ann_id=ann_id,
+            image_id=image_id,
+            category_id=category_id,
+            rle=rle,
+            area=area,
+            height=h,
+            width=w,
+            iscrowd=bool(ann.get("iscrowd", 0)),
+        )
+    return out
+
+
+def category_names_from_coco(data: dict[str, Any]) -> dict[int, str]:
+    """``{category_id: name}`` from a COCO/LVIS json's ``categories``."""
+    return {int(c["id"]): str(c.get("name", c["id"])) for c in data.get("categories") or []}
+
+
+def load_gt_masks(json_path: str | os.PathLike, ann_ids: set[int] | None = None) -> dict[int, GtInstance]:
+    """GT instance masks from a COCO or LVIS json file.
+
+    See :func:`gt_instances_from_coco` for ``ann_ids`` and errors. To get category names
+    too without parsing the file twice, use :func:`read_gt_json` then the two helpers.
+    """
+    data = read_gt_json(json_path)
+    return gt_instances_from_coco(data, source=str(json_path), ann_ids=ann_ids)

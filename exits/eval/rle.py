@@ -1,0 +1,144 @@
+"""COCO segmentations to one canonical form: compressed RLE with ``bytes`` counts.
+
+Everything in ``exits.eval`` hands masks around as pycocotools' own compressed RLE,
+``{"size": [height, width], "counts": b"..."}`` (``counts`` always ``bytes``, as
+``pycocotools.mask.encode`` / ``frPyObjects`` / ``merge`` return it). Inputs may come in
+any of the three COCO forms (polygons, uncompressed RLE, compressed RLE with ``str`` or
+``bytes`` counts); :func:`segmentation_to_rle` turns them into the canonical form the way
+``COCO.annToRLE`` does. Errors are ``ValueError`` with a message saying what is wrong;
+callers add where (file, annotation id).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_utils
+
+Rle = dict[str, Any]
+"""Compressed RLE: ``{"size": [h, w], "counts": bytes}``."""
+
+
+def _check_size(size: Any) -> tuple[int, int]:
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size)
+        or min(size) < 0
+    ):
+        raise ValueError(f"RLE 'size' must be [height, width] non-negative integers, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def polygons_to_rle(polygons: list[Any], height: int, width: int) -> Rle | None:
+    """Polygons ``[[x1, y1, x2, y2, ...], ...]`` to one merged RLE (union of the polygons).
+
+    Polygons with fewer than 3 points (< 6 numbers) enclose no area and are dropped, as
+    Detectron2 does; pycocotools would otherwise read a 4-number polygon as a *box*.
+    Returns ``None`` when no polygon is left (the caller treats that as "no segmentation").
+
+    Raises:
+        ValueError: a polygon that is not a flat list of finite numbers of even length.
+    """
+    kept: list[list[float]] = []
+    for k, poly in enumerate(polygons):
+        if not isinstance(poly, (list, tuple)):
+            raise ValueError(f"polygon {k} is a {type(poly).__name__}, expected a list of numbers")
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in poly):
+            raise ValueError(f"polygon {k} holds non-numeric coordinates")
+        if len(poly) % 2 != 0:
+            raise ValueError(f"polygon {k} has an odd number of coordinates ({len(poly)})")
+        if not np.all(np.isfinite(np.asarray(poly, dtype=np.float64))):
+            raise ValueError(f"polygon {k} holds non-finite coordinates")
+        if len(poly) >= 6:
+            kept.append([float(v) for v in poly])
+    if not kept:
+        return None
+    return mask_utils.merge(mask_utils.frPyObjects(kept, height, width))
+
+
+def uncompressed_rle_to_rle(segmentation: dict[str, Any]) -> Rle:
+    """``{"size": [h, w], "counts": [int, ...]}`` (column-major run lengths) to compressed RLE.
+
+    Raises:
+        ValueError: bad size, non-integer / negative runs, or runs not summing to h * w.
+    """
+    h, w = _check_size(segmentation.get("size"))
+    counts = segmentation["counts"]
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in counts):
+        raise ValueError("uncompressed RLE 'counts' must be non-negative integers")
+    total = int(sum(int(v) for v in counts))
+    if total != h * w:
+        raise ValueError(f"uncompressed RLE runs sum to {total}, but size {h}x{w} has {h * w} pixels")
+    return mask_utils.frPyObjects({"size": [h, w], "counts": [int(v) for v in counts]}, h, w)
+
+
+def compressed_rle_to_rle(segmentation: dict[str, Any]) -> Rle:
+    """``{"size": [h, w], "counts": "str or bytes"}`` to the canonical form (bytes counts)."""
+    h, w = _check_size(segmentation.get("size"))
+    counts = segmentation["counts"]
+    if isinstance(counts, str):
+        try:
+            counts = counts.encode("ascii")
+        except UnicodeEncodeError as exc:
+            raise ValueError("compressed RLE 'counts' must be ASCII") from exc
+    if not isinstance(counts, bytes):
+        raise ValueError(f"compressed RLE 'counts' must be str or bytes, got {type(counts).__name__}")
+    return {"size": [h, w], "counts": counts}
+
+
+def to_rle(rle: dict[str, Any]) -> Rle:
+    """Any RLE dict (compressed with str/bytes counts, or uncompressed) to canonical form."""
+    if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
+        raise ValueError("an RLE must be a dict with 'size' and 'counts'")
+    if isinstance(rle["counts"], (list, tuple)):
+        return uncompressed_rle_to_rle(rle)
+    return compressed_rle_to_rle(rle)
+
+
+def segmentation_to_rle(segmentation: Any, height: int | None, width: int | None) -> Rle | None:
+    """A COCO/LVIS ``segmentation`` field to compressed RLE, like ``COCO.annToRLE``.
+
+    Args:
+        segmentation: polygons (list of lists), uncompressed RLE (dict, list counts) or
+            compressed RLE (dict, str/bytes counts).
+        height, width: the image size; required for polygons, checked against an RLE's
+            ``size`` when given.
+    Returns:
+        The RLE, or ``None`` when the segmentation is empty or every polygon is degenerate.
+    Raises:
+        ValueError: malformed segmentation or an RLE whose size differs from the image.
+    """
+    if segmentation is None:
+        return None
+    if isinstance(segmentation, list):
+        if len(segmentation) == 0:
+            return None
+        if height is None or width is None:
+            raise ValueError("polygon segmentation needs the image height and width")
+        return polygons_to_rle(segmentation, height, width)
+    if isinstance(segmentation, dict):
+        rle = to_rle(segmentation)
+        if height is not None and width is not None and tuple(rle["size"]) != (height, width):
+            raise ValueError(f"RLE size {rle['size']} differs from the image size [{height}, {width}]")
+        return rle
+    raise ValueError(f"segmentation must be a list of polygons or an RLE dict, got {type(segmentation).__name__}")
+
+
+def rle_area(rle: Rle) -> int:
+    """Number of foreground pixels of an RLE (no decoding)."""
+    return int(mask_utils.area(rle))
+
+
+def encode_mask(mask: np.ndarray) -> Rle:
+    """(H, W) binary array to compressed RLE."""
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {m.shape}")
+    return mask_utils.encode(np.asfortranarray(m != 0, dtype=np.uint8))
+
+
+def decode_rle(rle: Rle) -> np.ndarray:
+    """Compressed RLE to an (H, W) bool array."""
+    return mask_utils.decode(rle).astype(bool)
