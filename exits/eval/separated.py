@@ -16,16 +16,15 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
-from scipy import ndimage
 
 from exits.eval.ground_truth import GtInstance
 from exits.eval.rle import Rle
 
 DEFAULT_MIN_PART_PIXELS = 16
 DEFAULT_MIN_PART_FRACTION = 0.05
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def count_mask_parts(
@@ -40,19 +39,18 @@ def count_mask_parts(
     Args:
         mask: (H, W) array, non-zero = object.
     """
-    # C order: label() and ravel() are faster on it than on pycocotools' Fortran arrays.
-    m = np.ascontiguousarray(np.asarray(mask) != 0)
+    m = np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {m.shape}")
     total = int(m.sum())
     if total == 0:
         return 0
-    labels, n = ndimage.label(m, structure=_EIGHT_CONNECTED)
-    if n == 0:
-        return 0
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    # OpenCV's labelling (with per-label areas) is several times faster than
+    # scipy.ndimage.label + bincount on full-image masks; same 8-connectivity.
+    n_labels, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    areas = stats[1:n_labels, cv2.CC_STAT_AREA]  # label 0 is the background
     threshold = max(float(min_part_pixels), float(min_part_fraction) * total)
-    return int(np.count_nonzero(sizes >= threshold))
+    return int(np.count_nonzero(areas >= threshold))
 
 
 def count_parts_rle(
