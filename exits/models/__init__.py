@@ -1,0 +1,36 @@
+"""Models for EXITS stage 1: timm ViT backbone, attention capture, mask decoder."""
+from exits.models.attention import AttentionRecorder, resolve_layers, similarity_matrix
+from exits.models.checkpoint import (
+    LoadReport,
+    extract_state_dict,
+    load_mask_model,
+    load_vit_checkpoint,
+    load_vit_state_dict,
+    save_mask_model,
+)
+from exits.models.factory import DEMO_MODEL_KWARGS, build_mask_model
+from exits.models.mask_decoder import ImageSkip, MaskDecoder
+from exits.models.mask_model import MaskModel
+from exits.models.vit import ConvStemPatchEmbed, build_vit, grid_size, is_conv_stem, patch_tokens
+
+__all__ = [
+    "AttentionRecorder",
+    "ConvStemPatchEmbed",
+    "DEMO_MODEL_KWARGS",
+    "ImageSkip",
+    "LoadReport",
+    "MaskDecoder",
+    "MaskModel",
+    "build_mask_model",
+    "build_vit",
+    "extract_state_dict",
+    "grid_size",
+    "is_conv_stem",
+    "load_mask_model",
+    "load_vit_checkpoint",
+    "load_vit_state_dict",
+    "patch_tokens",
+    "resolve_layers",
+    "save_mask_model",
+    "similarity_matrix",
+]

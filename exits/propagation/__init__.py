@@ -1,0 +1,44 @@
+"""EXITS stage 1b: point retrieval by random walks on a Sinkhorn-normalised attention graph."""
+from exits.propagation.random_walk import random_walk_scores, random_walk_scores_reference, seed_distribution
+from exits.propagation.retrieval import (
+    DEFAULT_ALPHA,
+    DEFAULT_SINKHORN_ITERS,
+    DEFAULT_TAU_BG,
+    DEFAULT_TAU_FG,
+    Retrieval,
+    label_points,
+    propagation_scores,
+    retrieval_score,
+    retrieve_points,
+)
+from exits.propagation.seeds import (
+    SeedMasks,
+    box_overlap_mask,
+    move_points_inwards,
+    patch_index_of_points,
+    seed_masks,
+)
+from exits.propagation.sinkhorn import marginal_error, sinkhorn, transition_matrix
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_SINKHORN_ITERS",
+    "DEFAULT_TAU_BG",
+    "DEFAULT_TAU_FG",
+    "Retrieval",
+    "SeedMasks",
+    "box_overlap_mask",
+    "label_points",
+    "marginal_error",
+    "move_points_inwards",
+    "patch_index_of_points",
+    "propagation_scores",
+    "random_walk_scores",
+    "random_walk_scores_reference",
+    "retrieval_score",
+    "retrieve_points",
+    "seed_distribution",
+    "seed_masks",
+    "sinkhorn",
+    "transition_matrix",
+]

@@ -1,0 +1,85 @@
+"""Stage 1b: retrieve pseudo FG/BG points for every object with the frozen extractor.
+
+Per batch of crops: S = head/layer-mean attention over patch tokens (B, n, n) ->
+Sinkhorn -> T = (A + A^T)/2 -> random walks from P_FG and P_BG -> thresholds. The result
+is one Parquet row per object with its patch indices (the labels of the point loss).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from exits.io import atomic_path
+from exits.models import similarity_matrix
+from exits.propagation import retrieve_points, seed_masks
+
+POINTS_SCHEMA = pa.schema(
+    [
+        ("ann_id", pa.int64()),
+        ("grid", pa.int32()),
+        ("seed_fg", pa.list_(pa.int32())),   # P_FG: patches of the moved-in extreme points
+        ("num_seed_bg", pa.int32()),          # |P_BG|: patches outside the box (not stored: derivable)
+        ("pseudo_fg", pa.list_(pa.int32())),  # retrieved foreground patches (P^_FG)
+        ("pseudo_bg", pa.list_(pa.int32())),  # retrieved background patches (P^_BG)
+        ("num_box", pa.int32()),              # |P_Box|
+    ]
+)
+
+
+@dataclass(frozen=True)
+class RetrievalParams:
+    grid: int
+    crop_size: int
+    delta_px: float
+    alpha: int
+    tau_fg: float
+    tau_bg: float
+    sinkhorn_iters: int
+    normalize: bool
+    layers: tuple[int, ...]
+    batch_size: int
+
+
+@torch.no_grad()
+def retrieve_dataset_points(model: torch.nn.Module, dataset: torch.utils.data.Dataset, params: RetrievalParams,
+                            device: torch.device, progress: bool = True) -> pa.Table:
+    """One row per dataset item (in order): seeds and retrieved patch indices."""
+    model = model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=params.batch_size, shuffle=False)
+    rows: dict[str, list] = {name: [] for name in POINTS_SCHEMA.names}
+    ann_ids = getattr(dataset, "ann_ids")
+    for batch in tqdm(loader, desc="retrieving points", disable=not progress, unit="batch"):
+        images = batch["image"].to(device)
+        S = similarity_matrix(model, images, layers=params.layers).float()
+        seeds = seed_masks(batch["points"].to(device), batch["box"].to(device), params.crop_size, params.grid,
+                           params.delta_px)
+        ret = retrieve_points(S, seeds, alpha=params.alpha, tau_fg=params.tau_fg, tau_bg=params.tau_bg,
+                              sinkhorn_iters=params.sinkhorn_iters, normalize=params.normalize)
+        fg, bg = ret.pseudo_fg.cpu().numpy(), ret.pseudo_bg.cpu().numpy()
+        seed_fg, seed_bg, box = seeds.fg.cpu().numpy(), seeds.bg.cpu().numpy(), seeds.box.cpu().numpy()
+        for j, idx in enumerate(batch["index"].tolist()):
+            rows["ann_id"].append(int(ann_ids[idx]))
+            rows["grid"].append(params.grid)
+            rows["seed_fg"].append(np.flatnonzero(seed_fg[j]).astype(np.int32).tolist())
+            rows["num_seed_bg"].append(int(seed_bg[j].sum()))
+            rows["pseudo_fg"].append(np.flatnonzero(fg[j]).astype(np.int32).tolist())
+            rows["pseudo_bg"].append(np.flatnonzero(bg[j]).astype(np.int32).tolist())
+            rows["num_box"].append(int(box[j].sum()))
+    return pa.table(rows, schema=POINTS_SCHEMA)
+
+
+def write_points(table: pa.Table, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def read_points(path: Path) -> pa.Table:
+    return pq.read_table(path, schema=POINTS_SCHEMA)
