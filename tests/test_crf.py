@@ -160,6 +160,11 @@ def test_invalid_arguments(scene):
         crf_refine(scene.image[None], scene.prob)  # missing batch dim
     with pytest.raises(ValueError):
         meanfield_crf(scene.image[None], scene.prob[None], window=4)
+    with pytest.raises(ValueError):
+        meanfield_crf(scene.image[None], scene.prob[None], window=7.5)
+    # Integral floats (configs typed dict[str, float]) are accepted.
+    as_float = meanfield_crf(scene.image[None], scene.prob[None], window=7.0, dilation=2.0, iters=3.0)
+    assert torch.equal(as_float, meanfield_crf(scene.image[None], scene.prob[None], window=7, dilation=2, iters=3))
     assert set(DEFAULT_CRF_PARAMS) >= {"iters", "sxy_gauss", "compat_gauss", "sxy_bilateral", "srgb", "compat_bilateral"}
 
 

@@ -81,7 +81,7 @@ class RetrievalConfig(Section):
 
 class CrfConfig(Section):
     impl: Literal["meanfield", "dense"] = "meanfield"
-    iters: int = Field(5, ge=1)
+    iters: int = Field(10, ge=1)
     params: dict[str, float] = Field(default_factory=dict, description="kernel parameters passed to crf_refine")
 
 

@@ -19,6 +19,10 @@ import torch
 # Tuned on crops of about 64..128 px (the generator's mask resolution) so that both
 # implementations clearly improve a blurred, shifted, noisy mask of a two-colour object
 # (see bench/bench_crf.py and tests/test_crf.py). Positions are in pixels of the crop.
+# compat/srgb follow pydensecrf's classic example (srgb 13, bilateral weight 10, Gaussian
+# 3/3); sxy_bilateral 20 px instead of 80 because crops are small. 10 iterations, not 5:
+# the meanfield CRF's window (reach 10 px by default) moves a wrong boundary only a few
+# pixels per step. For much larger crops scale sxy_bilateral and the meanfield dilation.
 DEFAULT_CRF_PARAMS: dict[str, float | int] = {
     "iters": 10,
     "sxy_gauss": 3.0,

@@ -7,9 +7,7 @@ Exact-range Gaussian and bilateral kernels over the whole crop (Krähenbühl & K
 from __future__ import annotations
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
 import torch
-from pydensecrf.utils import unary_from_softmax
 
 from exits.crf.common import DEFAULT_CRF_PARAMS, check_crf_inputs, image_to_uint8
 
@@ -38,6 +36,11 @@ def dense_crf(
     Returns:
         (B, 1, H, W) refined foreground marginal Q(fg) in [0, 1], dtype and device of ``prob``.
     """
+    # Imported here so the training path (meanfield) works where pydensecrf's C++ build
+    # is unavailable (it does not build with Cython 3; pydensecrf2 provides it).
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
     check_crf_inputs(image, prob)
     batch, _, height, width = prob.shape
     images = image_to_uint8(image.detach()).permute(0, 2, 3, 1).cpu().numpy()
