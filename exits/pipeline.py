@@ -56,7 +56,9 @@ def retrieval_params(cfg: ExitsConfig) -> RetrievalParams:
     r = cfg.retrieval
     return RetrievalParams(grid=cfg.backbone.grid, crop_size=cfg.data.crop_size, delta_px=r.delta_px, alpha=r.alpha,
                            tau_fg=r.tau_fg, tau_bg=r.tau_bg, sinkhorn_iters=r.sinkhorn_iters, normalize=r.normalize,
-                           layers=tuple(cfg.similarity.layers), batch_size=r.batch_size)
+                           layers=tuple(cfg.similarity.layers), batch_size=r.batch_size,
+                           appearance_weight=cfg.similarity.appearance_weight,
+                           appearance_sigma=cfg.similarity.appearance_sigma)
 
 
 def stage_retrieval(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: StagePaths, device: torch.device,

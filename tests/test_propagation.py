@@ -83,6 +83,10 @@ def test_sinkhorn_recovers_doubly_stochastic_from_extreme_scalings() -> None:
     torch.testing.assert_close(A64, P, atol=1e-12, rtol=0)
     A32 = sinkhorn(S.float(), iters=300, eps=0.0)
     torch.testing.assert_close(A32.double(), P, atol=1e-6, rtol=0)
+    # Differentiable through the absorption steps.
+    S_req = S.clone().requires_grad_()
+    sinkhorn(S_req, iters=300, eps=0.0)[:, 0, 1].sum().backward()
+    assert S_req.grad is not None and torch.isfinite(S_req.grad).all()
 
 
 def test_sinkhorn_scale_invariant_unbatched_and_validates() -> None:

@@ -61,6 +61,8 @@ class OptimConfig(Section):
 class SimilarityConfig(Section):
     optim: OptimConfig = OptimConfig(epochs=8)
     layers: list[int] = Field(default_factory=lambda: [-1], description="transformer layers whose attention is averaged into S")
+    appearance_weight: float = Field(0.0, ge=0.0, le=1.0, description="beta: S = (1-beta) S_attn + beta S_app (patch colour kernel); 0 = paper")
+    appearance_sigma: float = Field(0.05, gt=0.0, description="bandwidth of the patch colour kernel")
 
 
 class RetrievalConfig(Section):

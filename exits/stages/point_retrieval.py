@@ -19,6 +19,7 @@ from tqdm import tqdm
 from exits.io import atomic_path
 from exits.models import similarity_matrix
 from exits.propagation import retrieve_points, seed_masks
+from exits.propagation.appearance import mix_similarity
 
 POINTS_SCHEMA = pa.schema(
     [
@@ -45,6 +46,8 @@ class RetrievalParams:
     normalize: bool
     layers: tuple[int, ...]
     batch_size: int
+    appearance_weight: float = 0.0
+    appearance_sigma: float = 0.05
 
 
 @torch.no_grad()
@@ -58,6 +61,7 @@ def retrieve_dataset_points(model: torch.nn.Module, dataset: torch.utils.data.Da
     for batch in tqdm(loader, desc="retrieving points", disable=not progress, unit="batch"):
         images = batch["image"].to(device)
         S = similarity_matrix(model, images, layers=params.layers).float()
+        S = mix_similarity(S, images, params.grid, params.appearance_weight, params.appearance_sigma)
         seeds = seed_masks(batch["points"].to(device), batch["box"].to(device), params.crop_size, params.grid,
                            params.delta_px)
         ret = retrieve_points(S, seeds, alpha=params.alpha, tau_fg=params.tau_fg, tau_bg=params.tau_bg,

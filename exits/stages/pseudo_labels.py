@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from exits.baselines import box_mask_full
 from exits.crf import crf_refine
 from exits.data.crops import paste_mask
 from exits.io import atomic_path, write_json
@@ -98,7 +99,8 @@ def paste_pseudo_masks(probs: torch.Tensor, dataset: Any, images: dict[int, Any]
     for i in tqdm(range(len(dataset)), desc="pasting masks", disable=not progress, unit="obj"):
         img = images[image_ids[i]]
         full = paste_mask(probs[i].float(), dataset.windows[i], img["height"], img["width"]) >= threshold
-        m = full.numpy()
+        # Resampling can spill past the box edge by a pixel; no object pixel lies outside it.
+        m = full.numpy() & box_mask_full(dataset.points_image[i], img["height"], img["width"]).astype(bool)
         rows.append({"ann_id": int(dataset.ann_ids[i]), "rle": encode_rle(m), "area": int(m.sum())})
     return rows
 
