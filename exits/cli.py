@@ -119,3 +119,7 @@ def report(
 
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m exits.cli`
+    main()

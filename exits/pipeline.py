@@ -99,7 +99,7 @@ def stage_pseudo_labels(cfg: ExitsConfig, dataset: ObjectCropDataset, annotation
     p = cfg.pseudo
     crf = cfg.generator.crf
     probs = predict_crop_probs(generator, dataset, batch_size=p.batch_size, device=device,
-                               crf_impl=crf.impl if p.crf_refine else None,
+                               crf_impl=p.crf_impl if p.crf_refine else None,
                                crf_params={"iters": crf.iters, **crf.params}, progress=progress)
     task = generator_task(cfg, dataset, paths.points if paths.points.exists() else None)
     all_idx = torch.arange(len(dataset))

@@ -103,6 +103,7 @@ class PseudoLabelConfig(Section):
     threshold: float = Field(0.5, gt=0, lt=1)
     batch_size: int = Field(64, ge=1)
     crf_refine: bool = Field(True, description="refine the generator's mask with the CRF before thresholding")
+    crf_impl: Literal["meanfield", "dense"] = Field("dense", description="CRF for the final refinement (dense = pydensecrf reference, CPU)")
 
 
 class EvalConfig(Section):
