@@ -68,9 +68,9 @@ class SimilarityConfig(Section):
 class RetrievalConfig(Section):
     delta_px: float = Field(4.0, ge=0, description="extreme points moved this many crop pixels inwards (P_FG)")
     sinkhorn_iters: int = Field(50, ge=1)
-    alpha: int = Field(8, ge=1, description="random-walk steps")
-    tau_fg: float = 0.2
-    tau_bg: float = -0.2
+    alpha: int = Field(5, ge=1, description="random-walk steps")
+    tau_fg: float = 0.5
+    tau_bg: float = -0.5
     normalize: bool = True
     batch_size: int = Field(32, ge=1)
 
