@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--config", default="demo")
     ap.add_argument("--set", action="append", default=[], help="config override for both trained variants")
     ap.add_argument("--skip", action="append", default=[], help="variants to skip: mil_crf, exits")
+    ap.add_argument("--reuse", action="store_true", help="take finished variant runs (run_summary.json) as they are")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -82,10 +83,15 @@ def main() -> None:
     for name, extra in variants.items():
         if name in args.skip:
             continue
-        cfg = load_config(args.config, [*args.set, *extra])
-        t0 = time.perf_counter()
-        res = run_pipeline(images, ann, args.runs / name, cfg, progress=False)
-        total = time.perf_counter() - t0
+        done = args.runs / name / "run_summary.json"
+        if args.reuse and done.exists():
+            res = json.loads(done.read_text())
+            total = sum(res["seconds"].values())
+        else:
+            cfg = load_config(args.config, [*args.set, *extra])
+            t0 = time.perf_counter()
+            res = run_pipeline(images, ann, args.runs / name, cfg, progress=False)
+            total = time.perf_counter() - t0
         summary = json.loads((args.runs / name / "report" / "summary.json").read_text())
         results["variants"][name] = {**summarize(summary), "seconds_total": round(total, 1), "seconds": res["seconds"]}
 

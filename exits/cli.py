@@ -101,20 +101,26 @@ def run(
 @app.command()
 def report(
     workdir: Path = typer.Option(..., "--workdir", "-w", help="run folder with pseudo_labels.json"),
-    gt: Optional[Path] = typer.Option(None, "--gt", help="json with GT masks (default: the run's input annotations)"),
+    gt: Optional[Path] = typer.Option(None, "--gt", help="json with GT masks (default: the run's GT, else its input annotations)"),
     separated_ids: Optional[Path] = typer.Option(None, "--separated-ids", help="file listing the separated annotation ids (Separated COCO); default: derive from GT masks"),
+    worst: int = typer.Option(12, "--worst", min=0, help="objects in the worst-IoU gallery"),
 ) -> None:
-    """mIoU of the pseudo masks over all / separated / per category / per size."""
+    """mIoU report of the pseudo masks: WORKDIR/report/ (metrics.parquet, summary.json, report.md, report.html)."""
     _setup_logging(False)
-    from exits.pipeline import write_report
+    from exits.stages.report import write_report
 
     try:
-        summary = write_report(workdir, gt=gt, separated_ids=separated_ids)
+        summary = write_report(workdir, gt=gt, separated_ids=separated_ids, n_worst=worst)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     from exits.eval import format_summary_markdown
 
     typer.echo(format_summary_markdown(summary))
+    cal = summary["calibration"]
+    rho = "–" if cal["spearman"] is None else f"{cal['spearman']:.3f}"
+    typer.echo(f"Separated: {summary['separated_objects']['count']} objects ({summary['separated_source']}); "
+               f"score vs IoU Spearman rho {rho}")
+    typer.echo(f"Report: {workdir / 'report' / 'report.html'} (and report.md, metrics.parquet, summary.json)")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,0 +1,111 @@
+"""Build a run's report: WORKDIR/report/ with metrics, summary, figures, gallery, md, html.
+
+Evaluation side: GT masks are read (through :mod:`exits.eval`) only to score pseudo masks;
+nothing here feeds training. Every file is written atomically.
+
+    report/metrics.parquet   one row per evaluated object (METRICS_SCHEMA)
+    report/summary.json      mIoU all / separated / non-separated / per size / per category,
+                             separated count and share and where the subset came from,
+                             score-vs-IoU calibration, inputs, worst ann ids
+    report/figures/*.png     IoU histograms, per-category mIoU, score vs IoU
+    report/gallery/*.png     the worst objects (image + points | pseudo | GT)
+    report/report.md         readable report (links the PNGs above)
+    report/report.html       the same, self-contained (PNGs embedded as data URIs)
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from exits.io import atomic_open, atomic_path, write_bytes, write_json
+from exits.report.artifacts import publish_report_artifacts
+from exits.report.evaluation import evaluate_predictions, pseudo_label_rles
+from exits.report.figures import report_figures
+from exits.report.gallery import gallery_items
+from exits.report.metrics import calibration_of, object_metrics_table, report_summary, worst_objects
+from exits.report.render import render_html, render_markdown
+from exits.report.run_files import REPORT_DIR, images_dir, read_object_geometry, read_points_source, resolve_gt_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_N_WORST = 12
+
+
+def _replace_dir_pngs(folder: Path, pngs: dict[str, bytes]) -> dict[str, str]:
+    """Write ``{stem: png}`` into ``folder`` and drop PNGs left there by an earlier report."""
+    for old in folder.glob("*.png") if folder.is_dir() else ():
+        if old.stem not in pngs:
+            old.unlink()
+    for stem, png in pngs.items():
+        write_bytes(folder / f"{stem}.png", png)
+    return {stem: f"{folder.name}/{stem}.png" for stem in pngs}
+
+
+def build_report(workdir: str | Path, gt: str | Path | None = None, separated_ids: str | Path | None = None,
+                 min_part_pixels: int = 16, min_part_fraction: float = 0.05, *, n_worst: int = DEFAULT_N_WORST,
+                 publish: bool = True) -> dict[str, Any]:
+    """Evaluate ``WORKDIR/pseudo_labels.json`` against GT masks and write ``WORKDIR/report/``.
+
+    Args:
+        workdir: run folder (pseudo_labels.json; run.json, instances.parquet when present).
+        gt: GT json; default the run's ``gt``, else its input annotations (run.json).
+        separated_ids: file listing the separated ann ids (Separated COCO); default: derive
+            them from the GT masks with the part thresholds.
+        min_part_pixels, min_part_fraction: part thresholds of the derived rule.
+        n_worst: objects in the gallery (lowest IoU).
+        publish: also create Prefect artifacts when inside a Prefect run.
+    Returns:
+        The summary written to summary.json.
+    Raises:
+        FileNotFoundError: no pseudo_labels.json, or no GT json known.
+        ValueError: no pseudo-labelled object has a GT mask.
+    """
+    workdir = Path(workdir)
+    pseudo = workdir / "pseudo_labels.json"
+    if not pseudo.is_file():
+        raise FileNotFoundError(f"{pseudo} not found: run `exits run` first")
+    gt_path = resolve_gt_path(workdir, gt)
+    rles, scores = pseudo_label_rles(pseudo)
+    ev = evaluate_predictions(rles, gt_path, separated_ids_path=separated_ids, min_part_pixels=min_part_pixels,
+                              min_part_fraction=min_part_fraction)
+    table = object_metrics_table(ev.rows, ev.category_names, scores, read_points_source(workdir))
+    worst_ids = worst_objects(table, n_worst)
+    inputs = {"workdir": str(workdir), "pseudo_labels": str(pseudo), "gt": str(gt_path),
+              "separated_ids": str(separated_ids) if separated_ids else None}
+    summary = report_summary(ev.summary, table, calibration_of(table), n_predicted=len(rles), inputs=inputs,
+                             worst_ann_ids=worst_ids)
+
+    out = workdir / REPORT_DIR
+    # only the gallery's rows as dicts: the table itself may hold a million objects
+    picked = table.filter(pc.is_in(table["ann_id"], value_set=pa.array(worst_ids, type=pa.int64())))
+    by_id = {r["ann_id"]: r for r in picked.to_pylist()}
+    worst_rows = [by_id[i] for i in worst_ids]
+    items = gallery_items(worst_rows, rles, {i: ev.gt[i].rle for i in worst_ids},
+                          read_object_geometry(workdir, set(worst_ids)), images_dir(workdir))
+    gallery_png = {item.ann_id: item.png for item in items}
+    figures = report_figures(table, summary)
+
+    with atomic_path(out / "metrics.parquet") as tmp:
+        pq.write_table(table, tmp)
+    write_json(out / "summary.json", summary, indent=1)
+    figure_paths = _replace_dir_pngs(out / "figures", figures)
+    stems = _replace_dir_pngs(out / "gallery", {f"ann_{i}": png for i, png in gallery_png.items()})
+    gallery_paths = {i: stems[f"ann_{i}"] for i in gallery_png}
+    title = f"Pseudo-mask quality: {workdir.resolve().name}"
+    markdown = render_markdown(summary, title=title, worst_rows=worst_rows, figure_paths=figure_paths,
+                               gallery_paths=gallery_paths)
+    with atomic_open(out / "report.md") as fh:
+        fh.write(markdown)
+    with atomic_open(out / "report.html") as fh:
+        fh.write(render_html(summary, title=title, figures=figures, worst_rows=worst_rows, gallery_png=gallery_png))
+    if publish:
+        publish_report_artifacts(summary, markdown=render_markdown(summary, title=title, worst_rows=worst_rows),
+                                 worst_rows=worst_rows)
+    log.info("report written to %s (mIoU all %.3f over %d objects)", out, summary["all"]["miou"] or 0.0,
+             summary["all"]["count"])
+    return summary
