@@ -1,0 +1,113 @@
+"""Settings of a stage-2 detector backend: a frozen dataclass of plain values.
+
+The run config's typed ``detector:`` section maps onto this one-to-one; backends read only
+this object, so they can be driven from Python, a CLI or a flow alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_mobilenet_v3_fpn")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Training and inference settings.
+
+    Schedule: the learning rate at iteration ``t`` (0-based) is ``lr * f(t)`` with
+    ``f(t) = warmup_factor + (1 - warmup_factor) * t / warmup_iters`` for ``t < warmup_iters``,
+    then ``lr_gamma ** (number of lr_steps <= t)``.
+
+    ``scale_jitter``: (low, high) range of the random rescale factor, or ``None`` for none.
+    ``weights_path``: a local full Mask R-CNN state dict (heads whose shapes differ from the
+    class count are skipped); ``backbone_weights_path``: a local classification-network state
+    dict (ImageNet-style ResNet-50 / MobileNetV3-Large). ``None`` = random init. Nothing is
+    ever downloaded. ``roi_batch_size_per_image``: sampled proposals per image for the box
+    and mask heads in training (torchvision's 512; 64-128 makes CPU steps much cheaper).
+    ``checkpoint_every``: iterations between checkpoints (0 = only the final
+    one). ``device``: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    """
+
+    backend: str = "torchvision"
+    arch: str = "maskrcnn_mobilenet_v3_fpn"
+    min_size: int = 192
+    max_size: int = 256
+    iterations: int = 200
+    batch_size: int = 2
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    warmup_factor: float = 0.001
+    lr_steps: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    grad_clip_norm: float | None = 10.0
+    hflip: bool = True
+    scale_jitter: tuple[float, float] | None = (0.8, 1.25)
+    amp: bool = True
+    device: str = "auto"
+    seed: int = 0
+    weights_path: str | None = None
+    backbone_weights_path: str | None = None
+    checkpoint_every: int = 0
+    num_workers: int = 0
+    score_threshold: float = 0.05
+    detections_per_image: int = 100
+    roi_batch_size_per_image: int = 512
+    mask_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        # Lists from YAML/JSON become tuples so the object stays hashable and immutable.
+        object.__setattr__(self, "lr_steps", tuple(int(s) for s in self.lr_steps))
+        if self.scale_jitter is not None:
+            object.__setattr__(self, "scale_jitter", tuple(float(v) for v in self.scale_jitter))
+        errors = []
+        if self.arch not in ARCHS:
+            errors.append(f"arch: {self.arch!r} is not one of {list(ARCHS)}")
+        if self.optimizer not in OPTIMIZERS:
+            errors.append(f"optimizer: {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        for name in ("min_size", "max_size", "iterations", "batch_size", "roi_batch_size_per_image", "detections_per_image"):
+            if int(getattr(self, name)) < 1:
+                errors.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.min_size > self.max_size:
+            errors.append(f"min_size ({self.min_size}) must be <= max_size ({self.max_size})")
+        for name in ("warmup_iters", "checkpoint_every", "num_workers", "seed"):
+            if int(getattr(self, name)) < 0:
+                errors.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            errors.append(f"lr: must be > 0, got {self.lr}")
+        if not 0 < self.warmup_factor <= 1:
+            errors.append(f"warmup_factor: must be in (0, 1], got {self.warmup_factor}")
+        if list(self.lr_steps) != sorted(self.lr_steps) or any(s < 1 for s in self.lr_steps):
+            errors.append(f"lr_steps: must be increasing positive iterations, got {list(self.lr_steps)}")
+        if self.scale_jitter is not None:
+            lo, hi = self.scale_jitter if len(self.scale_jitter) == 2 else (0.0, -1.0)
+            if not 0 < lo <= hi:
+                errors.append(f"scale_jitter: expected (low, high) with 0 < low <= high, got {self.scale_jitter}")
+        if not 0 <= self.mask_threshold <= 1 or not 0 <= self.score_threshold <= 1:
+            errors.append("mask_threshold and score_threshold must be in [0, 1]")
+        if errors:
+            raise ValueError("invalid DetectorConfig: " + "; ".join(errors))
+
+    def replace(self, **changes: Any) -> "DetectorConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["lr_steps"] = list(self.lr_steps)
+        out["scale_jitter"] = list(self.scale_jitter) if self.scale_jitter is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "DetectorConfig":
+        """Build from a mapping; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DetectorConfig keys: {unknown}")
+        return cls(**dict(values))

@@ -1,0 +1,193 @@
+"""Training loop for torchvision Mask R-CNN: iterations, warm-up + step decay, checkpoints.
+
+Exact resume: batch ``i`` is a pure function of (seed, i): the image order is a stream of
+per-epoch permutations seeded by (seed, epoch), and each sample's augmentation generator
+is seeded by (seed, i, slot); the global torch generator (Mask R-CNN's proposal sampling)
+is reseeded by (seed, i) before each step. A checkpoint stores model, optimizer, scheduler and AMP scaler
+states and the iteration; resuming replays the same batches a straight run would see.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from detectors.config import DetectorConfig
+from detectors.torchvision_backend.dataset import CocoInstanceDataset, collate
+from exits.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last_checkpoint.pth"
+FINAL_CHECKPOINT = "model_final.pth"
+TRAIN_LOG = "train_log.json"
+
+
+def lr_factor(iteration: int, warmup_iters: int, warmup_factor: float, steps: Sequence[int], gamma: float) -> float:
+    """Multiplier of the base learning rate at ``iteration`` (0-based).
+
+    f(t) = warmup_factor + (1 - warmup_factor) * t / warmup_iters   for t < warmup_iters,
+    f(t) = gamma ** #{s in steps : s <= t}                          otherwise.
+    """
+    if iteration < warmup_iters:
+        return warmup_factor + (1.0 - warmup_factor) * iteration / warmup_iters
+    return gamma ** sum(1 for s in steps if s <= iteration)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (SeedSequence spreads nearby inputs apart)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class IterationBatchSampler(torch.utils.data.Sampler):
+    """Batches ``start .. total - 1`` as lists of ``(position, augmentation seed)``.
+
+    Positions come from the concatenation of per-epoch permutations of ``range(n)``; batch
+    ``i`` takes stream entries ``[i * batch_size, (i + 1) * batch_size)``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int) -> None:
+        if n < 1:
+            raise ValueError("cannot train on an empty dataset")
+        self.n, self.batch_size, self.seed, self.start, self.total = n, batch_size, seed, start, total
+
+    def _permutation(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        cache: dict[int, list[int]] = {}
+        for it in range(self.start, self.total):
+            batch = []
+            for slot in range(self.batch_size):
+                pos = it * self.batch_size + slot
+                epoch = pos // self.n
+                if epoch not in cache:
+                    cache = {epoch: self._permutation(epoch)}
+                batch.append((cache[epoch][pos % self.n], _mix(self.seed, it, slot, 1)))
+            yield batch
+
+
+def _build_optimizer(model: torch.nn.Module, cfg: DetectorConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    keys = ("boxes", "labels", "masks")
+    return [{k: t[k].to(device, non_blocking=True) for k in keys} for t in targets]
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict[str, Any], **states: Any) -> Path:
+    """Atomically save ``{"model": state_dict, "meta": meta, **states}``."""
+    payload = {"model": model.state_dict(), "meta": meta}
+    payload.update({k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in states.items()})
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def train_model(
+    model: torch.nn.Module,
+    dataset: CocoInstanceDataset,
+    cfg: DetectorConfig,
+    out_dir: str | Path,
+    meta: dict[str, Any],
+) -> Path:
+    """Train ``model`` for ``cfg.iterations``; return the final checkpoint path.
+
+    Resumes from ``out_dir/last_checkpoint.pth`` when present. Writes ``train_log.json``
+    (per-iteration losses and learning rate) beside the checkpoints.
+
+    Raises:
+        FloatingPointError: a non-finite loss (names the iteration and the loss terms).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # model init happened before; this seeds anything random in the loop
+    random.seed(cfg.seed)
+    model.to(device).train()
+    optimizer = _build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: lr_factor(t, cfg.warmup_iters, cfg.warmup_factor, cfg.lr_steps, cfg.lr_gamma)
+    )
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: list[dict[str, float]] = []
+    start = 0
+    final_path, last_path = out / FINAL_CHECKPOINT, out / LAST_CHECKPOINT
+    resume_from = last_path if last_path.exists() else None
+    if resume_from is not None:
+        state = torch.load(resume_from, map_location=device, weights_only=True)
+        if state["meta"].get("category_ids") != meta.get("category_ids"):
+            raise ValueError(f"{resume_from} was trained on other categories; use a fresh out_dir")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start = int(state["iteration"])
+        history = list(state.get("history", []))
+        log.info("resuming from %s at iteration %d", resume_from, start)
+        if start >= cfg.iterations and final_path.exists():
+            return final_path
+
+    sampler = IterationBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.iterations)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    meta = {**meta, "config": cfg.to_dict()}
+    iteration = start
+    tick = time.perf_counter()
+    for images, targets in loader:
+        # The model draws random numbers too (RPN / RoI sampling): reseeding the global
+        # generator per iteration makes them a function of (seed, iteration) as well.
+        torch.manual_seed(_mix(cfg.seed, iteration, 2))
+        images = [im.to(device, non_blocking=True) for im in images]
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            losses = model(images, _to_device(targets, device))
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            terms = {k: float(v) for k, v in losses.items()}
+            raise FloatingPointError(f"non-finite loss at iteration {iteration}: {terms}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        record = {"iteration": iteration, "lr": optimizer.param_groups[0]["lr"], "loss": float(loss.detach()),
+                  "seconds": time.perf_counter() - tick}
+        record.update({k: float(v.detach()) for k, v in losses.items()})
+        history.append(record)
+        scheduler.step()
+        iteration += 1
+        tick = time.perf_counter()
+        if iteration % 20 == 0 or iteration == start + 1:
+            log.info("iter %d/%d loss %.4f lr %.2e", iteration, cfg.iterations, record["loss"], record["lr"])
+        if cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0 and iteration < cfg.iterations:
+            save_checkpoint(last_path, model, meta, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            iteration=iteration, history=history)
+    save_checkpoint(last_path, model, meta, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                    iteration=iteration, history=history)
+    save_checkpoint(final_path, model, {**meta, "iteration": iteration})
+    write_json(out / TRAIN_LOG, {"iterations": iteration, "history": history}, indent=1)
+    return final_path

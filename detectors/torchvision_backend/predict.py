@@ -1,0 +1,91 @@
+"""Inference: a trained checkpoint -> COCO results with compressed-RLE masks."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+
+from detectors.base import ImagesArg, read_image_records
+from detectors.config import DetectorConfig
+from detectors.torchvision_backend.dataset import CategoryMapping, load_image
+from detectors.torchvision_backend.engine import resolve_device
+from detectors.torchvision_backend.model import build_model
+
+
+def load_trained_model(checkpoint: str | os.PathLike, cfg: DetectorConfig) -> tuple[torch.nn.Module, CategoryMapping]:
+    """Model and category mapping from a checkpoint written by the training loop.
+
+    The architecture and input sizes come from the checkpoint (they must match the trained
+    weights); score threshold and detections per image come from ``cfg``.
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    meta = state["meta"]
+    trained = meta["config"]
+    build_cfg = cfg.replace(arch=trained["arch"], min_size=trained["min_size"], max_size=trained["max_size"],
+                            backbone_weights_path=trained.get("backbone_weights_path"))
+    mapping = CategoryMapping(meta["category_ids"])
+    # load_weights=False: the trained state below replaces any initial weights, and the
+    # weight files need not exist on the machine that predicts.
+    model = build_model(build_cfg, mapping.num_classes, load_weights=False)
+    model.load_state_dict(state["model"])
+    return model, mapping
+
+
+def masks_to_results(
+    output: dict[str, torch.Tensor], image_id: int, mapping: CategoryMapping, mask_threshold: float = 0.5
+) -> list[dict[str, Any]]:
+    """torchvision output of one image -> COCO results.
+
+    ``output["masks"]`` is (N, 1, H, W) mask probabilities already pasted into the original
+    image; pixel p is foreground when prob(p) > ``mask_threshold``. bbox is the detector's
+    box as [x, y, w, h]; RLE counts are str so the results serialise to json.
+    """
+    boxes = output["boxes"].detach().cpu().numpy().astype(np.float64)
+    scores = output["scores"].detach().cpu().numpy()
+    labels = output["labels"].detach().cpu().numpy()
+    results: list[dict[str, Any]] = []
+    if len(scores) == 0:
+        return results
+    binary = (output["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    for k in range(len(scores)):
+        x1, y1, x2, y2 = boxes[k]
+        rle = rles[k]
+        results.append({
+            "image_id": int(image_id),
+            "category_id": mapping.to_category(int(labels[k])),
+            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+            "score": float(scores[k]),
+            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        })
+    return results
+
+
+@torch.no_grad()
+def predict_images(
+    checkpoint: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    images: ImagesArg,
+    cfg: DetectorConfig,
+    image_ids: Iterable[int] | None = None,
+) -> list[dict[str, Any]]:
+    """COCO results for every listed image (in ``cfg.batch_size`` batches)."""
+    device = resolve_device(cfg.device)
+    model, mapping = load_trained_model(checkpoint, cfg)
+    model.to(device).eval()
+    records = read_image_records(images, image_ids)
+    results: list[dict[str, Any]] = []
+    use_amp = cfg.amp and device.type == "cuda"
+    for start in range(0, len(records), cfg.batch_size):
+        chunk = records[start : start + cfg.batch_size]
+        batch = [load_image(Path(image_dir) / r["file_name"]).to(device) for r in chunk]
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            outputs = model(batch)
+        for rec, out in zip(chunk, outputs):
+            out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+            results.extend(masks_to_results(out, int(rec["id"]), mapping, cfg.mask_threshold))
+    return results
