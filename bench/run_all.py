@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_retrieval.py", "bench_crf.py", "bench_throughput.py", "bench_stage1.py"]
+SCRIPTS = ["bench_retrieval.py", "bench_crf.py", "bench_throughput.py", "bench_stage1.py", "bench_flow_overhead.py"]
 
 
 def main() -> None:

@@ -86,16 +86,63 @@ def run(
     gt: Optional[Path] = typer.Option(None, "--gt", help="json with GT masks for the mIoU report (default: --annotations when it has masks)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run the EXITS pipeline end to end: points -> pseudo masks (+ mIoU report when GT exists)."""
+    """Run the EXITS pipeline end to end: points -> pseudo masks (+ mIoU report when GT exists).
+
+    Runs the Prefect flow `exits-pipeline` (one subflow per stage, cached tasks, sharded
+    point retrieval / pseudo labels): re-running a finished run recomputes nothing, a killed
+    run resumes. Without PREFECT_API_URL it uses a temporary local Prefect server.
+    """
     _setup_logging(verbose)
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)  # one line per Prefect API call
     try:
         cfg = load_config(config, overrides or [])
-        from exits.pipeline import run_pipeline
+        _check_inputs(images, annotations, gt)
+        from flows.pipeline import run_pipeline_flow
 
-        result = run_pipeline(images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt)
+        result = run_pipeline_flow(images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt)
     except (ConfigError, DatasetError) as exc:
         _fail(str(exc))
+    result.pop("task_states", None)  # per-task detail stays in WORKDIR/run_summary.json
     typer.echo(_format_summary(result))
+
+
+def _check_inputs(images: Path, annotations: Path, gt: Optional[Path]) -> None:
+    if not images.is_dir():
+        _fail(f"image folder not found: {images}")
+    for path in (annotations, gt):
+        if path is not None and not path.is_file():
+            _fail(f"annotation file not found: {path}")
+
+
+@app.command()
+def serve(
+    cron: str = typer.Option(..., "--cron", help='cron schedule, e.g. "0 2 * * *" (every night at 02:00)'),
+    images: Path = typer.Option(..., "--images", "-i", help="image folder"),
+    annotations: Path = typer.Option(..., "--annotations", "-a", help="COCO/LVIS instances json with extreme_points (or masks)"),
+    workdir: Path = typer.Option(..., "--workdir", "-w", help="run folder of the scheduled runs"),
+    config: Optional[str] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    gt: Optional[Path] = typer.Option(None, "--gt", help="json with GT masks for the mIoU report"),
+    name: Optional[str] = typer.Option(None, "--name", help="deployment name (default: the config's name)"),
+    timezone: Optional[str] = typer.Option(None, "--timezone", help="time zone of the cron schedule, e.g. Europe/Berlin (default UTC)"),
+) -> None:
+    """Register the pipeline as a Prefect deployment on a cron schedule and serve it (blocks).
+
+    Needs a Prefect server (`prefect server start`, then PREFECT_API_URL); watch the runs in
+    its UI. Each scheduled run is `exits run` with these inputs and config; cached stages
+    are not recomputed.
+    """
+    _setup_logging(False)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        cfg = load_config(config, overrides or [])
+        _check_inputs(images, annotations, gt)
+        from flows.deploy import serve_pipeline
+
+        serve_pipeline(cron=cron, images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt, name=name,
+                       timezone=timezone)
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
 
 
 @app.command()

@@ -2,7 +2,11 @@
 
 Each stage reads its inputs from files in ``workdir`` and writes its outputs there, so a
 stage can be re-run, resumed (training resumes from its last epoch checkpoint) or
-inspected on its own. GT masks enter only in the report, on the evaluation side.
+inspected on its own. Point retrieval and pseudo labels work per shard of objects (row
+ranges of ``instances.parquet``, ``cfg.flows.shard_size`` rows each) and merge the shard
+files. :func:`run_pipeline` runs everything in this process; the Prefect flows in
+``flows/`` call the same stage functions piecewise (one task per stage or shard), with
+caching, retries and a choice of task runner. GT masks enter only in the report.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from exits.config import ExitsConfig, dump_config
@@ -21,15 +27,18 @@ from exits.models import load_mask_model
 from exits.stages.common import model_from_config, train_settings
 from exits.stages.generator import GeneratorLoss, GeneratorTask, point_label_masks, train_generator
 from exits.stages.object_crops import ObjectCropDataset
-from exits.stages.point_retrieval import RetrievalParams, read_points, retrieve_dataset_points, write_points
+from exits.stages.point_retrieval import RetrievalParams, merge_points, read_points, retrieve_dataset_points
 from exits.stages.prepare import prepare_instances
-from exits.stages.pseudo_labels import mask_scores, paste_pseudo_masks, predict_crop_probs, write_pseudo_labels
+from exits.stages.pseudo_labels import (mask_scores, merge_pseudo_labels, paste_pseudo_masks, predict_crop_probs,
+                                        pseudo_label_table)
 from exits.stages.report import write_report
+from exits.stages.shards import shard_path, shard_ranges, write_shard
 from exits.stages.similarity import train_similarity_extractor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_pipeline", "write_report", "StagePaths"]
+__all__ = ["run_pipeline", "write_report", "StagePaths", "stage_prepare", "stage_similarity", "stage_retrieval_shard",
+           "stage_generator", "stage_pseudo_shard", "stage_report", "write_run_files"]
 
 
 class StagePaths:
@@ -42,13 +51,37 @@ class StagePaths:
         self.points = self.root / "points.parquet"
         self.generator = self.root / "generator" / "model.pt"
         self.pseudo_json = self.root / "pseudo_labels.json"
+        self.pseudo_parquet = self.root / "pseudo_labels.parquet"
+
+    def shard(self, stage: str, index: int) -> Path:
+        """``shards/points-00003.parquet`` / ``shards/pseudo-00003.parquet``."""
+        return shard_path(self.root, stage, index)
 
 
-def stage_similarity(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: StagePaths, device: str, progress: bool) -> Path:
+def write_run_files(workdir: Path, cfg: ExitsConfig, images: Path, annotations: Path, gt: Path | None) -> None:
+    """``config.yaml`` (the validated config) and ``run.json`` (the inputs) of a run folder."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    with atomic_open(Path(workdir) / "config.yaml") as fh:
+        fh.write(dump_config(cfg))
+    write_json(Path(workdir) / "run.json", {"images": str(Path(images).resolve()),
+                                            "annotations": str(Path(annotations).resolve()),
+                                            "gt": str(Path(gt).resolve()) if gt else None})
+
+
+def stage_prepare(cfg: ExitsConfig, annotations: Path, images: Path, workdir: Path, progress: bool = True) -> dict:
+    d = cfg.data
+    return prepare_instances(annotations, images, workdir, crop_margin=d.crop_margin,
+                             crop_min_margin_px=d.crop_min_margin_px, crop_size=d.crop_size,
+                             derive_missing_points=d.derive_missing_points, point_tolerance_px=d.point_tolerance_px,
+                             check_images=d.check_images, progress=progress)
+
+
+def stage_similarity(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: StagePaths, device: str, progress: bool,
+                     checkpoint_dir: Path | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg.backbone)
     settings = train_settings(cfg.similarity.optim, seed=cfg.seed, device=device, amp=cfg.amp,
-                              checkpoint_dir=paths.similarity.parent / "checkpoints")
+                              checkpoint_dir=checkpoint_dir or paths.similarity.parent / "checkpoints")
     return train_similarity_extractor(model, dataset, settings, paths.similarity, progress=progress)
 
 
@@ -61,16 +94,25 @@ def retrieval_params(cfg: ExitsConfig) -> RetrievalParams:
                            appearance_sigma=cfg.similarity.appearance_sigma)
 
 
-def stage_retrieval(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: StagePaths, device: torch.device,
-                    progress: bool) -> Path:
+def shard_dataset(paths: StagePaths, images: Path, crop_size: int, start: int, stop: int) -> tuple[pa.Table, ObjectCropDataset]:
+    """Rows ``[start, stop)`` of the instances table and their crops."""
+    table = read_instances_table(paths.instances).slice(start, stop - start)
+    return table, ObjectCropDataset(table, images, crop_size)
+
+
+def stage_retrieval_shard(cfg: ExitsConfig, images: Path, paths: StagePaths, start: int, stop: int, out: Path,
+                          device: torch.device, key: str | None = None, progress: bool = False) -> Path:
+    """Stage 1b for instances rows ``[start, stop)``: one ``POINTS_SCHEMA`` shard file at ``out``."""
+    _, dataset = shard_dataset(paths, images, cfg.data.crop_size, start, stop)
     extractor = load_mask_model(paths.similarity)
     table = retrieve_dataset_points(extractor, dataset, retrieval_params(cfg), device, progress=progress)
-    return write_points(table, paths.points)
+    return write_shard(table, out, key)
 
 
-def generator_task(cfg: ExitsConfig, dataset: ObjectCropDataset, points_path: Path | None) -> GeneratorTask:
+def generator_task(cfg: ExitsConfig, dataset: ObjectCropDataset, points: pa.Table | None) -> GeneratorTask:
+    """The stage-1c loss for ``dataset``; ``points`` = its rows of points.parquet (same order) or None."""
     g = cfg.generator
-    points = read_points(points_path) if (g.use_retrieval and points_path is not None) else None
+    points = points if g.use_retrieval else None
     labels = point_label_masks(points, dataset.points_crop, dataset.boxes, cfg.data.crop_size, cfg.backbone.grid,
                                cfg.retrieval.delta_px)
     crf_params = {"iters": g.crf.iters, **g.crf.params}
@@ -82,50 +124,65 @@ def generator_task(cfg: ExitsConfig, dataset: ObjectCropDataset, points_path: Pa
 
 
 def stage_generator(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: StagePaths, device: str,
-                    progress: bool) -> Path:
+                    progress: bool, checkpoint_dir: Path | None = None) -> Path:
     torch.manual_seed(cfg.seed + 1)
-    task = generator_task(cfg, dataset, paths.points)
+    points = read_points(paths.points) if cfg.generator.use_retrieval else None
+    task = generator_task(cfg, dataset, points)
     model = model_from_config(cfg.backbone)
     settings = train_settings(cfg.generator.optim, seed=cfg.seed, device=device, amp=cfg.amp,
-                              checkpoint_dir=paths.generator.parent / "checkpoints", ema_decay=cfg.generator.ema_decay)
+                              checkpoint_dir=checkpoint_dir or paths.generator.parent / "checkpoints",
+                              ema_decay=cfg.generator.ema_decay)
     return train_generator(model, dataset, task, settings, paths.generator, progress=progress)
 
 
-def stage_pseudo_labels(cfg: ExitsConfig, dataset: ObjectCropDataset, annotations: Path, paths: StagePaths,
-                        device: torch.device, progress: bool) -> dict[str, Path]:
-    import json
-
+def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: StagePaths, start: int, stop: int, out: Path,
+                       device: torch.device, key: str | None = None, progress: bool = False) -> Path:
+    """Stage 1d for instances rows ``[start, stop)``: one ``PSEUDO_SCHEMA`` shard (RLEs + scores) at ``out``."""
+    table, dataset = shard_dataset(paths, images, cfg.data.crop_size, start, stop)
     generator = load_mask_model(paths.generator)
     p = cfg.pseudo
     crf = cfg.generator.crf
     probs = predict_crop_probs(generator, dataset, batch_size=p.batch_size, device=device,
                                crf_impl=p.crf_impl if p.crf_refine else None,
                                crf_params={"iters": crf.iters, **crf.params}, progress=progress)
-    task = generator_task(cfg, dataset, paths.points if paths.points.exists() else None)
-    all_idx = torch.arange(len(dataset))
-    target, labelled, _ = task.targets(all_idx, torch.device("cpu"))
+    points = read_points(paths.points).slice(start, stop - start) if paths.points.exists() else None
+    task = generator_task(cfg, dataset, points)
+    target, labelled, _ = task.targets(torch.arange(len(dataset)), torch.device("cpu"))
     box_masks = torch.stack([dataset[i]["box_mask"] for i in range(len(dataset))])
     certainty, agreement, score = mask_scores(probs, box_masks, labelled, target, p.threshold)
-    table = read_instances_table(paths.instances)
-    image_ids = table.column("image_id").to_pylist()
-    with open(annotations, encoding="utf-8") as fh:
-        images = {img["id"]: img for img in json.load(fh)["images"]}
-    rows = paste_pseudo_masks(probs, dataset, images, image_ids, p.threshold, progress=progress)
+    cols = table.select(["image_id", "category_id", "height", "width"]).to_pydict()
+    sizes = {i: {"height": h, "width": w} for i, h, w in zip(cols["image_id"], cols["height"], cols["width"])}
+    rows = paste_pseudo_masks(probs, dataset, sizes, cols["image_id"], p.threshold, progress=progress)
     scores = {r["ann_id"]: {"score": float(score[i]), "certainty": float(certainty[i]), "agreement": float(agreement[i])}
               for i, r in enumerate(rows)}
-    return write_pseudo_labels(annotations, rows, scores, paths.root)
+    return write_shard(pseudo_label_table(rows, scores, cols["image_id"], cols["category_id"]), out, key)
+
+
+def stage_report(cfg: ExitsConfig, workdir: Path, gt: Path | None) -> dict[str, Any] | None:
+    """The mIoU report of a run (``WORKDIR/report/``); None when no evaluated object has a GT mask."""
+    e = cfg.eval
+    try:
+        return write_report(workdir, gt=gt, separated_ids=e.separated_ids_path, min_part_pixels=e.separated_min_part_pixels,
+                            min_part_fraction=e.separated_min_part_fraction)
+    except ValueError as exc:
+        log.info("no mIoU report: %s", exc)
+        return None
+
+
+def num_instances(paths: StagePaths) -> int:
+    return pq.read_metadata(paths.instances).num_rows
 
 
 def run_pipeline(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig, gt: Path | None = None,
                  progress: bool = True) -> dict[str, Any]:
-    """Stage 0 -> 1a -> 1b -> 1c -> 1d, then the mIoU report when GT masks are available."""
+    """Stage 0 -> 1a -> 1b -> 1c -> 1d, then the mIoU report when GT masks are available.
+
+    Everything runs in this process, shard after shard; ``flows.pipeline.exits_pipeline``
+    runs the same stages as Prefect tasks and writes the same files.
+    """
     images, annotations, workdir = Path(images), Path(annotations), Path(workdir)
     paths = StagePaths(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    with atomic_open(workdir / "config.yaml") as fh:
-        fh.write(dump_config(cfg))
-    write_json(workdir / "run.json", {"images": str(images.resolve()), "annotations": str(annotations.resolve()),
-                                      "gt": str(gt.resolve()) if gt else None})
+    write_run_files(workdir, cfg, images, annotations, gt)
     device = resolve_device(cfg.device)
     timings: dict[str, float] = {}
 
@@ -136,27 +193,22 @@ def run_pipeline(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfi
         log.info("stage %s done in %.1f s", name, timings[name])
         return out
 
-    d = cfg.data
-    summary = timed("prepare", prepare_instances, annotations, images, workdir, crop_margin=d.crop_margin,
-                    crop_min_margin_px=d.crop_min_margin_px, crop_size=d.crop_size,
-                    derive_missing_points=d.derive_missing_points, point_tolerance_px=d.point_tolerance_px,
-                    check_images=d.check_images, progress=progress)
-    dataset = timed("crops", ObjectCropDataset, read_instances_table(paths.instances), images, d.crop_size,
+    def sharded(stage: str, fn) -> list[Path]:
+        ranges = shard_ranges(num_instances(paths), cfg.flows.shard_size)
+        return [fn(cfg, images, paths, a, b, paths.shard(stage, i), device) for i, (a, b) in enumerate(ranges)]
+
+    summary = timed("prepare", stage_prepare, cfg, annotations, images, workdir, progress)
+    dataset = timed("crops", ObjectCropDataset, read_instances_table(paths.instances), images, cfg.data.crop_size,
                     progress=progress)
     if cfg.generator.use_retrieval:
         timed("similarity", stage_similarity, cfg, dataset, paths, str(device), progress)
-        timed("retrieval", stage_retrieval, cfg, dataset, paths, device, progress)
+        timed("retrieval", lambda: merge_points(sharded("points", stage_retrieval_shard), paths.points))
     timed("generator", stage_generator, cfg, dataset, paths, str(device), progress)
-    timed("pseudo_labels", stage_pseudo_labels, cfg, dataset, annotations, paths, device, progress)
+    timed("pseudo_labels", lambda: merge_pseudo_labels(sharded("pseudo", stage_pseudo_shard), annotations, workdir))
     result: dict[str, Any] = {**summary, "workdir": str(workdir), "seconds": timings}
-    gt_path = gt if gt is not None else annotations
-    try:
-        report = write_report(workdir, gt=gt_path, separated_ids=cfg.eval.separated_ids_path,
-                              min_part_pixels=cfg.eval.separated_min_part_pixels,
-                              min_part_fraction=cfg.eval.separated_min_part_fraction)
+    report = stage_report(cfg, workdir, gt if gt is not None else annotations)
+    if report is not None:
         result["miou_all"] = report["all"]["miou"]
         result["miou_separated"] = report["separated"]["miou"]
-    except ValueError as exc:
-        log.info("no mIoU report: %s", exc)
     write_json(workdir / "run_summary.json", result, indent=1)
     return result

@@ -60,3 +60,29 @@ def make_coco(root: Path, *, with_points: bool = True, seg_override=None) -> Pat
 @pytest.fixture
 def tiny_coco(tmp_path: Path) -> Path:
     return make_coco(tmp_path)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "prefect: runs Prefect flows against the session's Prefect test server")
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> str:
+    """ONE Prefect test server (``prefect_test_harness``: temporary SQLite database, local API
+    subprocess) for the whole session, started by the first test that needs it; yields its API URL.
+
+    Tests marked ``@pytest.mark.prefect`` get it automatically. Subprocesses a test starts
+    reach it through ``PREFECT_API_URL`` (the URL yielded here).
+    """
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    # Start-up takes ~10 s on 2 cores (database migrations); allow for a loaded CI machine.
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(autouse=True)
+def _prefect_for_marked_tests(request):
+    if request.node.get_closest_marker("prefect"):
+        request.getfixturevalue("prefect_server")

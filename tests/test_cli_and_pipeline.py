@@ -24,7 +24,7 @@ TINY = [
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ("demo-data", "validate", "run", "report"):
+    for cmd in ("demo-data", "validate", "run", "serve", "report"):
         assert cmd in result.output
 
 
@@ -61,6 +61,7 @@ def test_run_rejects_bad_config_with_a_message(demo, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.prefect  # `exits run` goes through the Prefect flow: use the session's test server
 def test_tiny_end_to_end_run_writes_pseudo_labels_and_report(demo, tmp_path):
     work = tmp_path / "run"
     args = ["run", "-i", str(demo / "images"), "-a", str(demo / "instances.json"), "-w", str(work), "-c", "demo"]

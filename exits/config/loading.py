@@ -60,7 +60,7 @@ def resolve_config_path(path: str | Path | None) -> Path | None:
     if path is None:
         return None
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
     candidate = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
     if candidate.exists():

@@ -112,6 +112,16 @@ class EvalConfig(Section):
     separated_ids_path: str | None = None
 
 
+class FlowsConfig(Section):
+    """How the Prefect flows execute the stages (shards, task runner, retries): execution, not method."""
+
+    shard_size: int = Field(256, ge=1, description="objects per shard of point retrieval and pseudo-label generation (one task, one Parquet file each)")
+    task_runner: Literal["threads", "dask"] = Field("threads", description="threads = ThreadPoolTaskRunner in this process; dask = prefect_dask.DaskTaskRunner")
+    dask_address: str | None = Field(None, description="scheduler address of a running Dask cluster (tcp://host:8786); None = start a local cluster")
+    max_workers: int = Field(2, ge=1, description="threads of the thread runner, or workers of the local Dask cluster")
+    retries: int = Field(2, ge=0, description="retries of the IO tasks (prepare, merges, report) after a transient OSError")
+
+
 class ExitsConfig(Section):
     """The whole run: one YAML file, overridable with ``--set key.sub=value``."""
 
@@ -126,6 +136,7 @@ class ExitsConfig(Section):
     generator: GeneratorConfig = GeneratorConfig()
     pseudo: PseudoLabelConfig = PseudoLabelConfig()
     eval: EvalConfig = EvalConfig()
+    flows: FlowsConfig = FlowsConfig()
 
     @field_validator("name")
     @classmethod

@@ -3,6 +3,8 @@
 Per batch of crops: S = head/layer-mean attention over patch tokens (B, n, n) ->
 Sinkhorn -> T = (A + A^T)/2 -> random walks from P_FG and P_BG -> thresholds. The result
 is one Parquet row per object with its patch indices (the labels of the point loss).
+Dataset-wide runs compute it per shard of objects (``exits.stages.shards``) and merge the
+shard files into ``points.parquet`` with :func:`merge_points`.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from exits.io import atomic_path
+from exits.stages.shards import read_shards
 from exits.models import similarity_matrix
 from exits.propagation import retrieve_points, seed_masks
 from exits.propagation.appearance import mix_similarity
@@ -87,3 +90,8 @@ def write_points(table: pa.Table, path: Path) -> Path:
 
 def read_points(path: Path) -> pa.Table:
     return pq.read_table(path, schema=POINTS_SCHEMA)
+
+
+def merge_points(shards: list[Path], path: Path) -> Path:
+    """Concatenate point shards (in order) into ``points.parquet``, written atomically."""
+    return write_points(read_shards(shards, POINTS_SCHEMA), Path(path))

@@ -7,13 +7,17 @@ of the crop map, thresholded and RLE-encoded in image pixels. A confidence score
     certainty = mean over box pixels of |2M - 1|          (how decided the mask is)
     agreement = fraction of labelled patches (seeds + retrieved) whose label the mask keeps
     score     = (certainty + agreement) / 2               (certainty alone without points)
+
+Dataset-wide runs compute masks per shard of objects (one ``PSEUDO_SCHEMA`` Parquet file of
+RLEs + scores each, see ``exits.stages.shards``) and :func:`merge_pseudo_labels` writes the
+run's ``pseudo_labels.json`` / ``.parquet`` from them.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +32,7 @@ from exits.baselines import box_mask_full
 from exits.crf import crf_refine
 from exits.data.crops import paste_mask
 from exits.io import atomic_path, write_json
+from exits.stages.shards import read_shards
 
 log = logging.getLogger(__name__)
 
@@ -105,32 +110,59 @@ def paste_pseudo_masks(probs: torch.Tensor, dataset: Any, images: dict[int, Any]
     return rows
 
 
-def write_pseudo_labels(annotations_json: Path, rows: list[dict], scores: dict[int, dict[str, float]],
-                        workdir: Path) -> dict[str, Path]:
-    """``pseudo_labels.json`` (input json, segmentation -> pseudo RLE, + score; objects with
-    no pseudo mask, i.e. rejected records, are left out) and ``pseudo_labels.parquet``."""
-    with open(annotations_json, encoding="utf-8") as fh:
-        data = json.load(fh)
-    by_id = {r["ann_id"]: r for r in rows}
-    anns = []
+def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float]], image_ids: Sequence[int],
+                       category_ids: Sequence[int]) -> pa.Table:
+    """Rows of :func:`paste_pseudo_masks` with their scores as a ``PSEUDO_SCHEMA`` table (same order).
+
+    ``image_ids`` / ``category_ids`` are per row; ``scores[ann_id]`` has score, certainty, agreement.
+    """
     cols: dict[str, list] = {name: [] for name in PSEUDO_SCHEMA.names}
-    for ann in data["annotations"]:
-        r = by_id.get(ann.get("id"))
-        if r is None:
-            continue
+    for r, image_id, category_id in zip(rows, image_ids, category_ids, strict=True):
         s = scores[r["ann_id"]]
-        ann = dict(ann, segmentation=r["rle"], area=float(r["area"]), score=round(float(s["score"]), 5))
-        anns.append(ann)
         h, w = r["rle"]["size"]
-        for key, value in (("ann_id", ann["id"]), ("image_id", ann["image_id"]), ("category_id", ann["category_id"]),
+        for key, value in (("ann_id", r["ann_id"]), ("image_id", image_id), ("category_id", category_id),
                            ("height", h), ("width", w), ("rle_counts", r["rle"]["counts"]), ("area", r["area"]),
                            ("score", s["score"]), ("certainty", s["certainty"]), ("point_agreement", s["agreement"])):
             cols[key].append(value)
+    return pa.table(cols, schema=PSEUDO_SCHEMA)
+
+
+def write_pseudo_label_files(annotations_json: Path, table: pa.Table, workdir: Path) -> dict[str, Path]:
+    """``pseudo_labels.json`` (input json, segmentation -> pseudo RLE, + score; objects with
+    no pseudo mask, i.e. rejected records, are left out) and ``pseudo_labels.parquet`` (the
+    same objects, in the json's order) from a ``PSEUDO_SCHEMA`` table."""
+    with open(annotations_json, encoding="utf-8") as fh:
+        data = json.load(fh)
+    cols = table.to_pydict()
+    row_of = {ann_id: i for i, ann_id in enumerate(cols["ann_id"])}
+    anns, order = [], []
+    for ann in data["annotations"]:
+        i = row_of.get(ann.get("id"))
+        if i is None:
+            continue
+        rle = {"size": [cols["height"][i], cols["width"][i]], "counts": cols["rle_counts"][i]}
+        anns.append(dict(ann, segmentation=rle, area=float(cols["area"][i]), score=round(float(cols["score"][i]), 5)))
+        order.append(i)
     data["annotations"] = anns
     data.setdefault("info", {})["pseudo_labels"] = "EXITS pseudo masks (segmentation replaced; score = mask confidence)"
-    json_path = write_json(workdir / "pseudo_labels.json", data)
-    pq_path = workdir / "pseudo_labels.parquet"
+    json_path = write_json(Path(workdir) / "pseudo_labels.json", data)
+    pq_path = Path(workdir) / "pseudo_labels.parquet"
     with atomic_path(pq_path) as tmp:
-        pq.write_table(pa.table(cols, schema=PSEUDO_SCHEMA), tmp)
+        pq.write_table(table.replace_schema_metadata(None).take(order), tmp)
     log.info("pseudo labels: %d objects -> %s", len(anns), json_path)
     return {"json": json_path, "parquet": pq_path}
+
+
+def write_pseudo_labels(annotations_json: Path, rows: list[dict], scores: dict[int, dict[str, float]],
+                        workdir: Path) -> dict[str, Path]:
+    """:func:`write_pseudo_label_files` from pasted rows and scores (ids/categories from the json)."""
+    with open(annotations_json, encoding="utf-8") as fh:
+        meta = {a["id"]: (a["image_id"], a["category_id"]) for a in json.load(fh)["annotations"] if "id" in a}
+    rows = [r for r in rows if r["ann_id"] in meta]
+    table = pseudo_label_table(rows, scores, [meta[r["ann_id"]][0] for r in rows], [meta[r["ann_id"]][1] for r in rows])
+    return write_pseudo_label_files(annotations_json, table, workdir)
+
+
+def merge_pseudo_labels(shards: list[Path], annotations_json: Path, workdir: Path) -> dict[str, Path]:
+    """Concatenate pseudo-label shards (in order) and write the run's pseudo_labels.json / .parquet."""
+    return write_pseudo_label_files(annotations_json, read_shards(shards, PSEUDO_SCHEMA), workdir)

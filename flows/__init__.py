@@ -1,0 +1,23 @@
+"""Prefect flows of the EXITS pipeline: one flow per stage and the parent flow ``exits-pipeline``.
+
+The flows are thin: their tasks take paths and small values and call the stage functions
+of :mod:`exits.pipeline`; every output is a file in the run folder.
+"""
+import os
+
+# Machines here are offline: a (temporary) Prefect server must not try to send analytics.
+# Set before a Prefect server subprocess starts: it inherits this environment.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from flows.deploy import build_deployment, serve_pipeline  # noqa: E402
+from flows.generator import train_generator_flow  # noqa: E402
+from flows.pipeline import exits_pipeline, run_pipeline_flow  # noqa: E402
+from flows.prepare import prepare_instances_flow  # noqa: E402
+from flows.pseudo_labels import pseudo_labels_flow  # noqa: E402
+from flows.report import report_flow  # noqa: E402
+from flows.retrieval import retrieve_points_flow  # noqa: E402
+from flows.similarity import train_similarity_flow  # noqa: E402
+
+__all__ = ["exits_pipeline", "run_pipeline_flow", "prepare_instances_flow", "train_similarity_flow",
+           "retrieve_points_flow", "train_generator_flow", "pseudo_labels_flow", "report_flow",
+           "build_deployment", "serve_pipeline"]

@@ -1,0 +1,61 @@
+"""Schedules: the pipeline as a Prefect deployment with a cron schedule (``exits serve``).
+
+``serve_pipeline`` registers the deployment with the Prefect server at ``PREFECT_API_URL``
+and keeps running: at each scheduled time it runs ``exits-pipeline`` with the stored
+parameters (inputs, run folder, the validated config) in a subprocess. Because every stage
+is cached, a nightly run over unchanged data recomputes nothing; new or changed annotations
+or images recompute only what depends on them. A temporary (ephemeral) server cannot run
+schedules: start one with ``prefect server start``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron
+from prefect.types.entrypoint import EntrypointType
+
+from exits.config import ExitsConfig
+from flows.pipeline import exits_pipeline
+from flows.runtime import config_dict
+
+__all__ = ["pipeline_parameters", "build_deployment", "serve_pipeline"]
+
+
+def pipeline_parameters(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig,
+                        gt: Path | None = None) -> dict[str, Any]:
+    """Parameters of ``exits-pipeline`` (absolute paths: scheduled runs may start elsewhere)."""
+    return {"images": str(Path(images).resolve()), "annotations": str(Path(annotations).resolve()),
+            "workdir": str(Path(workdir).resolve()), "config": config_dict(cfg),
+            "gt": str(Path(gt).resolve()) if gt else None}
+
+
+def build_deployment(*, cron: str, images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig,
+                     gt: Path | None = None, name: str | None = None, timezone: str | None = None) -> RunnerDeployment:
+    """The ``exits-pipeline`` deployment ``name`` (default: the config's name) on a cron schedule.
+
+    The flow is referenced by module path (``flows.pipeline.exits_pipeline``), so runs work
+    from any folder where the package is installed.
+
+    Raises:
+        ValueError: ``cron`` is not a valid cron expression, or ``timezone`` is unknown.
+    """
+    return exits_pipeline.to_deployment(
+        name=name or cfg.name,
+        schedule=Cron(cron, timezone=timezone),
+        parameters=pipeline_parameters(images, annotations, workdir, cfg, gt),
+        description=f"EXITS pseudo labels for {Path(annotations).name} into {Path(workdir).resolve()}",
+        tags=["exits"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def serve_pipeline(*, cron: str, images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig,
+                   gt: Path | None = None, name: str | None = None, timezone: str | None = None) -> None:
+    """Register the deployment and serve it until interrupted (blocks; Ctrl-C stops it)."""
+    from prefect import serve
+
+    deployment = build_deployment(cron=cron, images=images, annotations=annotations, workdir=workdir, cfg=cfg,
+                                  gt=gt, name=name, timezone=timezone)
+    serve(deployment)

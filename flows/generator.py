@@ -1,0 +1,51 @@
+"""Flow ``exits-train-generator`` (stage 1c): the pseudo-label generator.
+
+Training resumes from its epoch checkpoint after a crash or kill; the checkpoint folder is
+keyed by the task's cache key, so a run with other data or settings starts afresh instead of
+resuming another run's epochs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from exits.data.instances_table import read_instances_table
+from exits.engine import resolve_device
+from exits.pipeline import StagePaths, stage_generator
+from exits.stages.object_crops import ObjectCropDataset
+from flows.caching import content_cache, folder_fingerprint, keyed_checkpoint_dir, output_record, prune_other_dirs, run_task
+from flows.runtime import config_from, results_dir, sections, stage_result, transient_error
+
+SECTIONS = ("seed", "device", "amp", "data", "backbone", "retrieval", "generator")
+
+
+def _crops(instances: str, images: str, crop_size: int) -> ObjectCropDataset:
+    return ObjectCropDataset(read_instances_table(instances), images, crop_size)
+
+
+@task(name="train-generator", cache_policy=content_cache("instances", "points"), persist_result=True,
+      retries=1, retry_delay_seconds=5, retry_condition_fn=transient_error)
+def train_generator_task(instances: str, points: str | None, images: str, images_fingerprint: str, workdir: str,
+                         config: dict[str, Any]) -> dict[str, Any]:
+    """Stage 1c: pseudo-label generator (EMA teacher) saved to generator/model.pt."""
+    cfg = config_from(config)
+    paths = StagePaths(Path(workdir))
+    checkpoints = keyed_checkpoint_dir(paths.generator.parent / "checkpoints")
+    stage_generator(cfg, _crops(instances, images, cfg.data.crop_size), paths, str(resolve_device(cfg.device)),
+                    progress=False, checkpoint_dir=checkpoints)
+    prune_other_dirs(checkpoints)
+    return output_record({"model": paths.generator})
+
+
+@flow(name="exits-train-generator")
+def train_generator_flow(images: str, workdir: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the pseudo-label generator on the run's instances and retrieved points."""
+    cfg = config_from(config)
+    paths = StagePaths(Path(workdir))
+    points = str(paths.points) if cfg.generator.use_retrieval else None
+    record, state = run_task(train_generator_task, results_dir(workdir), instances=str(paths.instances),
+                             points=points, images=images, images_fingerprint=folder_fingerprint(images),
+                             workdir=workdir, config=sections(cfg, *SECTIONS))
+    return stage_result({"train-generator": state}, model=record["outputs"]["model"])
