@@ -38,7 +38,7 @@ from prefect import Task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed, wait
+from prefect.futures import wait
 from prefect.transactions import get_transaction
 from prefect.utilities.hashing import hash_objects
 
@@ -192,8 +192,8 @@ class ShardProgress:
         except Exception as exc:  # noqa: BLE001 - no run context / server hiccup: skip the view
             log.debug("no progress artifact for %s: %s", name, exc)
 
-    def advance(self) -> None:
-        self.done += 1
+    def update(self, done: int) -> None:
+        self.done = done
         if self.artifact_id is None:
             return
         try:
@@ -213,8 +213,9 @@ def run_shards(task: Task, results: Path, calls: Sequence[Mapping[str, Any]],
     bound = task.with_options(result_storage=results, **(options or {}))
     futures = [bound.submit(**kw) for kw in calls]
     progress = ShardProgress(task.name, len(futures))
-    for _ in as_completed(futures):
-        progress.advance()
+    for done, future in enumerate(futures, start=1):  # in submission order: shards finish roughly so
+        future.wait()
+        progress.update(done)
     stale = [i for i, f in enumerate(futures) if f.state.name == "Cached" and not outputs_intact(f.result())]
     if stale:
         log.warning("%s: %d cached shards changed on disk; recomputing", task.name, len(stale))
