@@ -11,18 +11,12 @@ from typing import Any
 
 from prefect import flow, task
 
-from exits.data.instances_table import read_instances_table
 from exits.engine import resolve_device
 from exits.pipeline import StagePaths, stage_generator
-from exits.stages.object_crops import ObjectCropDataset
 from flows.caching import content_cache, folder_fingerprint, keyed_checkpoint_dir, output_record, prune_other_dirs, run_task
-from flows.runtime import config_from, results_dir, sections, stage_result, transient_error
+from flows.runtime import config_from, crop_dataset, results_dir, sections, stage_result, transient_error
 
 SECTIONS = ("seed", "device", "amp", "data", "backbone", "retrieval", "generator")
-
-
-def _crops(instances: str, images: str, crop_size: int) -> ObjectCropDataset:
-    return ObjectCropDataset(read_instances_table(instances), images, crop_size)
 
 
 @task(name="train-generator", cache_policy=content_cache("instances", "points"), persist_result=True,
@@ -33,7 +27,7 @@ def train_generator_task(instances: str, points: str | None, images: str, images
     cfg = config_from(config)
     paths = StagePaths(Path(workdir))
     checkpoints = keyed_checkpoint_dir(paths.generator.parent / "checkpoints")
-    stage_generator(cfg, _crops(instances, images, cfg.data.crop_size), paths, str(resolve_device(cfg.device)),
+    stage_generator(cfg, crop_dataset(instances, images, cfg.data.crop_size), paths, str(resolve_device(cfg.device)),
                     progress=False, checkpoint_dir=checkpoints)
     prune_other_dirs(checkpoints)
     return output_record({"model": paths.generator})

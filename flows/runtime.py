@@ -26,6 +26,14 @@ __all__ = ["RESULTS_DIR", "results_dir", "config_from", "config_dict", "sections
            "make_task_runner", "local_dask_cluster", "stage_result", "count_states"]
 
 
+def crop_dataset(instances: str, images: str, crop_size: int) -> "ObjectCropDataset":
+    """The object crops a training task trains on (built inside the task, never passed around)."""
+    from exits.data.instances_table import read_instances_table
+    from exits.stages.object_crops import ObjectCropDataset
+
+    return ObjectCropDataset(read_instances_table(instances), images, crop_size)
+
+
 def results_dir(workdir: str | Path) -> Path:
     """``WORKDIR/.prefect-results``: persisted task results and cache records of the run."""
     return Path(workdir) / RESULTS_DIR
