@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_mobilenet_v3_fpn")
 OPTIMIZERS = ("sgd", "adamw")
+BOX_SOURCES = ("annotation", "mask")
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,18 @@ class DetectorConfig:
     dict (ImageNet-style ResNet-50 / MobileNetV3-Large). ``None`` = random init. Nothing is
     ever downloaded. ``roi_batch_size_per_image``: sampled proposals per image for the box
     and mask heads in training (torchvision's 512; 64-128 makes CPU steps much cheaper).
-    ``checkpoint_every``: iterations between checkpoints (0 = only the final
+    ``box_source``: training boxes from the json's ``bbox`` (``"annotation"``: in pseudo-label
+    files the extreme-point box, exact even where the pseudo mask misses a part) or the tight
+    box of the mask (``"mask"``). ``checkpoint_every``: iterations between checkpoints (0 = only the final
     one). ``device``: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+
+    ``arch`` is read by the torchvision backend only. The detectron2 backend builds its model
+    from ``detectron2_config``: a path to any Detectron2 yaml (``_BASE_`` chains allowed), or
+    ``None`` for the built-in Mask R-CNN R50-FPN. There ``weights_path`` /
+    ``backbone_weights_path`` are Detectron2-format files (``.pth`` / ``.pkl``).
+    ``eval_json`` (+ ``eval_image_dir``, default: the training image dir): a GT json the
+    detectron2 backend's trainer evaluates (COCOEvaluator, or LVISEvaluator for LVIS json)
+    every ``eval_period`` iterations (0 = only after the last one).
     """
 
     backend: str = "torchvision"
@@ -59,6 +70,11 @@ class DetectorConfig:
     detections_per_image: int = 100
     roi_batch_size_per_image: int = 512
     mask_threshold: float = 0.5
+    detectron2_config: str | None = None
+    eval_json: str | None = None
+    eval_image_dir: str | None = None
+    eval_period: int = 0
+    box_source: str = "annotation"
 
     def __post_init__(self) -> None:
         # Lists from YAML/JSON become tuples so the object stays hashable and immutable.
@@ -68,6 +84,8 @@ class DetectorConfig:
         errors = []
         if self.arch not in ARCHS:
             errors.append(f"arch: {self.arch!r} is not one of {list(ARCHS)}")
+        if self.box_source not in BOX_SOURCES:
+            errors.append(f"box_source: {self.box_source!r} is not one of {list(BOX_SOURCES)}")
         if self.optimizer not in OPTIMIZERS:
             errors.append(f"optimizer: {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
         for name in ("min_size", "max_size", "iterations", "batch_size", "roi_batch_size_per_image", "detections_per_image"):
@@ -75,7 +93,7 @@ class DetectorConfig:
                 errors.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.min_size > self.max_size:
             errors.append(f"min_size ({self.min_size}) must be <= max_size ({self.max_size})")
-        for name in ("warmup_iters", "checkpoint_every", "num_workers", "seed"):
+        for name in ("warmup_iters", "checkpoint_every", "num_workers", "seed", "eval_period"):
             if int(getattr(self, name)) < 0:
                 errors.append(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -90,6 +108,8 @@ class DetectorConfig:
                 errors.append(f"scale_jitter: expected (low, high) with 0 < low <= high, got {self.scale_jitter}")
         if not 0 <= self.mask_threshold <= 1 or not 0 <= self.score_threshold <= 1:
             errors.append("mask_threshold and score_threshold must be in [0, 1]")
+        if self.detectron2_config is not None and not str(self.detectron2_config).endswith((".yaml", ".yml")):
+            errors.append(f"detectron2_config: expected a Detectron2 .yaml file, got {self.detectron2_config!r}")
         if errors:
             raise ValueError("invalid DetectorConfig: " + "; ".join(errors))
 

@@ -13,7 +13,11 @@ from detectors.base import Detector
 
 _REGISTRY: dict[str, type[Detector]] = {}
 # Built-in backends: name -> module that registers it when imported.
-_BUILTIN_MODULES = {"torchvision": "detectors.torchvision_backend"}
+_BUILTIN_MODULES = {
+    "torchvision": "detectors.torchvision_backend",
+    # Imports Detectron2: without it, choosing this backend raises ImportError with the install command.
+    "detectron2": "detectors.detectron2_backend",
+}
 
 D = TypeVar("D", bound=type[Detector])
 
@@ -44,6 +48,7 @@ def get_backend(name: str) -> Detector:
 
     Raises:
         KeyError: no such backend (the message lists the known ones).
+        ImportError: a built-in backend whose library is missing (the message says how to install it).
     """
     if name not in _REGISTRY and name in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[name])

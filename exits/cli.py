@@ -84,22 +84,25 @@ def run(
     config: Optional[str] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
     gt: Optional[Path] = typer.Option(None, "--gt", help="json with GT masks for the mIoU report (default: --annotations when it has masks)"),
+    val: Optional[Path] = typer.Option(None, "--val", help="held-out json with GT masks (images in --images) to evaluate the stage-2 detector on (with train_detector: true)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the EXITS pipeline end to end: points -> pseudo masks (+ mIoU report when GT exists).
 
     Runs the Prefect flow `exits-pipeline` (one subflow per stage, cached tasks, sharded
     point retrieval / pseudo labels): re-running a finished run recomputes nothing, a killed
-    run resumes. Without PREFECT_API_URL it uses a temporary local Prefect server.
+    run resumes. Without PREFECT_API_URL it uses a temporary local Prefect server. With
+    `train_detector: true` in the config (or --set train_detector=true) stage 2 follows.
     """
     _setup_logging(verbose)
     logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)  # one line per Prefect API call
     try:
         cfg = load_config(config, overrides or [])
         _check_inputs(images, annotations, gt)
+        _check_inputs(images, annotations, val)
         from flows.pipeline import run_pipeline_flow
 
-        result = run_pipeline_flow(images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt)
+        result = run_pipeline_flow(images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt, val_gt=val)
     except (ConfigError, DatasetError) as exc:
         _fail(str(exc))
     result.pop("task_states", None)  # per-task detail stays in WORKDIR/run_summary.json
@@ -168,6 +171,19 @@ def report(
     typer.echo(f"Separated: {summary['separated_objects']['count']} objects ({summary['separated_source']}); "
                f"score vs IoU Spearman rho {rho}")
     typer.echo(f"Report: {workdir / 'report' / 'report.html'} (and report.md, metrics.parquet, summary.json)")
+
+
+# Stage 2 (commands live beside their stage; registered here so `exits --help` lists all).
+from exits.detector_cli import evaluate_detector_command, train_detector_command  # noqa: E402
+
+app.command("train-detector")(train_detector_command)
+app.command("evaluate-detector")(evaluate_detector_command)
+
+# Human spot-fixes: review-and-fix web page, and merging the fixes for stage 2.
+from exits.spotfix.commands import export_command, spotfix_command  # noqa: E402
+
+app.command("spotfix")(spotfix_command)
+app.command("export")(export_command)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -174,8 +174,9 @@ def num_instances(paths: StagePaths) -> int:
 
 
 def run_pipeline(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig, gt: Path | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Stage 0 -> 1a -> 1b -> 1c -> 1d, then the mIoU report when GT masks are available.
+                 progress: bool = True, val_gt: Path | None = None) -> dict[str, Any]:
+    """Stage 0 -> 1a -> 1b -> 1c -> 1d, then the mIoU report when GT masks are available,
+    then stage 2 when ``cfg.train_detector`` (evaluated on ``val_gt`` when given).
 
     Everything runs in this process, shard after shard; ``flows.pipeline.exits_pipeline``
     runs the same stages as Prefect tasks and writes the same files.
@@ -210,5 +211,12 @@ def run_pipeline(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfi
     if report is not None:
         result["miou_all"] = report["all"]["miou"]
         result["miou_separated"] = report["separated"]["miou"]
+    if cfg.train_detector:
+        from exits.stages.detector import evaluate_detector_stage, metrics_summary, train_detector_stage
+
+        trained = timed("detector", train_detector_stage, workdir, cfg.detector, images)
+        if val_gt is not None:
+            metrics = evaluate_detector_stage(workdir, Path(val_gt), images, cfg.detector, Path(trained["checkpoint"]))
+            result["detector"] = metrics_summary(metrics)
     write_json(workdir / "run_summary.json", result, indent=1)
     return result

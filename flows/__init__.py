@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from flows.deploy import build_deployment, serve_pipeline  # noqa: E402
+from flows.detector import train_detector_flow  # noqa: E402
 from flows.generator import train_generator_flow  # noqa: E402
 from flows.pipeline import exits_pipeline, run_pipeline_flow  # noqa: E402
 from flows.prepare import prepare_instances_flow  # noqa: E402
@@ -19,5 +20,5 @@ from flows.retrieval import retrieve_points_flow  # noqa: E402
 from flows.similarity import train_similarity_flow  # noqa: E402
 
 __all__ = ["exits_pipeline", "run_pipeline_flow", "prepare_instances_flow", "train_similarity_flow",
-           "retrieve_points_flow", "train_generator_flow", "pseudo_labels_flow", "report_flow",
+           "retrieve_points_flow", "train_generator_flow", "pseudo_labels_flow", "report_flow", "train_detector_flow",
            "build_deployment", "serve_pipeline"]

@@ -1,7 +1,8 @@
 """Flow ``exits-pipeline``: every stage flow of a run, in order.
 
 prepare instances -> train similarity extractor -> retrieve points (sharded) -> train
-generator -> pseudo labels (sharded) -> report. Each stage is its own (sub)flow run with
+generator -> pseudo labels (sharded) -> report -> (``train_detector: true``) stage 2: train
+Mask R-CNN on the pseudo labels (or the exported human fixes) and evaluate it on ``val_gt``. Each stage is its own (sub)flow run with
 cached tasks, so re-running a finished run recomputes nothing, a changed input or setting
 recomputes only what depends on it, and a killed run picks up where it stopped.
 
@@ -19,6 +20,7 @@ from prefect import flow
 from exits.config import ExitsConfig
 from exits.io import write_json
 from exits.pipeline import write_run_files
+from flows.detector import train_detector_flow
 from flows.generator import train_generator_flow
 from flows.prepare import prepare_instances_flow
 from flows.pseudo_labels import pseudo_labels_flow
@@ -32,7 +34,7 @@ __all__ = ["exits_pipeline", "run_pipeline_flow"]
 
 @flow(name="exits-pipeline", description="EXITS: extreme points -> pseudo instance masks (+ mIoU report)")
 def exits_pipeline(images: str, annotations: str, workdir: str, config: dict[str, Any] | None = None,
-                   gt: str | None = None) -> dict[str, Any]:
+                   gt: str | None = None, val_gt: str | None = None) -> dict[str, Any]:
     """Run every stage on ``annotations`` + ``images`` into the run folder ``workdir``.
 
     Args:
@@ -41,6 +43,8 @@ def exits_pipeline(images: str, annotations: str, workdir: str, config: dict[str
         config: a validated config as a dict (``ExitsConfig.model_dump(mode="json")``);
             None = defaults.
         gt: json with GT masks for the report (default: ``annotations``).
+        val_gt: held-out json with GT masks (images under ``images``) on which the stage-2
+            detector is evaluated; only used with ``train_detector: true``.
     Returns:
         The run summary (also written to ``run_summary.json``): object counts, seconds per
         stage, mIoU when GT masks exist, and ``tasks``: how many tasks finished in which
@@ -75,6 +79,11 @@ def exits_pipeline(images: str, annotations: str, workdir: str, config: dict[str
     if report["miou_all"] is not None:
         result["miou_all"] = report["miou_all"]
         result["miou_separated"] = report["miou_separated"]
+    if cfg.train_detector:
+        detector = stage("detector", train_detector_flow, images=images,
+                         val_gt=str(Path(val_gt).resolve()) if val_gt else None)
+        if detector["metrics"] is not None:
+            result["detector"] = detector["metrics"]
     result["tasks"] = count_states(tasks)
     result["task_states"] = tasks
     write_json(Path(workdir) / "run_summary.json", result, indent=1)
@@ -82,7 +91,7 @@ def exits_pipeline(images: str, annotations: str, workdir: str, config: dict[str
 
 
 def run_pipeline_flow(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig,
-                      gt: Path | None = None) -> dict[str, Any]:
+                      gt: Path | None = None, val_gt: Path | None = None) -> dict[str, Any]:
     """Run :func:`exits_pipeline` in this process (``exits run``); returns its summary."""
     return exits_pipeline(images=str(images), annotations=str(annotations), workdir=str(workdir),
-                          config=config_dict(cfg), gt=str(gt) if gt else None)
+                          config=config_dict(cfg), gt=str(gt) if gt else None, val_gt=str(val_gt) if val_gt else None)

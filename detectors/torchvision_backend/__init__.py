@@ -28,7 +28,7 @@ class TorchvisionDetector(Detector):
         with open(train_json, "r", encoding="utf-8") as fh:
             data = json.load(fh)
         dataset = CocoInstanceDataset(
-            data, image_dir, transform=TrainAugmentation(cfg.hflip, cfg.scale_jitter)
+            data, image_dir, transform=TrainAugmentation(cfg.hflip, cfg.scale_jitter), box_source=cfg.box_source
         )
         dataset.source = str(train_json)
         log.info("training %s on %d images, %d objects, %d categories",

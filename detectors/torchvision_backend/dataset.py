@@ -1,10 +1,11 @@
 """COCO instances json as a torch Dataset of (image, target) for torchvision Mask R-CNN.
 
 Masks are decoded from any COCO segmentation form (polygons, uncompressed or compressed
-RLE) with pycocotools. Boxes are the tight box of the decoded mask, not the json's
-``bbox`` field: in pseudo-label files that field is the extreme-point box the annotator
-gave, which can be larger than the pseudo mask, and Mask R-CNN's box and mask heads should
-be trained on one consistent object. Annotations whose mask is empty and crowd regions are
+RLE) with pycocotools. Boxes come from ``box_source``: ``"annotation"`` takes the json's ``bbox``
+(in pseudo-label files the extreme-point box the annotator gave: exact, while a pseudo mask
+may miss a separated part), ``"mask"`` the tight box of the decoded mask (box and mask heads
+then see one consistent object; also the fallback when an annotation has no ``bbox``).
+Annotations whose mask is empty and crowd regions are
 dropped (counts logged); images with no objects are kept with empty targets (they teach
 the background).
 """
@@ -25,6 +26,8 @@ from detectors.torchvision_backend.transforms import Target
 from exits.eval.rle import Rle, segmentation_to_rle
 
 log = logging.getLogger(__name__)
+
+BOX_SOURCES = ("annotation", "mask")
 
 
 class CategoryMapping:
@@ -76,7 +79,11 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         image_dir: str | os.PathLike,
         transform: Callable[[torch.Tensor, Target, torch.Generator], tuple[torch.Tensor, Target]] | None = None,
         category_ids: Sequence[int] | None = None,
+        box_source: str = "mask",
     ) -> None:
+        if box_source not in BOX_SOURCES:
+            raise ValueError(f"box_source must be one of {BOX_SOURCES}, got {box_source!r}")
+        self.box_source = box_source
         if isinstance(annotation_json, Mapping):
             data, self.source = annotation_json, "<in-memory json>"
         else:
@@ -91,7 +98,8 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             if "file_name" not in img and "coco_url" in img:  # LVIS
                 img["file_name"] = str(img["coco_url"]).rsplit("/", 1)[-1]
         sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in self.images}
-        self.objects: dict[int, list[tuple[int, int, Rle]]] = {i: [] for i in sizes}
+        # Per image: (ann_id, label, rle, xyxy box from the json or None).
+        self.objects: dict[int, list[tuple[int, int, Rle, list[float] | None]]] = {i: [] for i in sizes}
         self.dropped = {"empty_mask": 0, "crowd": 0, "unknown_image": 0, "unknown_category": 0}
         for ann in data["annotations"]:
             image_id = int(ann["image_id"])
@@ -113,7 +121,13 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
                 self.dropped["empty_mask"] += 1
                 continue
             label = self.categories.to_label(ann["category_id"])
-            self.objects[image_id].append((int(ann["id"]), label, rle))
+            box = None
+            if box_source == "annotation" and ann.get("bbox") is not None:
+                x, y, bw, bh = (float(v) for v in ann["bbox"])
+                if not (bw > 0 and bh > 0):
+                    raise ValueError(f"{self.source}: annotation {ann.get('id')}: bbox {ann['bbox']} has no area")
+                box = [x, y, x + bw, y + bh]
+            self.objects[image_id].append((int(ann["id"]), label, rle, box))
         if any(self.dropped.values()):
             log.warning("%s: dropped annotations: %s", self.source, {k: v for k, v in self.dropped.items() if v})
 
@@ -133,6 +147,9 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             masks = torch.from_numpy(np.ascontiguousarray(mask_utils.decode([o[2] for o in objs]).transpose(2, 0, 1)))
             boxes = torch.tensor(np.asarray(mask_utils.toBbox([o[2] for o in objs]), dtype=np.float32).reshape(-1, 4))
             boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+            for k, obj in enumerate(objs):
+                if obj[3] is not None:
+                    boxes[k] = torch.tensor(obj[3], dtype=torch.float32)
         else:
             masks = torch.zeros((0, h, w), dtype=torch.uint8)
             boxes = torch.zeros((0, 4), dtype=torch.float32)

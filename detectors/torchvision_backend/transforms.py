@@ -50,16 +50,26 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def keep_nonempty(target: Target) -> Target:
-    """Drop objects whose mask became empty (e.g. cropped away); boxes from the masks."""
+def keep_nonempty(target: Target, boxes: torch.Tensor | None = None) -> Target:
+    """Drop objects whose mask became empty (e.g. cropped away).
+
+    ``boxes``: the objects' transformed boxes (N, 4) to keep; ``None`` = tight mask boxes.
+    """
     masks = target["masks"]
     keep = (masks.flatten(1) != 0).any(dim=1) if masks.shape[0] else torch.zeros(0, dtype=torch.bool)
+    if boxes is not None and boxes.shape[0]:
+        keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     out = dict(target)
     for key in ("masks", "labels", "ann_ids"):
         if key in out:
             out[key] = out[key][keep]
-    out["boxes"] = boxes_from_masks(out["masks"])
+    out["boxes"] = boxes_from_masks(out["masks"]) if boxes is None else boxes[keep]
     return out
+
+
+def boxes_are_mask_boxes(target: Target) -> bool:
+    """True when ``target``'s boxes are exactly the tight boxes of its masks."""
+    return bool(torch.equal(target["boxes"], boxes_from_masks(target["masks"])))
 
 
 def hflip(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
@@ -101,7 +111,15 @@ def scale_jitter(image: torch.Tensor, target: Target, scale: float, generator: t
     mask_canvas[:, : masks.shape[1], : masks.shape[2]] = masks
     out = dict(target)
     out["masks"] = mask_canvas
-    return canvas, keep_nonempty(out)
+    if boxes_are_mask_boxes(target):
+        return canvas, keep_nonempty(out)
+    # Boxes given independently of the masks (extreme-point boxes): map them with the same
+    # scale and shift, clipped to the visible content: x' = clip(s x - x0, 0, min(W, nW - x0)).
+    boxes = target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+    boxes -= torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, min(w, nw - x0))
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, min(h, nh - y0))
+    return canvas, keep_nonempty(out, boxes)
 
 
 class TrainAugmentation:

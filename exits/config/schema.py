@@ -9,6 +9,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Stage 2's settings are the detectors' own frozen dataclass: pydantic validates it field by
+# field (its __post_init__ checks run here, unknown keys are rejected), so the YAML
+# `detector:` section and the backends share one definition.
+from detectors.config import DetectorConfig
+
 
 class Section(BaseModel):
     """Base for every config section: unknown keys are an error, values are immutable."""
@@ -137,6 +142,8 @@ class ExitsConfig(Section):
     pseudo: PseudoLabelConfig = PseudoLabelConfig()
     eval: EvalConfig = EvalConfig()
     flows: FlowsConfig = FlowsConfig()
+    train_detector: bool = Field(False, description="run stage 2 (train `detector` on the pseudo labels) at the end of `exits run`")
+    detector: DetectorConfig = Field(default_factory=DetectorConfig, description="stage 2: the instance segmenter trained on the pseudo labels")
 
     @field_validator("name")
     @classmethod

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from exits.baselines import box_mask_full
+from exits.eval.separated import count_parts_rle
 from exits.crf import crf_refine
 from exits.data.crops import paste_mask
 from exits.io import atomic_path, write_json
@@ -128,7 +129,8 @@ def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float
 
 
 def write_pseudo_label_files(annotations_json: Path, table: pa.Table, workdir: Path) -> dict[str, Path]:
-    """``pseudo_labels.json`` (input json, segmentation -> pseudo RLE, + score; objects with
+    """``pseudo_labels.json`` (input json, segmentation -> pseudo RLE, + score, num_parts of the
+    pseudo mask; objects with
     no pseudo mask, i.e. rejected records, are left out) and ``pseudo_labels.parquet`` (the
     same objects, in the json's order) from a ``PSEUDO_SCHEMA`` table."""
     with open(annotations_json, encoding="utf-8") as fh:
@@ -141,7 +143,10 @@ def write_pseudo_label_files(annotations_json: Path, table: pa.Table, workdir: P
         if i is None:
             continue
         rle = {"size": [cols["height"][i], cols["width"][i]], "counts": cols["rle_counts"][i]}
-        anns.append(dict(ann, segmentation=rle, area=float(cols["area"][i]), score=round(float(cols["score"][i]), 5)))
+        # num_parts is recounted on the pseudo mask: an input json may carry a count made
+        # from its GT masks (the demo data does), which must not travel with pseudo labels.
+        anns.append(dict(ann, segmentation=rle, area=float(cols["area"][i]), score=round(float(cols["score"][i]), 5),
+                         num_parts=count_parts_rle(rle)))
         order.append(i)
     data["annotations"] = anns
     data.setdefault("info", {})["pseudo_labels"] = "EXITS pseudo masks (segmentation replaced; score = mask confidence)"

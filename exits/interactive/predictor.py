@@ -1,0 +1,138 @@
+"""The interface the spot-fix web page calls: one object, its clicks, its current mask.
+
+    predictor = ClickPredictor.from_workdir(WORKDIR)      # click model + generator ViT
+    predictor.prepare(ann_id)                             # encode once (LRU cache)
+    mask = predictor.predict(ann_id, [(x, y, True), ...], current_mask)
+
+Clicks are ``(x, y, positive)`` in image pixel coordinates (pixel index = centre), in
+click order; masks are full-image (H, W) bool. The decoder works in the object's crop
+window (the instances table's ``crop_box``: extreme-point box plus margin); pixels
+outside the window keep ``prev_mask`` (False without one). In progressive mode (config
+``progressive``) only the changed region touching the last click is taken over
+(:mod:`exits.interactive.progressive`); with ``enforce_clicks`` every click's disk
+(radius ``disk_radius`` crop pixels, in image pixels) finally takes the click's label.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from exits.data.crops import CropWindow, crop_mask, paste_mask
+from exits.interactive.clicks import Click, disk_index
+from exits.interactive.data import run_images_dir
+from exits.interactive.decoder import ClickDecoder
+from exits.interactive.features import FeatureCache, ObjectFeatures, object_features
+from exits.interactive.inference import decode_probs
+from exits.interactive.model_io import CLICK_MODEL_PATH, load_click_model
+from exits.interactive.progressive import progressive_update
+from exits.models.checkpoint import load_mask_model
+from exits.stages.object_crops import load_image_tensor
+
+__all__ = ["ClickPredictor", "ObjectInfo", "read_objects"]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    file_name: str
+    window: CropWindow
+    image_size: tuple[int, int]  # (H, W)
+    extreme_points: np.ndarray  # (4, 2) [x, y] top, left, bottom, right
+
+
+def read_objects(workdir: Path, crop_size: int) -> dict[int, ObjectInfo]:
+    """ann_id -> :class:`ObjectInfo` from the run's ``instances.parquet``."""
+    table = pq.read_table(Path(workdir) / "instances.parquet",
+                          columns=["ann_id", "file_name", "crop_box", "width", "height", "extreme_points"])
+    return {
+        int(r["ann_id"]): ObjectInfo(str(r["file_name"]), CropWindow(*map(int, r["crop_box"]), size=crop_size),
+                                     (int(r["height"]), int(r["width"])),
+                                     np.asarray(r["extreme_points"], np.float64).reshape(4, 2))
+        for r in table.to_pylist()
+    }
+
+
+class ClickPredictor:
+    """Click model of one run: cached encoder features per object + the light decoder."""
+
+    def __init__(self, decoder: ClickDecoder, encoder: torch.nn.Module, objects: dict[int, ObjectInfo],
+                 images_dir: Path, device: str = "cpu", cache_size: int | None = None) -> None:
+        self.device = torch.device(device)
+        self.decoder = decoder.to(self.device).eval()
+        self.encoder = encoder.to(self.device).eval()
+        self.objects = objects
+        self.images_dir = Path(images_dir)
+        self.crop_size = int(encoder.img_size)
+        self.progressive = bool(decoder.config.progressive)
+        self.enforce_clicks = bool(decoder.config.enforce_clicks)
+        self.cache = FeatureCache(cache_size or decoder.config.feature_cache_size)
+
+    @classmethod
+    def from_workdir(cls, workdir: Path, device: str = "cpu", model_path: Path | None = None) -> "ClickPredictor":
+        """Load WORKDIR/click_model/model.pt, the generator ViT it was trained with, the
+        instances table and the image folder named in WORKDIR/run.json."""
+        workdir = Path(workdir)
+        decoder, payload = load_click_model(model_path or workdir / CLICK_MODEL_PATH, device)
+        encoder = load_mask_model(workdir / payload["encoder_path"], map_location=device)
+        if int(encoder.img_size) != int(payload["crop_size"]):
+            raise ValueError(f"encoder crop size {encoder.img_size} != click model's {payload['crop_size']}")
+        objects = read_objects(workdir, int(encoder.img_size))
+        return cls(decoder, encoder, objects, run_images_dir(workdir), device)
+
+    def _info(self, ann_id: int) -> ObjectInfo:
+        try:
+            return self.objects[int(ann_id)]
+        except KeyError:
+            raise KeyError(f"ann_id {ann_id} is not in this run's instances table") from None
+
+    def features(self, ann_id: int) -> ObjectFeatures:
+        """Cached encoder features of an object (computed on first use)."""
+        info = self._info(ann_id)
+
+        def make() -> ObjectFeatures:
+            image = load_image_tensor(self.images_dir / info.file_name).to(self.device)
+            return object_features(self.encoder, int(ann_id), image, info.window)
+
+        return self.cache.get(int(ann_id), make)
+
+    def prepare(self, ann_id: int) -> None:
+        """Encode and cache one object's features (the heavy step, once per object)."""
+        self.features(ann_id)
+
+    def predict_crop(self, ann_id: int, clicks: Sequence[Click], prev_mask: np.ndarray | None) -> np.ndarray:
+        """(S, S) foreground probability in the object's crop (clicks in image coords)."""
+        f = self.features(ann_id)
+        uv = [(*f.window.image_to_crop(np.array([x, y], np.float64)).tolist(), bool(p)) for x, y, p in clicks]
+        prev_crop = None
+        if prev_mask is not None:
+            prev_crop = (crop_mask(torch.from_numpy(np.asarray(prev_mask, bool)), f.window) >= 0.5).numpy()
+        return decode_probs(self.decoder, f.tokens[None].to(self.device), f.grid, f.crop[None].to(self.device),
+                            [uv], [prev_crop])[0]
+
+    def predict(self, ann_id: int, clicks: list[tuple[float, float, bool]], prev_mask: np.ndarray | None) -> np.ndarray:
+        """The new (H, W) bool full-image mask after ``clicks`` on top of ``prev_mask``."""
+        info = self._info(ann_id)
+        h, w = info.image_size
+        if prev_mask is not None and np.asarray(prev_mask).shape != (h, w):
+            raise ValueError(f"prev_mask has shape {np.asarray(prev_mask).shape}, image is {(h, w)}")
+        prev = None if prev_mask is None else np.asarray(prev_mask, bool)
+        if not clicks:
+            return prev.copy() if prev is not None else np.zeros((h, w), bool)
+        prob = self.predict_crop(ann_id, clicks, prev)
+        full = (paste_mask(torch.from_numpy(prob), info.window, h, w) >= 0.5).numpy()
+        out = prev.copy() if prev is not None else np.zeros((h, w), bool)
+        win = info.window
+        rows, cols = slice(win.y0, win.y0 + win.height), slice(win.x0, win.x0 + win.width)
+        out[rows, cols] = full[rows, cols]
+        radius = self.decoder.config.disk_radius * max(win.width, win.height) / win.size
+        if self.progressive and prev is not None:
+            out = progressive_update(prev, out, clicks[-1], radius)
+        if self.enforce_clicks:
+            for x, y, positive in clicks:
+                rows_d, cols_d, disk = disk_index(float(x), float(y), radius, h, w)
+                out[rows_d, cols_d][disk] = bool(positive)
+        return out

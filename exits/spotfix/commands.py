@@ -1,0 +1,94 @@
+"""``exits spotfix`` and ``exits export``: typer-ready command functions (registered in
+exits/cli.py)."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import secrets
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+ENV_TOKEN = "EXITS_SPOTFIX_TOKEN"
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_token(host: str, token: Optional[str]) -> Optional[str]:
+    """The token to require: ``token`` or $EXITS_SPOTFIX_TOKEN; mandatory off loopback.
+
+    Raises:
+        ValueError: a non-loopback host without a token, or a token under 16 characters.
+    """
+    token = token or os.environ.get(ENV_TOKEN) or None
+    if token is None and not is_loopback(host):
+        raise ValueError(f"binding {host} needs a token: pass --token or set {ENV_TOKEN} "
+                         f"(e.g. {secrets.token_urlsafe(24)})")
+    if token is not None and len(token) < 16:
+        raise ValueError("the token must be at least 16 characters")
+    return token
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def spotfix_command(
+    workdir: Path = typer.Option(..., "--workdir", "-w", help="run folder with pseudo_labels.json"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but loopback requires a token"),
+    port: int = typer.Option(8765, "--port", min=1, max=65535, help="port to listen on"),
+    token: Optional[str] = typer.Option(None, "--token", help=f"access token every request must carry "
+                                        f"(default ${ENV_TOKEN}); required when --host is not loopback"),
+    user: Optional[str] = typer.Option(None, "--user", help="name recorded with each decision (default: login name)"),
+    editor: str = typer.Option("clicks", "--editor", help="what answers clicks: clicks (trained click model) or grabcut"),
+    device: str = typer.Option("cpu", "--device", help="device of the click model (cpu, cuda, cuda:1)"),
+    images: Optional[Path] = typer.Option(None, "--images", "-i", help="image folder (default: the one in run.json)"),
+) -> None:
+    """Review-and-fix web page: the worst pseudo masks first; fix them with clicks, accept or reject."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from exits.spotfix.app import create_app
+    from exits.spotfix.catalog import CatalogError, RunCatalog
+    from exits.spotfix.editors import EditorUnavailable, load_editor
+
+    try:
+        required = resolve_token(host, token)
+        catalog = RunCatalog.load(workdir, images)
+        mask_editor = load_editor(editor, workdir, catalog, device=device)
+    except (ValueError, EditorUnavailable, CatalogError) as exc:
+        _fail(str(exc))
+    loopback = is_loopback(host)
+    app = create_app(workdir, mask_editor, token=required, user=user, catalog=catalog, editor_name=editor,
+                     allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"] if loopback else None)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/" + ("?token=<your token>" if required else "")
+    typer.echo(f"spot-fix: {len(catalog.objects)} objects of {workdir}; open {url}  (Ctrl+C to stop)")
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def export_command(
+    workdir: Path = typer.Option(..., "--workdir", "-w", help="run folder with pseudo_labels.json and fixes/"),
+) -> None:
+    """Merge the spot-fix decisions over the pseudo labels -> WORKDIR/pseudo_labels_fixed.json (stage 2 uses it)."""
+    from exits.spotfix.export import run_export
+
+    try:
+        result = run_export(workdir)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    for key, value in asdict(result.counts).items():
+        typer.echo(f"{key}: {value}")
+    typer.echo(f"written: {result.path}")

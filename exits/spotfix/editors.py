@@ -1,0 +1,195 @@
+"""Mask editors: what answers each click. Any object with ``prepare``/``predict`` works
+(:class:`MaskEditor`); the app wraps it in :class:`EditorRunner` so calls never overlap.
+
+- ``clicks``: the trained click model (``exits.interactive.predictor.ClickPredictor``).
+- ``grabcut``: OpenCV GrabCut seeded by the clicks and the previous mask; needs no model.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import cv2
+import numpy as np
+
+from exits.spotfix.catalog import RunCatalog
+
+Click = tuple[float, float, bool]
+CLICK_MODEL_DIR = "click_model"
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class MaskEditor(Protocol):
+    def prepare(self, ann_id: int) -> None:
+        """Compute and cache whatever the object needs before its first click."""
+
+    def predict(self, ann_id: int, clicks: list[Click], prev_mask: np.ndarray | None) -> np.ndarray:
+        """clicks (x, y, positive) in image pixels, in click order; prev_mask (H, W) bool
+        or None -> (H, W) bool mask of the whole image."""
+
+
+class EditorUnavailable(RuntimeError):
+    """The requested editor cannot be built (e.g. no trained click model)."""
+
+
+class GrabCutEditor:
+    """GrabCut inside the object's crop window (grown to cover clicks and the previous mask).
+
+    Edits are local, as a person expects from a click: with a previous mask, only pixels
+    within ``edit_radius`` of some click may change (there, previous-mask pixels are
+    probable foreground, others probable background); farther pixels keep the previous
+    mask as sure labels. Without a previous mask: outside the extreme-point box = sure
+    background, inside = probable foreground (as exits.baselines.grabcut_mask starts).
+    Disks around the extreme points = sure foreground; then each click's disk, in order:
+    positive = sure foreground, negative = sure background (later clicks win overlaps).
+    ``edit_radius`` = max(12 px, 25% of the longer side of the extreme-point box).
+    """
+
+    def __init__(self, catalog: RunCatalog, *, iters: int = 5, click_radius: int = 3, cache_size: int = 8) -> None:
+        self.catalog = catalog
+        self.iters = iters
+        self.click_radius = click_radius
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()  # image_id -> RGB image
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def prepare(self, ann_id: int) -> None:
+        self._image(self.catalog.objects[ann_id].image_id)
+
+    def predict(self, ann_id: int, clicks: list[Click], prev_mask: np.ndarray | None) -> np.ndarray:
+        obj = self.catalog.objects[ann_id]
+        image = self._image(obj.image_id)
+        h, w = image.shape[:2]
+        pts = np.asarray(obj.extreme_points, dtype=np.float64).round().astype(int)
+        x0, y0, x1, y1 = self._window(obj.crop_box, clicks, prev_mask, w, h)
+        bx0, by0, bx1, by1 = pts[1, 0], pts[0, 1], pts[3, 0], pts[2, 1]
+        if prev_mask is None:
+            seeds = np.full((h, w), cv2.GC_BGD, np.uint8)
+            seeds[by0:by1 + 1, bx0:bx1 + 1] = cv2.GC_PR_FGD
+        else:
+            prev = np.asarray(prev_mask, dtype=bool)
+            zone = np.zeros((h, w), np.uint8)
+            radius = max(12, int(round(0.25 * max(bx1 - bx0 + 1, by1 - by0 + 1))))
+            for x, y, _ in clicks:
+                cv2.circle(zone, (int(round(x)), int(round(y))), radius, 1, -1)
+            sure = np.where(prev, cv2.GC_FGD, cv2.GC_BGD).astype(np.uint8)
+            seeds = np.where(zone > 0, np.where(prev, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8), sure)
+        for x, y in pts:
+            cv2.circle(seeds, (int(x), int(y)), 2, int(cv2.GC_FGD), -1)
+        for x, y, positive in clicks:
+            cv2.circle(seeds, (int(round(x)), int(round(y))), self.click_radius,
+                       int(cv2.GC_FGD if positive else cv2.GC_BGD), -1)
+        sub_seeds = np.ascontiguousarray(seeds[y0:y1, x0:x1])
+        sub = np.ascontiguousarray(image[y0:y1, x0:x1, ::-1])  # OpenCV wants BGR
+        sub_seeds = _ensure_both_classes(sub_seeds)
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        cv2.setRNGSeed(0)  # GrabCut's k-means init draws from OpenCV's RNG: same clicks, same mask
+        try:
+            cv2.grabCut(sub, sub_seeds, None, bgd, fgd, self.iters, cv2.GC_INIT_WITH_MASK)
+        except cv2.error:
+            pass  # degenerate colour statistics (flat crop): keep the seeds as they are
+        out = np.zeros((h, w), bool)
+        out[y0:y1, x0:x1] = (sub_seeds == cv2.GC_FGD) | (sub_seeds == cv2.GC_PR_FGD)
+        return out
+
+    def _window(self, crop_box: Sequence[int], clicks: list[Click], prev_mask: np.ndarray | None,
+                w: int, h: int) -> tuple[int, int, int, int]:
+        """Crop window grown to every click and the previous mask, plus a margin for GrabCut's
+        background statistics; clipped to the image. Returns x0, y0, x1, y1 (exclusive)."""
+        cx, cy, cw, ch = crop_box
+        xs, ys = [cx, cx + cw - 1], [cy, cy + ch - 1]
+        xs += [int(round(c[0])) for c in clicks]
+        ys += [int(round(c[1])) for c in clicks]
+        if prev_mask is not None and prev_mask.any():
+            rows, cols = np.flatnonzero(prev_mask.any(1)), np.flatnonzero(prev_mask.any(0))
+            xs += [int(cols[0]), int(cols[-1])]
+            ys += [int(rows[0]), int(rows[-1])]
+        pad = self.click_radius + 4
+        return max(0, min(xs) - pad), max(0, min(ys) - pad), min(w, max(xs) + pad + 1), min(h, max(ys) + pad + 1)
+
+    def _image(self, image_id: int) -> np.ndarray:
+        with self._lock:
+            if image_id in self._cache:
+                self._cache.move_to_end(image_id)
+                return self._cache[image_id]
+        image = self.catalog.load_image(image_id)
+        with self._lock:
+            self._cache[image_id] = image
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return image
+
+
+def _ensure_both_classes(seeds: np.ndarray) -> np.ndarray:
+    """GrabCut fits one colour model per class and fails without samples of both: give it
+    the window border as probable background, or the centre as probable foreground."""
+    is_fg = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
+    if is_fg.all():
+        border = np.zeros_like(is_fg)
+        border[[0, -1], :] = True
+        border[:, [0, -1]] = True
+        seeds[border & (seeds == cv2.GC_PR_FGD)] = cv2.GC_PR_BGD
+    elif not is_fg.any():
+        hh, ww = seeds.shape
+        seeds[hh // 2, ww // 2] = cv2.GC_PR_FGD
+    return seeds
+
+
+class EditorRunner:
+    """Runs an editor's calls one at a time on one worker thread, so a background
+    ``prepare`` (opening or prefetching an object) and a click's ``predict`` never run
+    concurrently on a model that is not thread-safe; predict waits for pending prepares."""
+
+    def __init__(self, editor: MaskEditor) -> None:
+        self.editor = editor
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spotfix-editor")
+
+    def prepare_async(self, ann_id: int) -> Future:
+        future = self._pool.submit(self.editor.prepare, ann_id)
+        future.add_done_callback(lambda f: _log_failure(f, ann_id))
+        return future
+
+    def predict(self, ann_id: int, clicks: list[Click], prev_mask: np.ndarray | None, timeout: float = 120.0) -> np.ndarray:
+        def run() -> np.ndarray:
+            self.editor.prepare(ann_id)
+            return self.editor.predict(ann_id, clicks, prev_mask)
+
+        return self._pool.submit(run).result(timeout=timeout)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _log_failure(future: Future, ann_id: int) -> None:
+    # A failed prefetch is not fatal: the same error reaches the user on the first click.
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("prepare(%d) failed: %s", ann_id, future.exception())
+
+
+def load_editor(kind: str, workdir: str | Path, catalog: RunCatalog, device: str = "cpu") -> MaskEditor:
+    """``grabcut`` or ``clicks`` (the trained click model in WORKDIR/click_model).
+
+    Raises:
+        EditorUnavailable: unknown kind, or no click model to load.
+    """
+    workdir = Path(workdir)
+    if kind == "grabcut":
+        return GrabCutEditor(catalog)
+    if kind != "clicks":
+        raise EditorUnavailable(f"unknown editor {kind!r}: choose clicks or grabcut")
+    missing = f"no click model in {workdir / CLICK_MODEL_DIR}; run `exits train-clicks --workdir {workdir}`"
+    if not (workdir / CLICK_MODEL_DIR).exists():
+        raise EditorUnavailable(missing + " (or use --editor grabcut)")
+    try:
+        from exits.interactive.predictor import ClickPredictor
+    except ImportError as exc:
+        raise EditorUnavailable(f"the click model code cannot be imported ({exc}); use --editor grabcut") from exc
+    try:
+        return ClickPredictor.from_workdir(workdir, device=device)
+    except FileNotFoundError as exc:
+        raise EditorUnavailable(f"{missing} ({exc})") from exc

@@ -1,0 +1,171 @@
+"""Decoder parts of the click model: shapes and invariants (I-MSA, SPM, SGC/GPA, IAM zoom,
+progressive mode) and the full decoder with each part switched off."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from exits.interactive.attention import InteractiveAttentionBlock, PyramidPool
+from exits.interactive.clicks import encode_click_maps
+from exits.interactive.config import ClickModelConfig
+from exits.interactive.decoder import OUTSIDE_LOGIT, ClickDecoder
+from exits.interactive.inference import build_inputs
+from exits.interactive.progressive import progressive_update
+from exits.interactive.prototypes import gpa, maskslic_seeds, prototype_count, sgc_prototypes
+from exits.interactive.spm import (SimilarityPropagation, cosine_similarity_map, max_min_click_vectors,
+                                   sample_click_vectors)
+from exits.interactive.zoom import paste_roi_logits, roi_points, roi_resample, zoom_box
+
+torch.manual_seed(0)
+
+
+def test_pyramid_pool_and_imsa_shapes_and_query_equivariance():
+    pool = PyramidPool(16, (1, 2, 3))
+    feat = torch.randn(2, 16, 6, 6)
+    assert pool(feat).shape == (2, 1 + 4 + 9, 16)
+    block = InteractiveAttentionBlock(16, 4, (1, 2, 3)).eval()
+    x = torch.randn(2, 36, 16)
+    out = block(x, feat)
+    assert out.shape == (2, 36, 16)
+    perm = torch.randperm(36)
+    # queries attend independently to the same pooled keys: permuting queries permutes rows
+    assert torch.allclose(block(x[:, perm], feat), out[:, perm], atol=1e-5)
+
+
+def test_spm_similarity_and_selection_equal_brute_force():
+    tokens = torch.randn(2, 10, 8)
+    clicks = torch.randn(2, 3, 8)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    sim = cosine_similarity_map(tokens, clicks)
+    for b in range(2):
+        for n in range(10):
+            for m in range(3):
+                ref = torch.dot(tokens[b, n], clicks[b, m]) / (tokens[b, n].norm() * clicks[b, m].norm())
+                assert sim[b, n, m] == pytest.approx(float(ref), abs=1e-5)
+    f_max, f_min = max_min_click_vectors(sim, clicks, valid)
+    for b in range(2):
+        ok = [m for m in range(3) if valid[b, m]]
+        for n in range(10):
+            best = max(ok, key=lambda m: float(sim[b, n, m]))
+            worst = min(ok, key=lambda m: float(sim[b, n, m]))
+            assert torch.equal(f_max[b, n], clicks[b, best]) and torch.equal(f_min[b, n], clicks[b, worst])
+    spm = SimilarityPropagation(8)
+    assert spm(tokens, clicks, valid).shape == (2, 10, 8)
+    assert torch.equal(spm(tokens, clicks, torch.zeros_like(valid)), tokens)  # no click: identity
+
+
+def test_sample_click_vectors_hits_cell_centres():
+    feat = torch.arange(16.0).reshape(1, 1, 4, 4)
+    # a 4x4 grid over a 16x16 image: cell (r, c) centre is pixel (4c + 1.5, 4r + 1.5)
+    pts = torch.tensor([[[1.5, 1.5], [13.5, 9.5]]])
+    out = sample_click_vectors(feat, pts, (16, 16))
+    assert out.shape == (1, 2, 1) and out[0, :, 0].tolist() == [0.0, 11.0]
+
+
+def test_sgc_seeds_prototypes_and_gpa():
+    mask = np.zeros((6, 6), bool)
+    mask[1:5, 1:5] = True
+    seeds = maskslic_seeds(mask, 3)
+    assert len(seeds) == 3 and len({tuple(s) for s in seeds}) == 3 and all(mask[r, c] for r, c in seeds)
+    assert prototype_count(16, 12, 4) == 2 and prototype_count(1000, 12, 4) == 4 and prototype_count(0, 12, 4) == 1
+    v = torch.tensor([3.0, 4.0, 0.0])
+    tokens = torch.randn(2, 36, 3)
+    tokens[0, torch.from_numpy(mask.reshape(-1))] = v  # identical features in the mask
+    masks = np.stack([mask, np.zeros_like(mask)])
+    protos, valid = sgc_prototypes(tokens, (6, 6), masks, 12, 4, iters=5)
+    assert protos.shape == (2, 2, 3) and valid.tolist() == [[True, True], [False, False]]
+    assert torch.allclose(protos[0], (v / v.norm()).expand(2, 3), atol=1e-5)
+    # batch independence: sample 0 alone gives the same prototypes
+    alone, _ = sgc_prototypes(tokens[:1], (6, 6), masks[:1], 12, 4, iters=5)
+    assert torch.allclose(alone[0], protos[0], atol=1e-6)
+    guide, prob = gpa(tokens, protos, valid)
+    assert guide.shape == (2, 36, 3) and prob.shape == (2, 36, 1)
+    assert torch.equal(guide[1], torch.zeros(36, 3)) and torch.equal(prob[1], torch.zeros(36, 1))
+    cos = torch.nn.functional.cosine_similarity(tokens[0][:, None], protos[0][None], dim=-1)
+    assert torch.allclose(prob[0, :, 0], cos.mean(1), atol=1e-5)
+
+
+def test_zoom_box_keeps_every_click_inside():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        prev = np.zeros((48, 48), bool)
+        y0, x0 = rng.integers(0, 40, 2)
+        prev[y0:y0 + rng.integers(1, 8), x0:x0 + rng.integers(1, 8)] = True
+        clicks = rng.uniform(0, 47, (int(rng.integers(1, 5)), 2))
+        bx0, by0, bx1, by1 = zoom_box(prev, clicks, 48, 1.4, 0.4)
+        assert 0 <= bx0 < bx1 <= 48 and 0 <= by0 < by1 <= 48
+        assert min(bx1 - bx0, by1 - by0) >= 0.4 * 48 - 1e-9
+        assert (clicks[:, 0] >= bx0).all() and (clicks[:, 0] + 1 <= bx1 + 1e-9).all()
+        assert (clicks[:, 1] >= by0).all() and (clicks[:, 1] + 1 <= by1 + 1e-9).all()
+        rows, cols = np.nonzero(prev)
+        assert cols.min() >= bx0 and cols.max() + 1 <= bx1 + 1e-9 and rows.min() >= by0
+        uv = roi_points(torch.tensor(clicks[None], dtype=torch.float32), torch.tensor([[bx0, by0, bx1, by1]]), 32)
+        assert (uv >= -0.5 - 1e-4).all() and (uv <= 31.5 + 1e-4).all()  # inside the zoomed image
+    assert zoom_box(None, np.zeros((0, 2)), 48, 1.4, 0.4).tolist() == [0, 0, 48, 48]
+
+
+def test_roi_resample_and_paste_identity_and_outside():
+    maps = torch.randn(2, 3, 16, 16)
+    full = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * 2)
+    assert torch.allclose(roi_resample(maps, full, 16, (16, 16)), maps, atol=1e-5)
+    logits = torch.randn(2, 1, 16, 16)
+    outside = torch.full((2, 1, 16, 16), -8.0)
+    assert torch.allclose(paste_roi_logits(logits, full, 16, outside), logits, atol=1e-5)
+    half = torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 2)
+    pasted = paste_roi_logits(torch.zeros(2, 1, 4, 4), half, 16, outside)
+    assert (pasted[:, :, :8, :8] == 0).all() and (pasted[:, :, 8:, :] == -8).all() and (pasted[:, :, :, 8:] == -8).all()
+
+
+def test_progressive_changes_only_the_touched_region():
+    prev = np.zeros((20, 20), bool)
+    prev[2:8, 2:8] = True
+    pred = prev.copy()
+    pred[2:8, 8:11] = True  # grows next to the click
+    pred[15:18, 15:18] = True  # unrelated new blob far away
+    pred[2:4, 2:4] = False  # unrelated removal
+    out = progressive_update(prev, pred, (9.0, 4.0, True), radius=1.0)
+    touched = np.zeros_like(prev)
+    touched[2:8, 8:11] = True
+    assert np.array_equal(out[~touched], prev[~touched])
+    assert np.array_equal(out[touched], pred[touched])
+    assert np.array_equal(progressive_update(None, pred, (9.0, 4.0, True)), pred)
+    assert np.array_equal(progressive_update(prev, prev, (9.0, 4.0, True)), prev)
+
+
+@pytest.mark.parametrize("off", ["none", "use_imsa", "use_spm", "use_prototypes", "use_zoom"])
+def test_decoder_shapes_with_each_part_off(off):
+    cfg = ClickModelConfig(dim=32, heads=4, pool_sizes=(1, 2), **({} if off == "none" else {off: False}))
+    dec = ClickDecoder(cfg, embed_dim=24).eval()
+    tokens, crops = torch.randn(2, 16, 24), torch.rand(2, 3, 32, 32)
+    prev = np.zeros((32, 32), bool)
+    prev[8:20, 8:16] = True
+    maps, pts, valid = build_inputs([[(10.0, 12.0, True)], [(12.0, 12.0, True), (25.0, 25.0, False)]],
+                                    [None, prev], 32, 2.0, "cpu")
+    logits = dec(tokens, (4, 4), crops, maps, pts, valid)
+    assert logits.shape == (2, 1, 32, 32) and torch.isfinite(logits).all()
+    if cfg.use_zoom:
+        box = dec.zoom_boxes(maps, pts, valid)[1].tolist()
+        assert box != [0.0, 0.0, 32.0, 32.0]
+        inside = np.zeros((32, 32), bool)
+        inside[:, :] = False
+        cols = (np.arange(32) + 0.5 >= box[0]) & (np.arange(32) + 0.5 <= box[2])
+        rows = (np.arange(32) + 0.5 >= box[1]) & (np.arange(32) + 0.5 <= box[3])
+        outside = ~(rows[:, None] & cols[None, :])
+        expected = np.where(prev, OUTSIDE_LOGIT, -OUTSIDE_LOGIT)
+        assert np.allclose(logits[1, 0].detach().numpy()[outside], expected[outside])
+        assert dec.zoom_boxes(maps, pts, valid)[0].tolist() == [0.0, 0.0, 32.0, 32.0]  # no prior: no zoom
+    names = {n.split(".")[0] for n, _ in dec.named_parameters()}
+    part = {"use_imsa": "imsa", "use_spm": "spm", "use_prototypes": "prototypes"}.get(off)
+    if part:
+        assert part not in names
+
+
+def test_decoder_large_crop_is_capped():
+    cfg = ClickModelConfig(dim=32, heads=4, pool_sizes=(1, 2), decode_size=64, max_grid=8)
+    dec = ClickDecoder(cfg, embed_dim=16).eval()
+    maps = encode_click_maps([(60.0, 70.0, True)], None, (128, 128), 3.0)[None]
+    pts = torch.tensor([[[60.0, 70.0, 1.0]]])
+    with torch.no_grad():
+        out = dec(torch.randn(1, 256, 16), (16, 16), torch.rand(1, 3, 128, 128), maps, pts, torch.ones(1, 1, dtype=torch.bool))
+    assert out.shape == (1, 1, 128, 128) and torch.isfinite(out).all()
