@@ -47,6 +47,7 @@ def measure(backend_name: str, cfg: DetectorConfig, warmup: int) -> dict[str, An
         backend = get_backend(backend_name)
     except ImportError as exc:
         return {"backend": backend_name, "skipped": str(exc)}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         backend.train(DEMO / "instances.json", DEMO / "images", cfg, tmp)
@@ -63,6 +64,8 @@ def measure(backend_name: str, cfg: DetectorConfig, warmup: int) -> dict[str, An
         "seconds_warmup_iters": [r["seconds"] for r in history if r["iteration"] < warmup],
         "wall_seconds_total": wall,
         "final_loss": history[-1]["loss"],
+        # Other processes on the machine slow both rows alike; compare rows of one run.
+        "load_average_1min": [load_before, os.getloadavg()[0]],
     }
 
 

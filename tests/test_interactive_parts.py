@@ -147,8 +147,6 @@ def test_decoder_shapes_with_each_part_off(off):
     if cfg.use_zoom:
         box = dec.zoom_boxes(maps, pts, valid)[1].tolist()
         assert box != [0.0, 0.0, 32.0, 32.0]
-        inside = np.zeros((32, 32), bool)
-        inside[:, :] = False
         cols = (np.arange(32) + 0.5 >= box[0]) & (np.arange(32) + 0.5 <= box[2])
         rows = (np.arange(32) + 0.5 >= box[1]) & (np.arange(32) + 0.5 <= box[3])
         outside = ~(rows[:, None] & cols[None, :])

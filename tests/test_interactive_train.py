@@ -150,6 +150,7 @@ def test_predictor_round_trip_on_tiny_run(tiny_run: Path):
     prev[15:25, 15:25] = True
     out = pred.predict(1, [(20.0, 20.0, True)], prev)
     assert out.shape == (h, w) and out.dtype == bool
+    assert out[20, 20]  # enforce_clicks: the clicked spot takes the click's label
     win = pred.objects[1].window
     outside = np.ones((h, w), bool)
     outside[win.y0:win.y0 + win.height, win.x0:win.x0 + win.width] = False
@@ -160,7 +161,8 @@ def test_predictor_round_trip_on_tiny_run(tiny_run: Path):
 
     pred.progressive = True
     prog = pred.predict(1, [(20.0, 20.0, True), (18.0, 18.0, False)], out)
-    assert prog.shape == (h, w)
+    assert prog.shape == (h, w) and not prog[18, 18] and prog[20, 20]
+    assert np.array_equal(prog[outside], prev[outside])
     pred.cache.capacity = 2
     for a in (1, 2, 3):
         pred.prepare(a)

@@ -139,6 +139,13 @@ def encode_mask(mask: np.ndarray) -> Rle:
     return mask_utils.encode(np.asfortranarray(m != 0, dtype=np.uint8))
 
 
+def encode_rle_json(mask: np.ndarray) -> dict[str, Any]:
+    """(H, W) binary array to a JSON-safe compressed RLE: ``{"size": [H, W], "counts": str}``
+    (the form COCO json files and results carry)."""
+    rle = encode_mask(mask)
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
 def decode_rle(rle: Rle) -> np.ndarray:
     """Compressed RLE to an (H, W) bool array."""
     return mask_utils.decode(rle).astype(bool)

@@ -14,8 +14,6 @@ the RoI the previous mask is kept (a large +-logit), so zooming edits only the r
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -90,6 +88,3 @@ def paste_roi_logits(roi_logits: torch.Tensor, boxes: torch.Tensor, crop_size: i
     inside = ((gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None])[:, None]
     return torch.where(inside, pasted, outside)
 
-
-def boxes_tensor(boxes: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(np.stack(boxes), dtype=torch.float32, device=device)

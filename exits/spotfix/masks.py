@@ -13,16 +13,11 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 
+from exits.eval.rle import encode_rle_json as encode_rle  # noqa: F401 - re-exported for the page's modules
 from exits.eval.rle import to_rle
 from exits.eval.separated import count_parts_rle
 
 OVERLAY_RGBA = (0, 170, 255, 120)
-
-
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """(H, W) bool/uint8 mask -> JSON-safe compressed RLE (``counts`` as str)."""
-    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def decode_rle(rle: dict[str, Any], height: int, width: int) -> np.ndarray:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from exits.baselines import box_mask_full
+from exits.eval.rle import encode_rle_json as encode_rle
 from exits.eval.separated import count_parts_rle
 from exits.crf import crf_refine
 from exits.data.crops import paste_mask
@@ -90,12 +91,6 @@ def mask_scores(probs: torch.Tensor, box_masks: torch.Tensor, labelled: torch.Te
         agreement = agree / labelled.sum((1, 2)).clamp_min(1).float()
         score = 0.5 * (certainty + agreement)
     return certainty.numpy(), agreement.numpy(), score.numpy()
-
-
-def encode_rle(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
 
 
 def paste_pseudo_masks(probs: torch.Tensor, dataset: Any, images: dict[int, Any], image_ids: list[int],
