@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
