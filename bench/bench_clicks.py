@@ -17,7 +17,9 @@ the ``--objects`` lowest-scoring objects (the spot-fix queue; none was trained o
 the RITM robot user, 20 clicks, protocols "pseudo" (edit the pseudo mask) and "scratch";
 GrabCut with the same robot and objects. Ablation: each decoder part switched off in turn,
 retrained with the same budget and seed (progressive mode is inference-only: same model,
-evaluated with it off). Training runs on 1 thread (faster on this busy machine).
+evaluated with it off). One more row trains on the GT masks of a separate json given
+explicitly (``--gt-train-json``, default the demo's held-out val.json: other images than
+the evaluated ones). Training runs on 1 thread (faster on this busy machine).
 """
 from __future__ import annotations
 
@@ -113,6 +115,8 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--gt-train-json", type=Path, default=Path("data/demo/val.json"),
+                    help="also train on this COCO json's GT masks (given explicitly; '' to skip)")
     ap.add_argument("--models-dir", type=Path, default=Path("/tmp/exits_bench_clicks"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/clicks.json"))
     args = ap.parse_args()
@@ -126,6 +130,9 @@ def main() -> None:
         for part in PARTS:
             rows.append(train_and_eval(args.workdir, args.gt, args.models_dir, f"no_{part[4:]}",
                                        cfg.replace(**{part: False}), args.objects))
+    if str(args.gt_train_json) not in ("", "."):
+        rows.append(train_and_eval(args.workdir, args.gt, args.models_dir, "train_on_explicit_gt_json",
+                                   cfg.replace(train_source="coco", train_json=str(args.gt_train_json)), args.objects))
     speed_rows = speed(args.workdir, args.models_dir / "full.pt", args.repeats)
     result = {
         "benchmark": "clicks", "device": "cpu", "torch": torch.__version__, "machine": platform.machine(),

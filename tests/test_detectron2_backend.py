@@ -269,15 +269,16 @@ def test_resume_continues_from_saved_iteration(trained, tiny: Path, tmp_path: Pa
     before = (out / "model_final.pth").stat().st_mtime_ns
     assert backend.train(tiny, tiny.parent / "images", cfg, out) == out / "model_final.pth"
     assert (out / "model_final.pth").stat().st_mtime_ns == before
-    longer = cfg.replace(iterations=4, eval_json=None, lr_steps=(3,))
+    longer = cfg.replace(iterations=5, eval_json=None, lr_steps=(4,))
     final = backend.train(tiny, tiny.parent / "images", longer, out)
     log = json.loads((out / "train_log.json").read_text())
-    assert log["iterations"] == 4 and [r["iteration"] for r in log["history"]] == [0, 1, 2, 3]
+    assert log["iterations"] == 5 and [r["iteration"] for r in log["history"]] == [0, 1, 2, 3, 4]
     assert log["history"][:3] == first["history"]  # the first run's records are kept as they were
-    # The scheduler resumed at step 3 (past warm-up, at the new decay step); restarted it would warm up.
-    assert log["history"][3]["lr"] == pytest.approx(cfg.lr * 0.1)
+    # The scheduler resumed at step 3: iteration 4 is at the decay step; a restarted one would
+    # be back in warm-up (lr * (wf + (1 - wf) / 2) at its second step).
+    assert log["history"][4]["lr"] == pytest.approx(cfg.lr * 0.1)
     state = torch.load(final, map_location="cpu", weights_only=True)
-    assert state["meta"]["iteration"] == 4
+    assert state["meta"]["iteration"] == 5
     changed = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.equal(v, first["model"][k])]
     assert changed  # it trained on from the saved weights
     other = json.loads(tiny.read_text())
@@ -285,7 +286,7 @@ def test_resume_continues_from_saved_iteration(trained, tiny: Path, tmp_path: Pa
     moved = tmp_path / "other.json"
     moved.write_text(json.dumps(other))
     with pytest.raises(ValueError, match="other categories"):
-        backend.train(moved, tiny.parent / "images", longer.replace(iterations=5), out)
+        backend.train(moved, tiny.parent / "images", longer.replace(iterations=6), out)
 
 
 def test_evaluator_is_lvis_for_lvis_gt_and_runs(trained, tiny: Path, tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ class Detectron2Detector(Detector):
     def train(self, train_json: PathLike, image_dir: PathLike, cfg: DetectorConfig, out_dir: PathLike) -> Path:
         with open(train_json, "r", encoding="utf-8") as fh:
             data = json.load(fh)
-        box_source = getattr(cfg, "box_source", "mask")
+        box_source = cfg.box_source
         train_set = register_coco_json(data, train_json, image_dir, "train", box_source=box_source)
         eval_set = None
         if cfg.eval_json is not None:

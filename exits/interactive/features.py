@@ -6,6 +6,7 @@ small LRU of them (the web page prepares the queued objects ahead of the person'
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -59,6 +60,8 @@ class FeatureCache:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
         self._items: OrderedDict[int, ObjectFeatures] = OrderedDict()
+        # A web server may prefetch (prepare) on one thread while a click is served on another.
+        self._lock = threading.RLock()
 
     def __contains__(self, ann_id: int) -> bool:
         return int(ann_id) in self._items
@@ -69,11 +72,12 @@ class FeatureCache:
     def get(self, ann_id: int, make: Callable[[], ObjectFeatures]) -> ObjectFeatures:
         """The cached entry (marked most recent), else ``make()`` stored, evicting the oldest."""
         key = int(ann_id)
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        value = make()
-        self._items[key] = value
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-        return value
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            value = make()
+            self._items[key] = value
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+            return value
