@@ -179,7 +179,11 @@ from exits.detector_cli import evaluate_detector_command, train_detector_command
 app.command("train-detector")(train_detector_command)
 app.command("evaluate-detector")(evaluate_detector_command)
 
-# Human spot-fixes: review-and-fix web page, and merging the fixes for stage 2.
+# Human spot-fixes: the click model, the review-and-fix web page, merging the fixes for stage 2.
+from exits.interactive.commands import eval_clicks_command, train_clicks_command  # noqa: E402
+
+app.command("train-clicks")(train_clicks_command)
+app.command("eval-clicks")(eval_clicks_command)
 from exits.spotfix.commands import export_command, spotfix_command  # noqa: E402
 
 app.command("spotfix")(spotfix_command)

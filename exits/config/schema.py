@@ -9,10 +9,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Stage 2's settings are the detectors' own frozen dataclass: pydantic validates it field by
-# field (its __post_init__ checks run here, unknown keys are rejected), so the YAML
-# `detector:` section and the backends share one definition.
+# Stage 2's and the click model's settings are their packages' own frozen dataclasses:
+# pydantic validates them field by field (their __post_init__ checks run here, unknown keys
+# are rejected), so the YAML sections and the code that reads them share one definition.
 from detectors.config import DetectorConfig
+from exits.interactive.config import ClickModelConfig
 
 
 class Section(BaseModel):
@@ -142,6 +143,7 @@ class ExitsConfig(Section):
     pseudo: PseudoLabelConfig = PseudoLabelConfig()
     eval: EvalConfig = EvalConfig()
     flows: FlowsConfig = FlowsConfig()
+    click_model: ClickModelConfig = Field(default_factory=ClickModelConfig, description="spot-fix click model (exits train-clicks / eval-clicks / spotfix)")
     train_detector: bool = Field(False, description="run stage 2 (train `detector` on the pseudo labels) at the end of `exits run`")
     detector: DetectorConfig = Field(default_factory=DetectorConfig, description="stage 2: the instance segmenter trained on the pseudo labels")
 

@@ -19,10 +19,23 @@ Modules (one concept each):
   evaluate     run_eval_clicks: robot-user NoC/NoF/mIoU, click model vs GrabCut
   commands     typer commands train-clicks / eval-clicks
 """
-from exits.interactive.config import ClickModelConfig
-from exits.interactive.evaluate import run_eval_clicks
-from exits.interactive.grabcut import grabcut_from_clicks
-from exits.interactive.predictor import ClickPredictor
-from exits.interactive.train import train_click_model
+import importlib
+from typing import Any
 
-__all__ = ["ClickModelConfig", "ClickPredictor", "grabcut_from_clicks", "run_eval_clicks", "train_click_model"]
+# Names load on first use: the run config imports ClickModelConfig from here, and loading a
+# config must not import torch, timm and OpenCV.
+_LAZY = {
+    "ClickModelConfig": "exits.interactive.config",
+    "ClickPredictor": "exits.interactive.predictor",
+    "grabcut_from_clicks": "exits.interactive.grabcut",
+    "run_eval_clicks": "exits.interactive.evaluate",
+    "train_click_model": "exits.interactive.train",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'exits.interactive' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -1,8 +1,9 @@
 """Typer commands: ``exits train-clicks`` and ``exits eval-clicks`` (registered in exits/cli.py).
 
-Settings come from ``--config FILE`` (a YAML file; its ``click_model:`` section, or the
-whole file when it has none) and ``--set key=value`` overrides on top, validated by
-:class:`exits.interactive.config.ClickModelConfig`.
+Settings are the run config's ``click_model:`` section (``WORKDIR/config.yaml`` unless
+``--config`` names another file or a name in configs/), with ``--set key=value`` (or
+``--set click_model.key=value``) on top, validated once by the typed config
+(:class:`exits.interactive.config.ClickModelConfig`).
 """
 from __future__ import annotations
 
@@ -11,35 +12,29 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-import yaml
 
 from exits.interactive.config import ClickModelConfig
-from exits.interactive.evaluate import PROTOCOLS, run_eval_clicks
-from exits.interactive.train import train_click_model
 
 __all__ = ["train_clicks_command", "eval_clicks_command", "load_click_config"]
 
 
-def load_click_config(config: Path | None, overrides: list[str] | None) -> ClickModelConfig:
-    """ClickModelConfig from a YAML file (``click_model:`` section or whole file) + overrides."""
-    values: dict[str, Any] = {}
-    if config is not None:
-        data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
-        values = dict(data.get("click_model", data) if isinstance(data, dict) else {})
-    for text in overrides or []:
-        if "=" not in text:
-            raise typer.BadParameter(f"override {text!r} must look like key=value")
-        key, raw = text.split("=", 1)
-        values[key.strip()] = yaml.safe_load(raw)
+def load_click_config(workdir: Path, config: str | Path | None, overrides: list[str] | None) -> ClickModelConfig:
+    """The validated ``click_model`` settings for a run folder (+ overrides)."""
+    from exits.config import ConfigError, load_config
+
+    source = config if config is not None else Path(workdir) / "config.yaml"
+    if config is None and not Path(source).is_file():
+        source = None  # a run folder made by hand: defaults
+    prefixed = [o if o.startswith("click_model.") else f"click_model.{o}" for o in overrides or []]
     try:
-        return ClickModelConfig.from_dict(values)
-    except (TypeError, ValueError) as exc:
+        return load_config(str(source) if source is not None else None, prefixed).click_model
+    except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
 
 def train_clicks_command(
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="finished stage-1 run folder")],
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with a click_model: section")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config or a name in configs/ (default: WORKDIR/config.yaml); its click_model: section")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="key=value override of ClickModelConfig")] = None,
     train_json: Annotated[Optional[Path], typer.Option(help="COCO json with masks to train on instead of the run's best pseudo masks")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="training iterations")] = None,
@@ -47,7 +42,9 @@ def train_clicks_command(
     out: Annotated[Optional[Path], typer.Option(help="model file (default WORKDIR/click_model/model.pt)")] = None,
 ) -> None:
     """Train the spot-fix click decoder on the run's highest-scoring pseudo masks."""
-    cfg = load_click_config(config, set_)
+    from exits.interactive.train import train_click_model  # torch & co. only when the command runs
+
+    cfg = load_click_config(workdir, config, set_)
     changes: dict[str, Any] = {}
     if train_json is not None:
         changes.update(train_source="coco", train_json=str(train_json))
@@ -73,6 +70,8 @@ def eval_clicks_command(
     device: Annotated[str, typer.Option(help="cpu, cuda ...")] = "cpu",
 ) -> None:
     """NoC@85/90, NoF@90 and mIoU@k of the click model (and GrabCut) with the robot user."""
+    from exits.interactive.evaluate import PROTOCOLS, run_eval_clicks  # torch & co. only when the command runs
+
     result = run_eval_clicks(workdir, gt, out_path=out, model_path=model, num_objects=num_objects or None,
                              max_clicks=max_clicks, protocols=tuple(protocol or PROTOCOLS), progressive=progressive,
                              with_grabcut=grabcut, device=device)

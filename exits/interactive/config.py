@@ -63,7 +63,7 @@ class ClickModelConfig:
     train_json: str | None = None
     train_top_fraction: float = 0.6
     max_train_objects: int = 2000
-    iterations: int = 400
+    iterations: int = 300
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
