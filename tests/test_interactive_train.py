@@ -223,3 +223,39 @@ def test_grabcut_from_clicks_segments_a_colour_disk():
     assert mask_iou(out, disk) > 0.9
     out2 = grabcut_from_clicks(img, [(40.0, 30.0, True)], win, prev)
     assert out2[0:3, 0:3].all() and not out2[outside_of(win, h, w) & ~prev].any()
+
+
+def test_spotfix_page_answers_clicks_with_the_click_model(tiny_run: Path):
+    """The web app end to end with the real click model (not GrabCut): no model -> a clear
+    error naming `exits train-clicks`; trained -> a click returns a full-image mask, and an
+    accepted decision lands in the fixes store."""
+    from fastapi.testclient import TestClient
+    from pycocotools import mask as mask_utils
+
+    from exits.spotfix.app import create_app
+    from exits.spotfix.catalog import RunCatalog
+    from exits.spotfix.editors import EditorUnavailable, load_editor
+    from exits.spotfix.store import FixesStore
+
+    torch.set_num_threads(1)
+    catalog = RunCatalog.load(tiny_run, None)
+    with pytest.raises(EditorUnavailable, match="exits train-clicks"):
+        load_editor("clicks", tiny_run, catalog, device="cpu")
+    train_click_model(tiny_run, ClickModelConfig(**SMALL, iterations=2, train_top_fraction=1.0), progress=False)
+    editor = load_editor("clicks", tiny_run, catalog, device="cpu")
+    client = TestClient(create_app(tiny_run, editor, catalog=catalog, editor_name="clicks"), base_url="http://127.0.0.1")
+    worst = client.get("/api/queue").json()["items"][0]
+    assert worst["score"] == pytest.approx(0.7)  # lowest score first (0.9, 0.8, 0.7)
+    obj = client.get(f"/api/objects/{worst['ann_id']}").json()
+    clicks = [{"x": 30.0, "y": 24.0, "positive": True}]
+    res = client.post(f"/api/objects/{worst['ann_id']}/predict", json={"clicks": clicks})
+    assert res.status_code == 200, res.text
+    rle = res.json()["mask"]["rle"]
+    mask = mask_utils.decode(rle)
+    assert mask.shape == (obj["height"], obj["width"]) == (48, 64)
+    assert mask[24, 30] == 1  # enforce_clicks: a positive click's pixel is foreground
+    res = client.post(f"/api/objects/{worst['ann_id']}/decision",
+                      json={"decision": "accept", "clicks": clicks, "rle": rle, "base": "pseudo"})
+    assert res.status_code == 200, res.text
+    latest = FixesStore(tiny_run).latest()
+    assert latest[worst["ann_id"]].decision == "accept" and latest[worst["ann_id"]].rle["counts"] == rle["counts"]
