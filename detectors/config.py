@@ -5,9 +5,9 @@ this object, so they can be driven from Python, a CLI or a flow alike.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+
+from exits.settings import FrozenSettings
 
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_mobilenet_v3_fpn")
 OPTIMIZERS = ("sgd", "adamw")
@@ -15,7 +15,7 @@ BOX_SOURCES = ("annotation", "mask")
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
+class DetectorConfig(FrozenSettings):
     """Training and inference settings.
 
     Schedule: the learning rate at iteration ``t`` (0-based) is ``lr * f(t)`` with
@@ -112,22 +112,3 @@ class DetectorConfig:
             errors.append(f"detectron2_config: expected a Detectron2 .yaml file, got {self.detectron2_config!r}")
         if errors:
             raise ValueError("invalid DetectorConfig: " + "; ".join(errors))
-
-    def replace(self, **changes: Any) -> "DetectorConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["lr_steps"] = list(self.lr_steps)
-        out["scale_jitter"] = list(self.scale_jitter) if self.scale_jitter is not None else None
-        return out
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "DetectorConfig":
-        """Build from a mapping; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown DetectorConfig keys: {unknown}")
-        return cls(**dict(values))

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import pycocotools.mask as mask_utils
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper
@@ -16,6 +15,7 @@ from detectron2.structures import Instances
 
 from detectors.base import ImagesArg, read_image_records
 from detectors.config import DetectorConfig
+from detectors.results import coco_results
 from detectors.detectron2_backend.settings import resolve_device
 from detectors.torchvision_backend.dataset import CategoryMapping
 
@@ -55,19 +55,8 @@ def instances_to_results(instances: Instances, image_id: int, mapping: CategoryM
     boxes = instances.pred_boxes.tensor.detach().cpu().numpy().astype(np.float64)
     scores = instances.scores.detach().cpu().numpy()
     classes = instances.pred_classes.detach().cpu().numpy()
-    binary = instances.pred_masks.detach().cpu().numpy().astype(np.uint8)
-    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
-    results = []
-    for k in range(n):
-        x1, y1, x2, y2 = boxes[k]
-        results.append({
-            "image_id": int(image_id),
-            "category_id": mapping.category_ids[int(classes[k])],
-            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-            "score": float(scores[k]),
-            "segmentation": {"size": [int(v) for v in rles[k]["size"]], "counts": rles[k]["counts"].decode("ascii")},
-        })
-    return results
+    masks = instances.pred_masks.detach().cpu().numpy()
+    return coco_results(image_id, boxes, scores, [mapping.category_ids[int(c)] for c in classes], masks)
 
 
 @torch.no_grad()

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import pycocotools.mask as mask_utils
 import torch
 
 from detectors.base import ImagesArg, read_image_records
 from detectors.config import DetectorConfig
+from detectors.results import coco_results
 from detectors.torchvision_backend.dataset import CategoryMapping, load_image
 from detectors.torchvision_backend.engine import resolve_device
 from detectors.torchvision_backend.model import build_model
@@ -47,22 +47,10 @@ def masks_to_results(
     boxes = output["boxes"].detach().cpu().numpy().astype(np.float64)
     scores = output["scores"].detach().cpu().numpy()
     labels = output["labels"].detach().cpu().numpy()
-    results: list[dict[str, Any]] = []
     if len(scores) == 0:
-        return results
-    binary = (output["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
-    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
-    for k in range(len(scores)):
-        x1, y1, x2, y2 = boxes[k]
-        rle = rles[k]
-        results.append({
-            "image_id": int(image_id),
-            "category_id": mapping.to_category(int(labels[k])),
-            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-            "score": float(scores[k]),
-            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-        })
-    return results
+        return []
+    binary = (output["masks"][:, 0] > mask_threshold).cpu().numpy()
+    return coco_results(image_id, boxes, scores, [mapping.to_category(int(c)) for c in labels], binary)
 
 
 @torch.no_grad()

@@ -6,16 +6,16 @@ evaluation read only this object.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+
+from exits.settings import FrozenSettings
 
 LOSSES = ("nfl", "bce_dice")
 TRAIN_SOURCES = ("pseudo", "coco")
 
 
 @dataclass(frozen=True)
-class ClickModelConfig:
+class ClickModelConfig(FrozenSettings):
     """Decoder architecture, click encoding, training and inference settings.
 
     Decoder parts (each switchable for ablations): ``use_imsa`` interactive attention
@@ -111,21 +111,3 @@ class ClickModelConfig:
             errors.append("lr must be > 0; weight_decay and focal_gamma >= 0")
         if errors:
             raise ValueError("invalid ClickModelConfig: " + "; ".join(errors))
-
-    def replace(self, **changes: Any) -> "ClickModelConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["pool_sizes"] = list(self.pool_sizes)
-        return out
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ClickModelConfig":
-        """Build from a mapping; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ClickModelConfig keys: {unknown}")
-        return cls(**dict(values))
