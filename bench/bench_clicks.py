@@ -27,20 +27,24 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from exits.interactive.config import ClickModelConfig
-from exits.interactive.decoder import ClickDecoder
-from exits.interactive.evaluate import run_eval_clicks
-from exits.interactive.inference import decode_probs
-from exits.interactive.model_io import load_click_model
-from exits.interactive.predictor import ClickPredictor
-from exits.interactive.train import train_click_model
-from exits.io import write_json
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exits.interactive.config import ClickModelConfig  # noqa: E402
+from exits.interactive.decoder import ClickDecoder  # noqa: E402
+from exits.interactive.evaluate import run_eval_clicks  # noqa: E402
+from exits.interactive.inference import decode_probs  # noqa: E402
+from exits.interactive.model_io import load_click_model  # noqa: E402
+from exits.interactive.predictor import ClickPredictor  # noqa: E402
+from exits.interactive.train import train_click_model  # noqa: E402
+from exits.io import write_json  # noqa: E402
 
 PARTS = ("use_imsa", "use_spm", "use_prototypes", "use_zoom")
 
@@ -109,16 +113,16 @@ def train_and_eval(workdir: Path, gt: Path, out_dir: Path, name: str, cfg: Click
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, default=Path("runs/bench_stage1/exits"))
-    ap.add_argument("--gt", type=Path, default=Path("data/demo/instances.json"))
+    ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_stage1" / "exits")
+    ap.add_argument("--gt", type=Path, default=ROOT / "data" / "demo" / "instances.json")
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--objects", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-ablation", action="store_true")
-    ap.add_argument("--gt-train-json", type=Path, default=Path("data/demo/val.json"),
+    ap.add_argument("--gt-train-json", type=Path, default=ROOT / "data" / "demo" / "val.json",
                     help="also train on this COCO json's GT masks (given explicitly; '' to skip)")
-    ap.add_argument("--models-dir", type=Path, default=Path("/tmp/exits_bench_clicks"))
-    ap.add_argument("--out", type=Path, default=Path("bench/results/clicks.json"))
+    ap.add_argument("--models-dir", type=Path, default=ROOT / "runs" / "bench_clicks")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "clicks.json")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     cfg = ClickModelConfig(iterations=args.iterations)

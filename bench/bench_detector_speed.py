@@ -4,7 +4,8 @@
 
 Same settings for both: Mask R-CNN R50-FPN from random init on data/demo (GT train json),
 batch 2, min_size 192, max_size 256, the demo config's RoI batch per image, SGD, hflip +
-scale jitter, torch threads 2, AMP off. Each backend trains ``warmup + iterations`` steps
+scale jitter, torch threads 2, AMP off. A third row times the torchvision backend with the
+demo config's own `detector:` settings (MobileNetV3-FPN, the stage-2 AP benchmark's model). Each backend trains ``warmup + iterations`` steps
 through its public ``train``; the per-iteration wall times of its ``train_log.json`` (data
 loading included) after the warm-up steps are summarised. The Detectron2 row records why it
 was skipped when Detectron2 cannot be imported. Writes bench/results/detector_speed.json.
@@ -58,6 +59,8 @@ def measure(backend_name: str, cfg: DetectorConfig, warmup: int) -> dict[str, An
     return {
         "backend": backend_name,
         "arch": cfg.arch if backend_name == "torchvision" else "detectron2 built-in mask_rcnn_R_50_FPN",
+        "min_size": cfg.min_size, "max_size": cfg.max_size, "batch_size": cfg.batch_size,
+        "roi_batch_size_per_image": cfg.roi_batch_size_per_image,
         "iterations_timed": len(steps),
         "seconds_per_iter_mean": statistics.fmean(steps),
         "seconds_per_iter_median": statistics.median(steps),
@@ -82,6 +85,11 @@ def main() -> None:
         roi_batch_size_per_image=demo_roi_batch(), device="cpu", amp=False, seed=0,
     )
     rows = [measure(name, cfg.replace(backend=name), args.warmup) for name in ("detectron2", "torchvision")]
+    from exits.config import load_config
+
+    demo = load_config("demo").detector.replace(device="cpu", amp=False, iterations=args.warmup + args.iterations,
+                                                warmup_iters=args.warmup, lr_steps=())
+    rows.append({**measure("torchvision", demo, args.warmup), "setting": "configs/demo.yaml detector section"})
     for r in rows:
         if "skipped" in r:
             print(f"{r['backend']:12s} skipped: {r['skipped'][:120]}")

@@ -1,6 +1,9 @@
 """Run every benchmark in bench/ (results in bench/results/, summary in docs/benchmarks.md).
 
-    python bench/run_all.py            # all, ~25 minutes on 2 CPU cores
+    python bench/run_all.py            # all, ~2 hours on 2 CPU cores (stage-2 AP: ~1 hour)
+
+Order matters: bench_stage1 writes the EXITS pseudo labels that bench_detector_ap and
+bench_clicks use.
 """
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_retrieval.py", "bench_crf.py", "bench_throughput.py", "bench_stage1.py", "bench_flow_overhead.py"]
+SCRIPTS = ["bench_retrieval.py", "bench_crf.py", "bench_throughput.py", "bench_stage1.py", "bench_flow_overhead.py",
+           "bench_detector_speed.py", "bench_detector_ap.py", "bench_clicks.py"]
 
 
 def main() -> None:
