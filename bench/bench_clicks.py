@@ -123,8 +123,19 @@ def main() -> None:
                     help="also train on this COCO json's GT masks (given explicitly; '' to skip)")
     ap.add_argument("--models-dir", type=Path, default=ROOT / "runs" / "bench_clicks")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "clicks.json")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only re-time clicks with MODELS_DIR/full.pt and update the speed rows of --out")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
+    if args.speed_only:
+        import json
+
+        result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "clicks"}
+        result["speed"] = speed(args.workdir, args.models_dir / "full.pt", args.repeats)
+        result["speed_load_avg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        write_json(args.out, result, indent=2)
+        print(f"wrote {args.out}")
+        return
     cfg = ClickModelConfig(iterations=args.iterations)
     full = train_and_eval(args.workdir, args.gt, args.models_dir, "full", cfg, args.objects)
     rows = [full]
