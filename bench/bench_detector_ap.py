@@ -81,7 +81,7 @@ def run_variant(variant: str, args: argparse.Namespace, cfg: DetectorConfig) -> 
     pseudo = json.loads(args.pseudo.read_text()) if variant == "exits" else None
     val_json = args.data / "val.json"
     backend = get_backend(cfg.backend)
-    out_dir = args.workdir / variant
+    out_dir = args.workdir / f"{variant}-seed{cfg.seed}"
     out_dir.mkdir(parents=True, exist_ok=True)
     train_json = out_dir / "train.json"
     write_json(train_json, extreme_point_boxes(training_json(variant, gt, pseudo)))
@@ -115,6 +115,7 @@ def main() -> None:
                     help="run config whose `detector:` section is used (flags below override)")
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--arch", default=None)
+    ap.add_argument("--seed", type=int, default=None, help="training seed (default: the config's)")
     ap.add_argument("--jobs", type=int, default=1, help="variants trained in parallel processes")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per process")
     args = ap.parse_args()
@@ -127,7 +128,8 @@ def main() -> None:
     from exits.config import load_config
 
     cfg = load_config(str(args.config)).detector
-    overrides = {k: v for k, v in (("iterations", args.iterations), ("arch", args.arch)) if v is not None}
+    overrides = {k: v for k, v in (("iterations", args.iterations), ("arch", args.arch), ("seed", args.seed))
+                 if v is not None}
     cfg = cfg.replace(device="cpu", **overrides)
     val = json.loads((args.data / "val.json").read_text())
     results: dict = {"benchmark": "detector_ap", "device": "cpu", "threads_per_process": args.threads,
