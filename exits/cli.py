@@ -126,6 +126,7 @@ def serve(
     config: Optional[str] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
     gt: Optional[Path] = typer.Option(None, "--gt", help="json with GT masks for the mIoU report"),
+    val: Optional[Path] = typer.Option(None, "--val", help="held-out json with GT masks to evaluate the stage-2 detector on (with train_detector: true)"),
     name: Optional[str] = typer.Option(None, "--name", help="deployment name (default: the config's name)"),
     timezone: Optional[str] = typer.Option(None, "--timezone", help="time zone of the cron schedule, e.g. Europe/Berlin (default UTC)"),
 ) -> None:
@@ -140,10 +141,11 @@ def serve(
     try:
         cfg = load_config(config, overrides or [])
         _check_inputs(images, annotations, gt)
+        _check_inputs(images, annotations, val)
         from flows.deploy import serve_pipeline
 
         serve_pipeline(cron=cron, images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt, name=name,
-                       timezone=timezone)
+                       timezone=timezone, val_gt=val)
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))
 

@@ -24,15 +24,16 @@ __all__ = ["pipeline_parameters", "build_deployment", "serve_pipeline"]
 
 
 def pipeline_parameters(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig,
-                        gt: Path | None = None) -> dict[str, Any]:
+                        gt: Path | None = None, val_gt: Path | None = None) -> dict[str, Any]:
     """Parameters of ``exits-pipeline`` (absolute paths: scheduled runs may start elsewhere)."""
     return {"images": str(Path(images).resolve()), "annotations": str(Path(annotations).resolve()),
             "workdir": str(Path(workdir).resolve()), "config": config_dict(cfg),
-            "gt": str(Path(gt).resolve()) if gt else None}
+            "gt": str(Path(gt).resolve()) if gt else None, "val_gt": str(Path(val_gt).resolve()) if val_gt else None}
 
 
 def build_deployment(*, cron: str, images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig,
-                     gt: Path | None = None, name: str | None = None, timezone: str | None = None) -> RunnerDeployment:
+                     gt: Path | None = None, name: str | None = None, timezone: str | None = None,
+                     val_gt: Path | None = None) -> RunnerDeployment:
     """The ``exits-pipeline`` deployment ``name`` (default: the config's name) on a cron schedule.
 
     The flow is referenced by module path (``flows.pipeline.exits_pipeline``), so runs work
@@ -44,7 +45,7 @@ def build_deployment(*, cron: str, images: Path, annotations: Path, workdir: Pat
     return exits_pipeline.to_deployment(
         name=name or cfg.name,
         schedule=Cron(cron, timezone=timezone),
-        parameters=pipeline_parameters(images, annotations, workdir, cfg, gt),
+        parameters=pipeline_parameters(images, annotations, workdir, cfg, gt, val_gt),
         description=f"EXITS pseudo labels for {Path(annotations).name} into {Path(workdir).resolve()}",
         tags=["exits"],
         entrypoint_type=EntrypointType.MODULE_PATH,
@@ -52,10 +53,11 @@ def build_deployment(*, cron: str, images: Path, annotations: Path, workdir: Pat
 
 
 def serve_pipeline(*, cron: str, images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig,
-                   gt: Path | None = None, name: str | None = None, timezone: str | None = None) -> None:
+                   gt: Path | None = None, name: str | None = None, timezone: str | None = None,
+                   val_gt: Path | None = None) -> None:
     """Register the deployment and serve it until interrupted (blocks; Ctrl-C stops it)."""
     from prefect import serve
 
     deployment = build_deployment(cron=cron, images=images, annotations=annotations, workdir=workdir, cfg=cfg,
-                                  gt=gt, name=name, timezone=timezone)
+                                  gt=gt, name=name, timezone=timezone, val_gt=val_gt)
     serve(deployment)

@@ -81,7 +81,8 @@ def test_serve_registers_the_pipeline_with_its_cron_schedule(prefect_server_proc
     url = prefect_server_process
     work = tmp_path / "nightly-run"
     cmd = [sys.executable, "-m", "exits.cli", "serve", "--cron", "0 2 * * *", "-i", str(tiny_coco.parent / "images"),
-           "-a", str(tiny_coco), "-w", str(work), "-c", "demo", "--set", "flows.shard_size=5", "--name", "nightly"]
+           "-a", str(tiny_coco), "-w", str(work), "-c", "demo", "--set", "flows.shard_size=5", "--name", "nightly",
+           "--val", str(tiny_coco)]
     env = dict(os.environ, PREFECT_API_URL=url, PYTHONPATH=str(REPO))
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -101,6 +102,7 @@ def test_serve_registers_the_pipeline_with_its_cron_schedule(prefect_server_proc
         params = deployment.parameters
         assert params["workdir"] == str(work.resolve()) and params["annotations"] == str(tiny_coco.resolve())
         assert params["config"]["name"] == "demo" and params["config"]["flows"]["shard_size"] == 5
+        assert params["val_gt"] == str(tiny_coco.resolve())  # stage 2's held-out GT travels with the schedule
         assert proc.poll() is None  # `serve` keeps running, waiting for scheduled runs
     finally:
         stop(proc, signal.SIGINT)
