@@ -75,6 +75,7 @@ class DetectorConfig(FrozenSettings):
     eval_image_dir: str | None = None
     eval_period: int = 0
     box_source: str = "annotation"
+    repeat_factor_threshold: float | None = None
 
     def __post_init__(self) -> None:
         # Lists from YAML/JSON become tuples so the object stays hashable and immutable.
@@ -84,6 +85,8 @@ class DetectorConfig(FrozenSettings):
         errors = []
         if self.arch not in ARCHS:
             errors.append(f"arch: {self.arch!r} is not one of {list(ARCHS)}")
+        if self.repeat_factor_threshold is not None and not 0 < self.repeat_factor_threshold <= 1:
+            errors.append(f"repeat_factor_threshold: must be in (0, 1] or null, got {self.repeat_factor_threshold}")
         if self.box_source not in BOX_SOURCES:
             errors.append(f"box_source: {self.box_source!r} is not one of {list(BOX_SOURCES)}")
         if self.optimizer not in OPTIMIZERS:

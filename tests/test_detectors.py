@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,31 @@ def test_separated_ap(demo: Path) -> None:
     # Explicit ids: one of them only.
     one = sorted(sep)[0]
     assert separated_ap(preds, val, separated_ids=[one])["count"] == 1
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+def test_repeat_factors_match_the_lvis_formula() -> None:
+    from detectors.torchvision_backend.sampling import repeat_factors
+
+    # 10 images: category 1 in all, category 2 in one, image 9 empty.
+    labels = [{1} for _ in range(8)] + [{1, 2}] + [set()]
+    r = repeat_factors(labels, threshold=0.5)
+    # f_1 = 0.9 -> r_1 = 1; f_2 = 0.1 -> r_2 = sqrt(0.5 / 0.1) = sqrt(5)
+    np.testing.assert_allclose(r, [1.0] * 8 + [math.sqrt(5.0), 1.0])
+
+
+def test_batch_sampler_resumes_exactly_and_repeats_rare_images() -> None:
+    from detectors.torchvision_backend.sampling import IterationBatchSampler
+
+    factors = np.array([1.0, 1.0, 1.0, 3.5])
+    full = list(IterationBatchSampler(4, 3, seed=7, start=0, total=40, factors=factors))
+    resumed = list(IterationBatchSampler(4, 3, seed=7, start=17, total=40, factors=factors))
+    assert resumed == full[17:]  # same batches and augmentation seeds after a resume
+    counts = np.bincount([pos for batch in full for pos, _ in batch], minlength=4)
+    # Image 3 appears 3 or 4 times per epoch (mean 3.5), the others once.
+    assert 2.8 < counts[3] / counts[:3].mean() < 4.2
+    plain = list(IterationBatchSampler(4, 2, seed=7, start=0, total=6))
+    assert sorted(p for b in plain[:2] for p, _ in b) == [0, 1, 2, 3]  # plain epochs are permutations
+    with pytest.raises(ValueError, match="one factor >= 1"):
+        IterationBatchSampler(4, 2, seed=0, start=0, total=1, factors=np.array([1.0, 0.5, 1.0, 1.0]))

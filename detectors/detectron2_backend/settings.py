@@ -128,6 +128,9 @@ def build_detectron2_cfg(
     d2.DATASETS.TEST = (test_dataset,) if test_dataset else ()
     d2.DATALOADER.NUM_WORKERS = int(cfg.num_workers)
     d2.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    if cfg.repeat_factor_threshold is not None:  # LVIS: Detectron2's own repeat-factor sampler
+        d2.DATALOADER.SAMPLER_TRAIN = "RepeatFactorTrainingSampler"
+        d2.DATALOADER.REPEAT_THRESHOLD = float(cfg.repeat_factor_threshold)
 
     s = d2.SOLVER
     s.IMS_PER_BATCH = int(cfg.batch_size)

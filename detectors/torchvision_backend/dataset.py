@@ -138,6 +138,10 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def image_labels(self) -> list[set[int]]:
+        """Per image (dataset order), the set of its object labels (for repeat factors)."""
+        return [{o[1] for o in self.objects[int(img["id"])]} for img in self.images]
+
     def target_for(self, position: int) -> Target:
         """Target of the image at ``position`` before augmentation."""
         img = self.images[position]

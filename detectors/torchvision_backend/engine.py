@@ -12,13 +12,13 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from detectors.config import DetectorConfig
 from detectors.torchvision_backend.dataset import CocoInstanceDataset, collate
+from detectors.torchvision_backend.sampling import IterationBatchSampler, mix_seed, repeat_factors
 from exits.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -43,43 +43,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (SeedSequence spreads nearby inputs apart)."""
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-class IterationBatchSampler(torch.utils.data.Sampler):
-    """Batches ``start .. total - 1`` as lists of ``(position, augmentation seed)``.
-
-    Positions come from the concatenation of per-epoch permutations of ``range(n)``; batch
-    ``i`` takes stream entries ``[i * batch_size, (i + 1) * batch_size)``.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int) -> None:
-        if n < 1:
-            raise ValueError("cannot train on an empty dataset")
-        self.n, self.batch_size, self.seed, self.start, self.total = n, batch_size, seed, start, total
-
-    def _permutation(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
-        return torch.randperm(self.n, generator=gen).tolist()
-
-    def __len__(self) -> int:
-        return max(0, self.total - self.start)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        cache: dict[int, list[int]] = {}
-        for it in range(self.start, self.total):
-            batch = []
-            for slot in range(self.batch_size):
-                pos = it * self.batch_size + slot
-                epoch = pos // self.n
-                if epoch not in cache:
-                    cache = {epoch: self._permutation(epoch)}
-                batch.append((cache[epoch][pos % self.n], _mix(self.seed, it, slot, 1)))
-            yield batch
 
 
 def _build_optimizer(model: torch.nn.Module, cfg: DetectorConfig) -> torch.optim.Optimizer:
@@ -148,7 +111,12 @@ def train_model(
         if start >= cfg.iterations and final_path.exists():
             return final_path
 
-    sampler = IterationBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.iterations)
+    factors = None
+    if cfg.repeat_factor_threshold is not None:
+        factors = repeat_factors(dataset.image_labels(), cfg.repeat_factor_threshold)
+        log.info("repeat-factor sampling (t=%g): %.2f images per epoch per image on average, max factor %.1f",
+                 cfg.repeat_factor_threshold, float(factors.mean()), float(factors.max()))
+    sampler = IterationBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.iterations, factors)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
@@ -159,7 +127,7 @@ def train_model(
     for images, targets in loader:
         # The model draws random numbers too (RPN / RoI sampling): reseeding the global
         # generator per iteration makes them a function of (seed, iteration) as well.
-        torch.manual_seed(_mix(cfg.seed, iteration, 2))
+        torch.manual_seed(mix_seed(cfg.seed, iteration, 2))
         images = [im.to(device, non_blocking=True) for im in images]
         with torch.autocast(device_type=device.type, enabled=use_amp):
             losses = model(images, _to_device(targets, device))
