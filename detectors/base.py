@@ -46,6 +46,19 @@ class Detector(abc.ABC):
         """
 
 
+def training_meta(backend: str, data: Mapping[str, Any], train_json: PathLike, category_ids: Sequence[int],
+                  dropped: Mapping[str, int]) -> dict[str, Any]:
+    """What every backend stores with its checkpoints about the data it trained on (so
+    ``predict`` maps labels back to category ids and a resume can check it is the same data)."""
+    return {
+        "backend": backend,
+        "category_ids": list(category_ids),
+        "categories": data.get("categories", []),
+        "train_json": str(train_json),
+        "dropped_annotations": dict(dropped),
+    }
+
+
 def read_image_records(images: ImagesArg, image_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
     """Image records (``id``, ``file_name``) from a json path or a sequence, filtered by id.
 

@@ -26,6 +26,19 @@ def disk(h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
     return ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).astype(np.uint8)
 
 
+def mask_forms(root: Path, h: int = 40, w: int = 50) -> tuple[list[float], dict, dict]:
+    """A black ``root/a.png`` (h x w) and one 20 x 20 square as a polygon, as the same
+    compressed RLE (str counts), and an empty RLE: the segmentation forms dataset readers
+    must accept."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(root / "a.png")
+    poly = [10.0, 5.0, 30.0, 5.0, 30.0, 25.0, 10.0, 25.0]
+    rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))
+    empty = mask_utils.encode(np.zeros((h, w, 1), np.uint8, order="F"))[0]
+    return poly, {"size": rle["size"], "counts": rle["counts"].decode()}, {"size": [h, w], "counts": empty["counts"].decode()}
+
+
 def make_coco(root: Path, *, with_points: bool = True, seg_override=None) -> Path:
     """Two 64x48 images, three objects (one split into two parts). Returns the json path."""
     img_dir = root / "images"

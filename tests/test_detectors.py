@@ -22,6 +22,7 @@ from exits.demo import generate_demo_dataset
 from exits.eval.rle import segmentation_to_rle
 from exits.eval.separated import separated_ann_ids
 from exits.eval.ground_truth import gt_instances_from_coco
+from tests.conftest import mask_forms
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +99,9 @@ def test_lr_schedule_warmup_then_steps() -> None:
 # --- dataset and transforms ------------------------------------------------------------------
 
 def test_dataset_rle_and_polygon_give_same_mask(tmp_path: Path) -> None:
-    from PIL import Image
-
     h, w = 40, 50
-    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / "a.png")
-    poly = [10.0, 5.0, 30.0, 5.0, 30.0, 25.0, 10.0, 25.0]
-    rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))
-    rle_json = {"size": rle["size"], "counts": rle["counts"].decode()}
-    empty = mask_utils.encode(np.zeros((h, w, 1), np.uint8, order="F"))[0]
+    poly, rle_json, empty_json = mask_forms(tmp_path, h, w)
+    rle = {"size": rle_json["size"], "counts": rle_json["counts"].encode()}
     data = {
         "images": [{"id": 1, "file_name": "a.png", "height": h, "width": w},
                    {"id": 2, "file_name": "a.png", "height": h, "width": w}],
@@ -113,8 +109,7 @@ def test_dataset_rle_and_polygon_give_same_mask(tmp_path: Path) -> None:
         "annotations": [
             {"id": 1, "image_id": 1, "category_id": 7, "segmentation": [poly], "bbox": [0, 0, 50, 40], "iscrowd": 0},
             {"id": 2, "image_id": 1, "category_id": 3, "segmentation": rle_json, "bbox": [0, 0, 50, 40], "iscrowd": 0},
-            {"id": 3, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [1, 1, 2, 2],
-             "segmentation": {"size": [h, w], "counts": empty["counts"].decode()}},
+            {"id": 3, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [1, 1, 2, 2], "segmentation": empty_json},
         ],
     }
     ds = CocoInstanceDataset(data, tmp_path)

@@ -15,12 +15,11 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
-from PIL import Image
 
 from detectors import DetectorConfig, get_backend
 from detectors import registry
 from detectors.torchvision_backend.engine import lr_factor
-from tests.conftest import make_coco
+from tests.conftest import make_coco, mask_forms
 
 
 def test_choosing_detectron2_without_it_fails_at_once_with_install_command(monkeypatch) -> None:
@@ -87,11 +86,7 @@ def _as_lvis(data: dict) -> dict:
 
 def _registration_json(tmp_path: Path) -> tuple[Path, dict]:
     h, w = 40, 50
-    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / "a.png")
-    poly = [10.0, 5.0, 30.0, 5.0, 30.0, 25.0, 10.0, 25.0]
-    rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))
-    rle_json = {"size": rle["size"], "counts": rle["counts"].decode()}
-    empty = mask_utils.encode(np.zeros((h, w, 1), np.uint8, order="F"))[0]
+    poly, rle_json, empty_json = mask_forms(tmp_path, h, w)
     data = {
         "images": [{"id": 2, "file_name": "a.png", "height": h, "width": w},
                    {"id": 1, "file_name": "a.png", "height": h, "width": w}],
@@ -99,8 +94,7 @@ def _registration_json(tmp_path: Path) -> tuple[Path, dict]:
         "annotations": [
             {"id": 11, "image_id": 1, "category_id": 7, "segmentation": [poly], "iscrowd": 0},
             {"id": 12, "image_id": 1, "category_id": 3, "segmentation": rle_json, "bbox": [8, 4, 24, 23], "iscrowd": 0},
-            {"id": 13, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [1, 1, 2, 2],
-             "segmentation": {"size": [h, w], "counts": empty["counts"].decode()}},
+            {"id": 13, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [1, 1, 2, 2], "segmentation": empty_json},
             {"id": 14, "image_id": 1, "category_id": 3, "segmentation": rle_json, "iscrowd": 1},
             {"id": 15, "image_id": 1, "category_id": 99, "segmentation": rle_json, "iscrowd": 0},
             {"id": 16, "image_id": 5, "category_id": 3, "segmentation": rle_json, "iscrowd": 0},

@@ -31,7 +31,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from detectors.base import Detector, ImagesArg, PathLike
+from detectors.base import Detector, ImagesArg, PathLike, training_meta
 from detectors.config import DetectorConfig
 from detectors.detectron2_backend.datasets import register_coco_json
 from detectors.detectron2_backend.predict import predict_images
@@ -63,14 +63,8 @@ class Detectron2Detector(Detector):
                  train_set.num_images, train_set.num_objects, len(train_set.category_ids))
         d2cfg = build_detectron2_cfg(cfg, len(train_set.category_ids), train_set.name,
                                      eval_set.name if eval_set else None, out_dir)
-        meta: dict[str, Any] = {
-            "backend": self.name,
-            "category_ids": train_set.category_ids,
-            "categories": data.get("categories", []),
-            "train_json": str(train_json),
-            "dropped_annotations": train_set.dropped,
-            "config": cfg.to_dict(),
-        }
+        meta = {**training_meta(self.name, data, train_json, train_set.category_ids, train_set.dropped),
+                "config": cfg.to_dict()}
         return train_detectron2(d2cfg, cfg, out_dir, meta, eval_json=cfg.eval_json)
 
     def predict(

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import torch
 
-from detectors.base import Detector, ImagesArg, PathLike
+from detectors.base import Detector, ImagesArg, PathLike, training_meta
 from detectors.config import DetectorConfig
 from detectors.registry import register
 from detectors.torchvision_backend.dataset import CocoInstanceDataset
@@ -36,13 +36,7 @@ class TorchvisionDetector(Detector):
         # Seed before building so the random init is reproducible too.
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, dataset.categories.num_classes)
-        meta: dict[str, Any] = {
-            "backend": self.name,
-            "category_ids": dataset.categories.category_ids,
-            "categories": data.get("categories", []),
-            "train_json": str(train_json),
-            "dropped_annotations": dataset.dropped,
-        }
+        meta = training_meta(self.name, data, train_json, dataset.categories.category_ids, dataset.dropped)
         return train_model(model, dataset, cfg, out_dir, meta)
 
     def predict(
