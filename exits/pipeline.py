@@ -89,9 +89,9 @@ def retrieval_params(cfg: ExitsConfig) -> RetrievalParams:
     r = cfg.retrieval
     return RetrievalParams(grid=cfg.backbone.grid, crop_size=cfg.data.crop_size, delta_px=r.delta_px, alpha=r.alpha,
                            tau_fg=r.tau_fg, tau_bg=r.tau_bg, sinkhorn_iters=r.sinkhorn_iters, normalize=r.normalize,
-                           layers=tuple(cfg.similarity.layers), batch_size=r.batch_size,
-                           appearance_weight=cfg.similarity.appearance_weight,
-                           appearance_sigma=cfg.similarity.appearance_sigma)
+                           layers=tuple(r.layers), batch_size=r.batch_size,
+                           appearance_weight=r.appearance_weight,
+                           appearance_sigma=r.appearance_sigma)
 
 
 def shard_dataset(paths: StagePaths, images: Path, crop_size: int, start: int, stop: int) -> tuple[pa.Table, ObjectCropDataset]:

@@ -18,7 +18,7 @@ from exits.stages.shards import shard_key, shard_ranges
 from flows.caching import content_cache, current_cache_key, folder_fingerprint, output_record, run_shards, run_task
 from flows.runtime import config_from, results_dir, sections, stage_result, transient_error
 
-SECTIONS = ("device", "data", "backbone", "similarity", "retrieval")
+SECTIONS = ("device", "data", "backbone", "retrieval")
 
 
 @task(name="retrieve-points-shard", task_run_name="points-{shard:05d}",

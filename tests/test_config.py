@@ -21,9 +21,9 @@ def test_paper_configs_are_vit_b16_at_512():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config("demo", ["generator.optim.epochs=3", "device=cpu", "similarity.layers=[-1, -2]",
+    cfg = load_config("demo", ["generator.optim.epochs=3", "device=cpu", "retrieval.layers=[-1, -2]",
                                "backbone.pretrained_path=null"])
-    assert cfg.generator.optim.epochs == 3 and cfg.device == "cpu" and cfg.similarity.layers == [-1, -2]
+    assert cfg.generator.optim.epochs == 3 and cfg.device == "cpu" and cfg.retrieval.layers == [-1, -2]
     assert parse_override("a.b=1.5") == (["a", "b"], 1.5)
     assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
 
@@ -57,3 +57,10 @@ def test_dump_round_trips(tmp_path: Path):
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
     assert ExitsConfig() == load_config(None)
+
+
+@pytest.mark.parametrize("old, new", [("similarity.layers=[-1]", "retrieval.layers"),
+                                      ("similarity.appearance_weight=0.3", "retrieval.appearance_weight")])
+def test_moved_keys_name_their_new_place(old, new):
+    with pytest.raises(ConfigError, match=new.replace(".", r"\.")):
+        load_config("demo", [old])

@@ -64,14 +64,41 @@ class OptimConfig(Section):
     num_workers: int = Field(0, ge=0)
 
 
+# Keys that moved to the section of the stage that reads them (so a stage's cache key holds
+# only what it uses): old configs fail with the new spelling instead of silently changing.
+MOVED_KEYS = {
+    "similarity": {"layers": "retrieval.layers", "appearance_weight": "retrieval.appearance_weight",
+                   "appearance_sigma": "retrieval.appearance_sigma"},
+}
+
+
+def _reject_moved_keys(section: str, data: object) -> object:
+    moved = MOVED_KEYS.get(section, {})
+    if isinstance(data, dict):
+        old = [k for k in data if k in moved]
+        if old:
+            hints = "; ".join(f"{section}.{k} -> {moved[k]}" for k in old)
+            raise ValueError(f"config key(s) moved to the stage that reads them, rename: {hints}")
+    return data
+
+
 class SimilarityConfig(Section):
+    """Stage 1a: the MIL-trained similarity extractor (its training only)."""
+
     optim: OptimConfig = OptimConfig(epochs=8)
-    layers: list[int] = Field(default_factory=lambda: [-1], description="transformer layers whose attention is averaged into S")
-    appearance_weight: float = Field(0.0, ge=0.0, le=1.0, description="beta: S = (1-beta) S_attn + beta S_app (patch colour kernel); 0 = paper")
-    appearance_sigma: float = Field(0.05, gt=0.0, description="bandwidth of the patch colour kernel")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: object) -> object:
+        return _reject_moved_keys("similarity", data)
 
 
 class RetrievalConfig(Section):
+    """Stage 1b: point retrieval from the frozen extractor's attention (S -> Sinkhorn -> random walk)."""
+
+    layers: list[int] = Field(default_factory=lambda: [-1], description="transformer layers whose attention is averaged into S")
+    appearance_weight: float = Field(0.0, ge=0.0, le=1.0, description="beta: S = (1-beta) S_attn + beta S_app (patch colour kernel); 0 = paper")
+    appearance_sigma: float = Field(0.05, gt=0.0, description="bandwidth of the patch colour kernel")
     delta_px: float = Field(4.0, ge=0, description="extreme points moved this many crop pixels inwards (P_FG)")
     sinkhorn_iters: int = Field(50, ge=1)
     alpha: int = Field(5, ge=1, description="random-walk steps")
