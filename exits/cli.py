@@ -41,11 +41,12 @@ def demo_data(
     n_train: int = typer.Option(100, help="number of train images"),
     n_val: int = typer.Option(30, help="number of held-out val images (with GT masks)"),
     seed: int = typer.Option(0, help="random seed (same seed, same files)"),
+    variant: str = typer.Option("demo", help="demo | holdout (other photographs in every role, for untuned evaluation)"),
 ) -> None:
     """Generate the built-in demo dataset from scikit-image's photographs."""
     from exits.demo import generate_demo_dataset
 
-    summary = generate_demo_dataset(out, n_train=n_train, n_val=n_val, seed=seed, progress=True)
+    summary = generate_demo_dataset(out, n_train=n_train, n_val=n_val, seed=seed, progress=True, variant=variant)
     typer.echo(_format_summary(summary))
 
 

@@ -31,7 +31,7 @@ from exits.data.extreme_points import derive_extreme_points
 from exits.eval.separated import DEFAULT_MIN_PART_FRACTION, DEFAULT_MIN_PART_PIXELS
 from exits.eval.separated import count_mask_parts as count_visible_parts
 from exits.demo.scene import DEFAULT_P_CUT, render_scene
-from exits.demo.sources import BACKGROUND_SOURCES, CATEGORY_SOURCES, OCCLUDER_SOURCES
+from exits.demo.sources import DEMO_SOURCES, SourceSet, source_set
 from exits.io import write_bytes, write_json
 
 SPLITS: tuple[tuple[str, int, str], ...] = (("train", 0, "instances.json"), ("val", 1, "val.json"))
@@ -55,9 +55,9 @@ def cut_probability(n_objects: int, n_separated: int, target: float = TARGET_SEP
     return float(np.clip(DEFAULT_P_CUT + 2.0 * (target - n_separated / n_objects), 0.1, 0.8))
 
 
-def demo_categories() -> list[dict[str, Any]]:
-    """COCO categories: one per texture photograph, ids 1..K in CATEGORY_SOURCES order."""
-    return [{"id": i + 1, "name": name, "supercategory": "skimage_photo"} for i, name in enumerate(CATEGORY_SOURCES)]
+def demo_categories(sources: SourceSet = DEMO_SOURCES) -> list[dict[str, Any]]:
+    """COCO categories: one per texture photograph, ids 1..K in the variant's category order."""
+    return [{"id": i + 1, "name": name, "supercategory": "skimage_photo"} for i, name in enumerate(sources.categories)]
 
 
 def annotation_from_mask(mask: np.ndarray, ann_id: int, image_id: int, category_id: int) -> dict[str, Any]:
@@ -101,6 +101,7 @@ def generate_demo_dataset(
     seed: int = 0,
     image_size: tuple[int, int] = (192, 256),
     progress: bool = False,
+    variant: str = "demo",
 ) -> dict[str, Any]:
     """Generate the demo data set into ``out_dir`` (see module docstring for the layout).
 
@@ -110,6 +111,9 @@ def generate_demo_dataset(
         seed: non-negative integer; the same seed gives byte-identical files.
         image_size: (H, W) of every image.
         progress: show a tqdm progress bar.
+        variant: "demo" (the default photographs) or "holdout" (other photographs in every
+            role, for judging a method on data it was not tuned on; see
+            ``exits.demo.sources.HOLDOUT_SOURCES``).
     Returns:
         Summary: {"out_dir", "categories": [names], "train": {...}, "val": {...}} with, per
         split, "images", "objects", "separated" (objects with >= 2 visible parts),
@@ -122,7 +126,8 @@ def generate_demo_dataset(
     height, width = (int(v) for v in image_size)
     out = Path(out_dir)
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-    categories = demo_categories()
+    sources = source_set(variant)
+    categories = demo_categories(sources)
     summary: dict[str, Any] = {"out_dir": str(out), "categories": [c["name"] for c in categories]}
 
     image_id, ann_id = 1, 1
@@ -135,7 +140,7 @@ def generate_demo_dataset(
             for index in range(1, counts[split] + 1):
                 rng = np.random.default_rng([seed, split_code, index])
                 p_cut = cut_probability(len(annotations), n_separated)
-                image, objects = render_scene(rng, (height, width), p_cut=p_cut)
+                image, objects = render_scene(rng, (height, width), p_cut=p_cut, sources=sources)
                 file_name = f"{split}_{index:06d}.jpg"
                 write_bytes(out / IMAGE_DIR / file_name, encode_jpeg(image))
                 images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
@@ -151,10 +156,11 @@ def generate_demo_dataset(
                 "version": __version__,
                 "split": split,
                 "seed": seed,
+                "variant": variant,
                 "image_dir": IMAGE_DIR,
-                "category_sources": list(CATEGORY_SOURCES),
-                "background_sources": list(BACKGROUND_SOURCES),
-                "occluder_sources": list(OCCLUDER_SOURCES),
+                "category_sources": list(sources.categories),
+                "background_sources": list(sources.backgrounds),
+                "occluder_sources": list(sources.occluders),
                 "separated_rule": {"min_part_pixels": DEFAULT_MIN_PART_PIXELS, "min_part_fraction": DEFAULT_MIN_PART_FRACTION},
             }
             write_json(out / json_name, {"info": info, "licenses": [], "images": images,

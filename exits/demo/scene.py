@@ -22,7 +22,7 @@ import numpy as np
 
 from exits.eval.separated import count_mask_parts as count_visible_parts
 from exits.demo.shapes import bar_alpha, blob_alpha, random_object_alpha
-from exits.demo.sources import CATEGORY_SOURCES, OCCLUDER_SOURCES
+from exits.demo.sources import DEMO_SOURCES, SourceSet
 from exits.demo.textures import make_background, texture_from
 
 DEFAULT_P_CUT = 0.3  # gives ~40% separated objects (~14% come from overlaps and distractors alone)
@@ -32,7 +32,7 @@ MAX_CUT_ATTEMPTS = 3
 
 @dataclass(frozen=True)
 class SceneObject:
-    """A labelled object of a scene: category index into CATEGORY_SOURCES, shape family,
+    """A labelled object of a scene: category index into the variant's categories, shape family,
     and its visible (H, W) bool mask."""
 
     category: int
@@ -112,6 +112,7 @@ def render_scene(
     p_cut: float = DEFAULT_P_CUT,
     min_area_fraction: float = MIN_AREA_FRACTION,
     max_objects: int = 4,
+    sources: SourceSet = DEMO_SOURCES,
 ) -> tuple[np.ndarray, list[SceneObject]]:
     """Draw one scene.
 
@@ -122,12 +123,13 @@ def render_scene(
         min_area_fraction: objects with fewer visible pixels than this share of H*W are
             left out of the labels (they stay in the picture).
         max_objects: objects per image are drawn uniformly from 1..max_objects.
+        sources: photographs for objects, background and occluders (a demo variant).
     Returns:
         ((H, W, 3) uint8 RGB image, labelled objects in drawing order).
     """
     h, w = out_hw
     min_area = min_area_fraction * h * w
-    image = make_background(out_hw, rng)
+    image = make_background(out_hw, rng, sources.backgrounds)
 
     full_masks: list[np.ndarray] = []
     categories: list[int] = []
@@ -137,9 +139,9 @@ def render_scene(
         mask = alpha >= 0.5
         if not mask.any():
             continue
-        category = int(rng.integers(len(CATEGORY_SOURCES)))
+        category = int(rng.integers(len(sources.categories)))
         ys, xs = np.nonzero(mask)
-        texture = texture_from(CATEGORY_SOURCES[category], out_hw, rng, scale_range=(0.45, 1.1),
+        texture = texture_from(sources.categories[category], out_hw, rng, scale_range=(0.45, 1.1),
                                dst_centre=(float(xs.mean()), float(ys.mean())))
         image = composite(image, texture, alpha)
         full_masks.append(mask)
@@ -165,7 +167,7 @@ def render_scene(
         occluded |= alpha >= 0.5
 
     for alpha in occluder_alphas:
-        source = OCCLUDER_SOURCES[int(rng.integers(len(OCCLUDER_SOURCES)))]
+        source = sources.occluders[int(rng.integers(len(sources.occluders)))]
         image = composite(image, texture_from(source, out_hw, rng, scale_range=(0.5, 1.2)), alpha)
 
     # Camera-like finish: slight blur softens every pasted edge, then sensor noise.

@@ -107,13 +107,14 @@ def smooth_region(out_hw: tuple[int, int], rng: np.random.Generator) -> np.ndarr
     return cv2.GaussianBlur(region, (0, 0), sigmaX=rng.uniform(1.0, 4.0))
 
 
-def make_background(out_hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """(H, W, 3) float32 background: a crop of one background photograph, often joined
-    with a crop of a second one along a smooth random boundary."""
-    first, second = rng.choice(len(BACKGROUND_SOURCES), size=2, replace=False)
-    background = texture_from(BACKGROUND_SOURCES[int(first)], out_hw, rng, scale_range=(0.6, 1.3))
+def make_background(out_hw: tuple[int, int], rng: np.random.Generator,
+                    sources: tuple[str, ...] = BACKGROUND_SOURCES) -> np.ndarray:
+    """(H, W, 3) float32 background: a crop of one background photograph (from
+    ``sources``), often joined with a crop of a second one along a smooth random boundary."""
+    first, second = rng.choice(len(sources), size=2, replace=False)
+    background = texture_from(sources[int(first)], out_hw, rng, scale_range=(0.6, 1.3))
     if rng.random() < 0.7:
-        other = texture_from(BACKGROUND_SOURCES[int(second)], out_hw, rng, scale_range=(0.6, 1.3))
+        other = texture_from(sources[int(second)], out_hw, rng, scale_range=(0.6, 1.3))
         region = smooth_region(out_hw, rng)[..., None]
         background = region * other + (1.0 - region) * background
     return background.astype(np.float32)
