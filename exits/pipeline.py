@@ -131,7 +131,7 @@ def stage_generator(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: StagePa
     model = model_from_config(cfg.backbone)
     settings = train_settings(cfg.generator.optim, seed=cfg.seed, device=device, amp=cfg.amp,
                               checkpoint_dir=checkpoint_dir or paths.generator.parent / "checkpoints",
-                              ema_decay=cfg.generator.ema_decay)
+                              ema_decay=cfg.generator.ema_decay, ema_warmup=cfg.generator.ema_warmup)
     return train_generator(model, dataset, task, settings, paths.generator, progress=progress)
 
 

@@ -129,6 +129,7 @@ class GeneratorConfig(Section):
     lambda_mil: float = Field(1.0, ge=0)
     crf_warmup_epochs: int = Field(2, ge=0, description="epochs before the CRF loss switches on (the teacher needs to be sensible first)")
     ema_decay: float = Field(0.99, gt=0, lt=1)
+    ema_warmup: bool = Field(True, description="teacher decay min(ema_decay, (1+t)/(10+t)) at step t, so the teacher tracks the trained student early instead of holding the random init (False = constant decay)")
     crf: CrfConfig = CrfConfig()
 
 

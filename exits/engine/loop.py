@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 # Settings whose change between a checkpoint and a resumed run makes the result differ
 # from an uninterrupted run; a resume with different values is allowed but warned about.
-_RESUME_SENSITIVE = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "ema_decay")
+_RESUME_SENSITIVE = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "ema_decay", "ema_warmup")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class TrainSettings:
 
     batch_size: GLOBAL batch (summed over DDP processes). device: auto|cpu|cuda[:N].
     amp: mixed precision on CUDA only (bf16 where supported, else fp16 + GradScaler).
-    ema_decay: None = no teacher. log_every: steps between running-loss reports (tqdm
+    ema_decay: None = no teacher. ema_warmup: the teacher's decay ramps up as
+    min(ema_decay, (1+t)/(10+t)) (see ``ModelEMA``). log_every: steps between running-loss reports (tqdm
     postfix; a log line at INFO when the bar is off). checkpoint_dir: ``last.pt`` is
     written there atomically after every epoch, and a run resumes from it when present.
     find_unused_parameters: passed to DDP, for models whose loss skips some parameters.
@@ -75,6 +76,7 @@ class TrainSettings:
     device: str = "auto"
     amp: bool = True
     ema_decay: float | None = None
+    ema_warmup: bool = False
     num_workers: int = 0
     log_every: int = 10
     checkpoint_dir: str | None = None
@@ -294,7 +296,7 @@ def train(model: nn.Module, dataset: Dataset, task: TrainTask, settings: TrainSe
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, total_steps, warmup_steps),
         scaler=torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16),
-        ema=ModelEMA(model, settings.ema_decay) if settings.ema_decay is not None else None,
+        ema=ModelEMA(model, settings.ema_decay, warmup=settings.ema_warmup) if settings.ema_decay is not None else None,
         autocast_dtype=autocast_dtype,
     )
     history: list[dict[str, float]] = []

@@ -20,10 +20,10 @@ def model_from_config(backbone: BackboneConfig) -> MaskModel:
 
 
 def train_settings(optim: OptimConfig, *, seed: int, device: str, amp: bool, checkpoint_dir: Path | None,
-                   ema_decay: float | None = None, **extra: Any) -> TrainSettings:
+                   ema_decay: float | None = None, ema_warmup: bool = False, **extra: Any) -> TrainSettings:
     return TrainSettings(
         epochs=optim.epochs, batch_size=optim.batch_size, lr=optim.lr, weight_decay=optim.weight_decay,
         warmup_epochs=optim.warmup_epochs, grad_clip=optim.grad_clip, seed=seed, device=device, amp=amp,
-        ema_decay=ema_decay, num_workers=optim.num_workers,
+        ema_decay=ema_decay, ema_warmup=ema_warmup, num_workers=optim.num_workers,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None, **extra,
     )
