@@ -7,9 +7,11 @@ and fsynced, then moved over the destination with ``os.replace``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -66,3 +68,29 @@ def write_bytes(dest: str | os.PathLike, data: bytes) -> Path:
     with atomic_open(dest, "wb") as fh:
         fh.write(data)
     return Path(dest)
+
+
+_CHUNK = 1 << 20
+
+
+@lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike, memo: bool = True) -> str:
+    """blake2b-128 hex digest of a file's bytes: the project's one file digest (cache keys,
+    stage 2's training-source record, the source of an exported fixes merge).
+
+    Memoised per process on (path, size, mtime, inode), so the many tasks of a run that
+    name the same model or table hash it once; ``memo=False`` always reads the bytes (for a
+    file rewritten within the filesystem's timestamp granularity, e.g. in one test).
+    """
+    st = os.stat(path)
+    if not memo:
+        return _file_digest.__wrapped__(os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    return _file_digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)

@@ -16,56 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from exits.config import ExitsConfig, dump_config
 from exits.data.instances_table import read_instances_table
 from exits.engine import resolve_device
-from exits.io import atomic_open, write_json
+from exits.io import write_json
 from exits.models import load_mask_model
 from exits.stages.common import model_from_config, train_settings
 from exits.stages.generator import GeneratorLoss, GeneratorTask, point_label_masks, train_generator
 from exits.stages.object_crops import ObjectCropDataset
 from exits.stages.point_retrieval import RetrievalParams, merge_points, read_points, retrieve_dataset_points
 from exits.stages.prepare import prepare_instances
-from exits.stages.pseudo_labels import (mask_scores, merge_pseudo_labels, paste_pseudo_masks, predict_crop_probs,
-                                        pseudo_label_table)
+from exits.run_folder import RunFolder
+from exits.stages.pseudo_labels import merge_pseudo_labels, predict_crop_probs, shard_pseudo_label_table
 from exits.stages.report import write_report
-from exits.stages.shards import shard_path, shard_ranges, write_shard
+from exits.stages.shards import shard_ranges, write_shard
 from exits.stages.similarity import train_similarity_extractor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_pipeline", "write_report", "StagePaths", "stage_prepare", "stage_similarity", "stage_retrieval_shard",
+__all__ = ["run_pipeline", "write_report", "stage_prepare", "stage_similarity", "stage_retrieval_shard",
            "stage_generator", "stage_pseudo_shard", "stage_report", "write_run_files"]
-
-
-class StagePaths:
-    """Where each stage writes inside a run folder."""
-
-    def __init__(self, workdir: Path):
-        self.root = Path(workdir)
-        self.instances = self.root / "instances.parquet"
-        self.similarity = self.root / "similarity" / "model.pt"
-        self.points = self.root / "points.parquet"
-        self.generator = self.root / "generator" / "model.pt"
-        self.pseudo_json = self.root / "pseudo_labels.json"
-        self.pseudo_parquet = self.root / "pseudo_labels.parquet"
-
-    def shard(self, stage: str, index: int) -> Path:
-        """``shards/points-00003.parquet`` / ``shards/pseudo-00003.parquet``."""
-        return shard_path(self.root, stage, index)
 
 
 def write_run_files(workdir: Path, cfg: ExitsConfig, images: Path, annotations: Path, gt: Path | None) -> None:
     """``config.yaml`` (the validated config) and ``run.json`` (the inputs) of a run folder."""
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    with atomic_open(Path(workdir) / "config.yaml") as fh:
-        fh.write(dump_config(cfg))
-    write_json(Path(workdir) / "run.json", {"images": str(Path(images).resolve()),
-                                            "annotations": str(Path(annotations).resolve()),
-                                            "gt": str(Path(gt).resolve()) if gt else None})
+    RunFolder(workdir).write_run_files(dump_config(cfg), images, annotations, gt)
 
 
 def stage_prepare(cfg: ExitsConfig, annotations: Path, images: Path, workdir: Path, progress: bool = True) -> dict:
@@ -76,12 +53,12 @@ def stage_prepare(cfg: ExitsConfig, annotations: Path, images: Path, workdir: Pa
                              check_images=d.check_images, progress=progress)
 
 
-def stage_similarity(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: StagePaths, device: str, progress: bool,
+def stage_similarity(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: RunFolder, device: str, progress: bool,
                      checkpoint_dir: Path | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg.backbone)
     settings = train_settings(cfg.similarity.optim, seed=cfg.seed, device=device, amp=cfg.amp,
-                              checkpoint_dir=checkpoint_dir or paths.similarity.parent / "checkpoints")
+                              checkpoint_dir=checkpoint_dir or paths.checkpoints(paths.similarity))
     return train_similarity_extractor(model, dataset, settings, paths.similarity, progress=progress)
 
 
@@ -94,13 +71,13 @@ def retrieval_params(cfg: ExitsConfig) -> RetrievalParams:
                            appearance_sigma=r.appearance_sigma)
 
 
-def shard_dataset(paths: StagePaths, images: Path, crop_size: int, start: int, stop: int) -> tuple[pa.Table, ObjectCropDataset]:
+def shard_dataset(paths: RunFolder, images: Path, crop_size: int, start: int, stop: int) -> tuple[pa.Table, ObjectCropDataset]:
     """Rows ``[start, stop)`` of the instances table and their crops."""
     table = read_instances_table(paths.instances).slice(start, stop - start)
     return table, ObjectCropDataset(table, images, crop_size)
 
 
-def stage_retrieval_shard(cfg: ExitsConfig, images: Path, paths: StagePaths, start: int, stop: int, out: Path,
+def stage_retrieval_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, start: int, stop: int, out: Path,
                           device: torch.device, key: str | None = None, progress: bool = False) -> Path:
     """Stage 1b for instances rows ``[start, stop)``: one ``POINTS_SCHEMA`` shard file at ``out``."""
     _, dataset = shard_dataset(paths, images, cfg.data.crop_size, start, stop)
@@ -123,19 +100,19 @@ def generator_task(cfg: ExitsConfig, dataset: ObjectCropDataset, points: pa.Tabl
     return GeneratorTask(labels, cfg.backbone.grid, loss)
 
 
-def stage_generator(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: StagePaths, device: str,
+def stage_generator(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: RunFolder, device: str,
                     progress: bool, checkpoint_dir: Path | None = None) -> Path:
     torch.manual_seed(cfg.seed + 1)
     points = read_points(paths.points) if cfg.generator.use_retrieval else None
     task = generator_task(cfg, dataset, points)
     model = model_from_config(cfg.backbone)
     settings = train_settings(cfg.generator.optim, seed=cfg.seed, device=device, amp=cfg.amp,
-                              checkpoint_dir=checkpoint_dir or paths.generator.parent / "checkpoints",
+                              checkpoint_dir=checkpoint_dir or paths.checkpoints(paths.generator),
                               ema_decay=cfg.generator.ema_decay, ema_warmup=cfg.generator.ema_warmup)
     return train_generator(model, dataset, task, settings, paths.generator, progress=progress)
 
 
-def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: StagePaths, start: int, stop: int, out: Path,
+def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, start: int, stop: int, out: Path,
                        device: torch.device, key: str | None = None, progress: bool = False) -> Path:
     """Stage 1d for instances rows ``[start, stop)``: one ``PSEUDO_SCHEMA`` shard (RLEs + scores) at ``out``."""
     table, dataset = shard_dataset(paths, images, cfg.data.crop_size, start, stop)
@@ -148,14 +125,7 @@ def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: StagePaths, start:
     points = read_points(paths.points).slice(start, stop - start) if paths.points.exists() else None
     task = generator_task(cfg, dataset, points)
     target, labelled, _ = task.targets(torch.arange(len(dataset)), torch.device("cpu"))
-    box_masks = torch.stack([dataset[i]["box_mask"] for i in range(len(dataset))])
-    certainty, agreement, score = mask_scores(probs, box_masks, labelled, target, p.threshold)
-    cols = table.select(["image_id", "category_id", "height", "width"]).to_pydict()
-    sizes = {i: {"height": h, "width": w} for i, h, w in zip(cols["image_id"], cols["height"], cols["width"])}
-    rows = paste_pseudo_masks(probs, dataset, sizes, cols["image_id"], p.threshold, progress=progress)
-    scores = {r["ann_id"]: {"score": float(score[i]), "certainty": float(certainty[i]), "agreement": float(agreement[i])}
-              for i, r in enumerate(rows)}
-    return write_shard(pseudo_label_table(rows, scores, cols["image_id"], cols["category_id"]), out, key)
+    return write_shard(shard_pseudo_label_table(probs, table, dataset, labelled, target, p.threshold, progress), out, key)
 
 
 def stage_report(cfg: ExitsConfig, workdir: Path, gt: Path | None) -> dict[str, Any] | None:
@@ -169,10 +139,6 @@ def stage_report(cfg: ExitsConfig, workdir: Path, gt: Path | None) -> dict[str, 
         return None
 
 
-def num_instances(paths: StagePaths) -> int:
-    return pq.read_metadata(paths.instances).num_rows
-
-
 def run_pipeline(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig, gt: Path | None = None,
                  progress: bool = True, val_gt: Path | None = None) -> dict[str, Any]:
     """Stage 0 -> 1a -> 1b -> 1c -> 1d, then the mIoU report when GT masks are available,
@@ -182,7 +148,7 @@ def run_pipeline(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfi
     runs the same stages as Prefect tasks and writes the same files.
     """
     images, annotations, workdir = Path(images), Path(annotations), Path(workdir)
-    paths = StagePaths(workdir)
+    paths = RunFolder(workdir)
     write_run_files(workdir, cfg, images, annotations, gt)
     device = resolve_device(cfg.device)
     timings: dict[str, float] = {}
@@ -195,7 +161,7 @@ def run_pipeline(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfi
         return out
 
     def sharded(stage: str, fn) -> list[Path]:
-        ranges = shard_ranges(num_instances(paths), cfg.flows.shard_size)
+        ranges = shard_ranges(paths.num_instances(), cfg.flows.shard_size)
         return [fn(cfg, images, paths, a, b, paths.shard(stage, i), device) for i, (a, b) in enumerate(ranges)]
 
     summary = timed("prepare", stage_prepare, cfg, annotations, images, workdir, progress)
@@ -218,5 +184,5 @@ def run_pipeline(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfi
         if val_gt is not None:
             metrics = evaluate_detector_stage(workdir, Path(val_gt), images, cfg.detector, Path(trained["checkpoint"]))
             result["detector"] = metrics_summary(metrics)
-    write_json(workdir / "run_summary.json", result, indent=1)
+    write_json(paths.run_summary, result, indent=1)
     return result

@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -43,34 +42,13 @@ from prefect.transactions import get_transaction
 from prefect.utilities.hashing import hash_objects
 
 import exits
+from exits.io import file_digest
 
 log = logging.getLogger(__name__)
 
 __all__ = ["file_digest", "folder_fingerprint", "path_digest", "ContentFingerprint", "content_cache",
            "output_record", "outputs_intact", "current_cache_key", "keyed_checkpoint_dir", "prune_other_dirs",
            "run_task", "run_shards"]
-
-_CHUNK = 1 << 20
-
-
-@lru_cache(maxsize=4096)
-def _file_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """blake2b-128 hex digest of a file's bytes.
-
-    Memoised per process on (path, size, mtime, inode), so the many tasks of a run that
-    name the same model or table hash it once.
-    """
-    st = os.stat(path)
-    return _file_digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
-
 
 def folder_fingerprint(path: str | os.PathLike) -> str:
     """Digest of the sorted (relative path, size, mtime) of every file under ``path``.

@@ -21,8 +21,9 @@ from flows.runtime import config_from, results_dir, sections, stage_result, tran
 SECTIONS = ("detector",)
 
 
-@task(name="train-detector", cache_policy=content_cache("train_json"), persist_result=True,
-      retries=1, retry_delay_seconds=5, retry_condition_fn=transient_error)
+# No retries: a failed detector training is hours of work to repeat, and the interrupted
+# run resumes from its checkpoint when the user runs the command again.
+@task(name="train-detector", cache_policy=content_cache("train_json"), persist_result=True, retries=0)
 def train_detector_task(train_json: str, images: str, images_fingerprint: str, workdir: str,
                         config: dict[str, Any]) -> dict[str, Any]:
     """Stage 2: train; output = the final checkpoint."""
@@ -50,7 +51,7 @@ def train_detector_flow(images: str, workdir: str, config: dict[str, Any] | None
     cfg = config_from(config)
     results = results_dir(workdir)
     settings = sections(cfg, *SECTIONS)
-    trained, train_state = run_task(train_detector_task, results, {"retries": cfg.flows.retries},
+    trained, train_state = run_task(train_detector_task, results,
                                     train_json=str(detector_train_json(Path(workdir))), images=images,
                                     images_fingerprint=folder_fingerprint(images), workdir=workdir, config=settings)
     states = {"train-detector": train_state}

@@ -6,15 +6,15 @@ resuming another run's epochs.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 
-from exits.engine import resolve_device
-from exits.pipeline import StagePaths, stage_generator
-from flows.caching import content_cache, folder_fingerprint, keyed_checkpoint_dir, output_record, prune_other_dirs, run_task
-from flows.runtime import config_from, crop_dataset, results_dir, sections, stage_result, transient_error
+from exits.pipeline import stage_generator
+from exits.run_folder import RunFolder
+from flows.caching import content_cache, folder_fingerprint, run_task
+from flows.runtime import config_from, results_dir, sections, stage_result, transient_error
+from flows.stage_tasks import train_stage
 
 SECTIONS = ("seed", "device", "amp", "data", "backbone", "retrieval", "generator")
 
@@ -24,22 +24,16 @@ SECTIONS = ("seed", "device", "amp", "data", "backbone", "retrieval", "generator
 def train_generator_task(instances: str, points: str | None, images: str, images_fingerprint: str, workdir: str,
                          config: dict[str, Any]) -> dict[str, Any]:
     """Stage 1c: pseudo-label generator (EMA teacher) saved to generator/model.pt."""
-    cfg = config_from(config)
-    paths = StagePaths(Path(workdir))
-    checkpoints = keyed_checkpoint_dir(paths.generator.parent / "checkpoints")
-    stage_generator(cfg, crop_dataset(instances, images, cfg.data.crop_size), paths, str(resolve_device(cfg.device)),
-                    progress=False, checkpoint_dir=checkpoints)
-    prune_other_dirs(checkpoints)
-    return output_record({"model": paths.generator})
+    return train_stage(stage_generator, lambda run: run.generator, config, instances, images, workdir)
 
 
 @flow(name="exits-train-generator")
 def train_generator_flow(images: str, workdir: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the pseudo-label generator on the run's instances and retrieved points."""
     cfg = config_from(config)
-    paths = StagePaths(Path(workdir))
-    points = str(paths.points) if cfg.generator.use_retrieval else None
-    record, state = run_task(train_generator_task, results_dir(workdir), instances=str(paths.instances),
+    run = RunFolder(workdir)
+    points = str(run.points) if cfg.generator.use_retrieval else None
+    record, state = run_task(train_generator_task, results_dir(workdir), instances=str(run.instances),
                              points=points, images=images, images_fingerprint=folder_fingerprint(images),
                              workdir=workdir, config=sections(cfg, *SECTIONS))
     return stage_result({"train-generator": state}, model=record["outputs"]["model"])

@@ -6,7 +6,8 @@ from typing import Any
 
 from prefect import flow, task
 
-from exits.pipeline import StagePaths, stage_prepare
+from exits.pipeline import stage_prepare
+from exits.run_folder import RunFolder
 from flows.caching import content_cache, folder_fingerprint, output_record, run_task
 from flows.runtime import config_from, results_dir, sections, stage_result, transient_error
 
@@ -18,8 +19,8 @@ def prepare_instances_task(annotations: str, images: str, images_fingerprint: st
     """Stage 0. ``images_fingerprint`` (file list + sizes + mtimes) is there for the cache key."""
     cfg = config_from(config)
     summary = stage_prepare(cfg, Path(annotations), Path(images), Path(workdir), progress=False)
-    paths = StagePaths(Path(workdir))
-    return output_record({"instances": paths.instances, "rejections": paths.root / "rejections.json"}, summary=summary)
+    run = RunFolder(workdir)
+    return output_record({"instances": run.instances, "rejections": run.rejections}, summary=summary)
 
 
 @flow(name="exits-prepare-instances")

@@ -11,12 +11,12 @@ from typing import Any
 
 from prefect import flow, task
 
-from exits.engine import resolve_device
-from exits.pipeline import StagePaths, num_instances, stage_pseudo_shard
+from exits.pipeline import stage_pseudo_shard
+from exits.run_folder import RunFolder
 from exits.stages.pseudo_labels import merge_pseudo_labels
-from exits.stages.shards import shard_key, shard_ranges
-from flows.caching import content_cache, current_cache_key, folder_fingerprint, output_record, run_shards, run_task
-from flows.runtime import config_from, results_dir, sections, stage_result, transient_error
+from flows.caching import content_cache, folder_fingerprint, output_record
+from flows.runtime import config_from, sections, stage_result, transient_error
+from flows.stage_tasks import compute_shard, map_and_merge
 
 SECTIONS = ("device", "data", "backbone", "retrieval", "generator", "pseudo")
 
@@ -27,25 +27,17 @@ SECTIONS = ("device", "data", "backbone", "retrieval", "generator", "pseudo")
 def pseudo_labels_shard_task(instances: str, generator: str, points: str | None, images: str,
                              images_fingerprint: str, workdir: str, shard: int, start: int, stop: int,
                              config: dict[str, Any]) -> dict[str, Any]:
-    """Stage 1d for instances rows ``[start, stop)``. A shard file already written under this
-    task's cache key (a run killed after writing it) is kept, not recomputed."""
-    cfg = config_from(config)
-    paths = StagePaths(Path(workdir))
-    out = paths.shard("pseudo", shard)
-    key = current_cache_key()
-    reused = key is not None and shard_key(out) == key
-    if not reused:
-        stage_pseudo_shard(cfg, Path(images), paths, start, stop, out, resolve_device(cfg.device), key=key)
-    return output_record({"shard": out}, rows=stop - start, reused=reused)
+    """Stage 1d for instances rows ``[start, stop)``."""
+    return compute_shard(stage_pseudo_shard, "pseudo", config, images, workdir, shard, start, stop)
 
 
 @task(name="merge-pseudo-labels", cache_policy=content_cache("shards", "annotations"), persist_result=True,
       retries=2, retry_delay_seconds=2, retry_condition_fn=transient_error)
 def merge_pseudo_labels_task(shards: list[str], annotations: str, workdir: str) -> dict[str, Any]:
     """pseudo_labels.json / .parquet from the pseudo shards in order and the input json."""
-    paths = StagePaths(Path(workdir))
-    merge_pseudo_labels([Path(s) for s in shards], Path(annotations), paths.root)
-    return output_record({"json": paths.pseudo_json, "parquet": paths.pseudo_parquet})
+    run = RunFolder(workdir)
+    merge_pseudo_labels([Path(s) for s in shards], Path(annotations), run.root)
+    return output_record({"json": run.pseudo_json, "parquet": run.pseudo_parquet})
 
 
 @flow(name="exits-pseudo-labels")
@@ -53,17 +45,10 @@ def pseudo_labels_flow(images: str, annotations: str, workdir: str,
                        config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pseudo masks for every object, ``flows.shard_size`` objects per task, then merged."""
     cfg = config_from(config)
-    paths = StagePaths(Path(workdir))
-    results = results_dir(workdir)
-    points = str(paths.points) if cfg.generator.use_retrieval else None
-    common = dict(instances=str(paths.instances), generator=str(paths.generator), points=points, images=images,
+    run = RunFolder(workdir)
+    points = str(run.points) if cfg.generator.use_retrieval else None
+    common = dict(instances=str(run.instances), generator=str(run.generator), points=points, images=images,
                   images_fingerprint=folder_fingerprint(images), workdir=workdir, config=sections(cfg, *SECTIONS))
-    ranges = shard_ranges(num_instances(paths), cfg.flows.shard_size)
-    records, states = run_shards(pseudo_labels_shard_task, results,
-                                 [dict(common, shard=i, start=a, stop=b) for i, (a, b) in enumerate(ranges)])
-    merged, merge_state = run_task(merge_pseudo_labels_task, results, {"retries": cfg.flows.retries},
-                                   shards=[r["outputs"]["shard"] for r in records], annotations=annotations,
-                                   workdir=workdir)
-    tasks = {f"pseudo-{i:05d}": s for i, s in enumerate(states)} | {"merge-pseudo-labels": merge_state}
-    return stage_result(tasks, pseudo_labels=merged["outputs"]["json"], shards=len(ranges),
-                        reused_shard_files=sum(bool(r["reused"]) for r in records))
+    merged, tasks, shards, reused = map_and_merge("pseudo", pseudo_labels_shard_task, merge_pseudo_labels_task, cfg,
+                                                  workdir, common, annotations=annotations)
+    return stage_result(tasks, pseudo_labels=merged["outputs"]["json"], shards=shards, reused_shard_files=reused)

@@ -10,12 +10,12 @@ from typing import Any
 
 from prefect import flow, task
 
-from exits.pipeline import StagePaths, stage_report
+from exits.pipeline import stage_report
+from exits.run_folder import RunFolder
 from flows.caching import content_cache, output_record, run_task
 from flows.runtime import config_from, results_dir, sections, stage_result, transient_error
 
 SECTIONS = ("eval",)
-REPORT_DIR = "report"
 
 
 @task(name="report", cache_policy=content_cache("pseudo_labels", "gt", "instances"), persist_result=True,
@@ -25,7 +25,7 @@ def report_task(pseudo_labels: str, gt: str, instances: str, workdir: str, confi
     summary = stage_report(config_from(config), Path(workdir), Path(gt))
     if summary is None:
         return output_record({}, miou_all=None, miou_separated=None)
-    return output_record({"report": Path(workdir) / REPORT_DIR}, miou_all=summary["all"]["miou"],
+    return output_record({"report": RunFolder(workdir).report_dir}, miou_all=summary["all"]["miou"],
                          miou_separated=summary["separated"]["miou"])
 
 
@@ -33,7 +33,7 @@ def report_task(pseudo_labels: str, gt: str, instances: str, workdir: str, confi
 def report_flow(workdir: str, gt: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """mIoU of ``WORKDIR/pseudo_labels.json`` against the GT masks in ``gt`` (a COCO json)."""
     cfg = config_from(config)
-    paths = StagePaths(Path(workdir))
+    paths = RunFolder(workdir)
     record, state = run_task(report_task, results_dir(workdir), {"retries": cfg.flows.retries},
                              pseudo_labels=str(paths.pseudo_json), gt=gt, instances=str(paths.instances),
                              workdir=workdir, config=sections(cfg, *SECTIONS))

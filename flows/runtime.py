@@ -16,11 +16,12 @@ from prefect.states import State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from exits.config import ExitsConfig
+from exits.run_folder import PREFECT_RESULTS_DIR, RunFolder
 from exits.config.schema import FlowsConfig
 
 log = logging.getLogger(__name__)
 
-RESULTS_DIR = ".prefect-results"
+RESULTS_DIR = PREFECT_RESULTS_DIR
 
 __all__ = ["RESULTS_DIR", "results_dir", "config_from", "config_dict", "sections", "transient_error",
            "make_task_runner", "local_dask_cluster", "stage_result", "count_states"]
@@ -36,7 +37,7 @@ def crop_dataset(instances: str, images: str, crop_size: int) -> "ObjectCropData
 
 def results_dir(workdir: str | Path) -> Path:
     """``WORKDIR/.prefect-results``: persisted task results and cache records of the run."""
-    return Path(workdir) / RESULTS_DIR
+    return RunFolder(workdir).prefect_results
 
 
 def config_from(config: Mapping[str, Any] | ExitsConfig | None) -> ExitsConfig:

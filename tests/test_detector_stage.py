@@ -2,7 +2,6 @@
 CLI commands and the Prefect flow (cached re-run, retrain after exported fixes)."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from detectors.torchvision_backend.transforms import boxes_from_masks, hflip, sc
 from exits.cli import app
 from exits.config import ConfigError, load_config
 from exits.demo import generate_demo_dataset
+from exits.io import file_digest
 from exits.stages.detector import (FIXED_PSEUDO_JSON, detector_train_json, evaluate_detector_stage, final_checkpoint,
                                    train_detector_stage)
 
@@ -53,8 +53,8 @@ def make_run(root: Path, demo: Path) -> Path:
 
 def write_fixed(run: Path, data: dict) -> None:
     """``pseudo_labels_fixed.json`` as `exits export` marks it: made from the current pseudo labels."""
-    sha = hashlib.sha256((run / "pseudo_labels.json").read_bytes()).hexdigest()
-    data = dict(data, info={**data.get("info", {}), "spotfix": {"source_sha256": sha}})
+    digest = file_digest(run / "pseudo_labels.json")
+    data = dict(data, info={**data.get("info", {}), "spotfix": {"source_blake2b": digest}})
     (run / FIXED_PSEUDO_JSON).write_text(json.dumps(data))
 
 

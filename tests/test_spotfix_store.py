@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from exits.spotfix.export import FIXED_JSON, merge_fixes, run_export, training_labels_path
+from exits.run_folder import RunFolder
+from exits.spotfix.export import FIXED_JSON, merge_fixes, run_export
 from exits.spotfix.store import FixesStore, FixRecord, RevisionConflict
 from tests.spotfix_fixtures import H, W, make_run, rle_of
 
@@ -206,11 +207,11 @@ def test_export_file_is_written_atomically(run: Path, monkeypatch: pytest.Monkey
 
 
 def test_training_labels_path_prefers_a_current_merge(run: Path) -> None:
-    assert training_labels_path(run) == run / "pseudo_labels.json"
+    assert RunFolder(run).training_labels() == run / "pseudo_labels.json"
     FixesStore(run).append(FixRecord(2, "reject", "a", [], None))
     run_export(run)
-    assert training_labels_path(run) == run / FIXED_JSON
+    assert RunFolder(run).training_labels() == run / FIXED_JSON
     data = json.loads((run / "pseudo_labels.json").read_text())
     data["annotations"][0]["score"] = 0.31  # stage 1 re-run after the export
     (run / "pseudo_labels.json").write_text(json.dumps(data))
-    assert training_labels_path(run) == run / "pseudo_labels.json"
+    assert RunFolder(run).training_labels() == run / "pseudo_labels.json"

@@ -29,7 +29,8 @@ from exits.report.figures import report_figures
 from exits.report.gallery import gallery_items
 from exits.report.metrics import calibration_of, object_metrics_table, report_summary, worst_objects
 from exits.report.render import render_html, render_markdown
-from exits.report.run_files import REPORT_DIR, images_dir, read_object_geometry, read_points_source, resolve_gt_path
+from exits.report.run_files import read_object_geometry, read_points_source
+from exits.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,11 @@ def build_report(workdir: str | Path, gt: str | Path | None = None, separated_id
         ValueError: no pseudo-labelled object has a GT mask.
     """
     workdir = Path(workdir)
-    pseudo = workdir / "pseudo_labels.json"
+    run = RunFolder(workdir)
+    pseudo = run.pseudo_json
     if not pseudo.is_file():
         raise FileNotFoundError(f"{pseudo} not found: run `exits run` first")
-    gt_path = resolve_gt_path(workdir, gt)
+    gt_path = run.gt_json(gt)
     rles, scores = pseudo_label_rles(pseudo)
     ev = evaluate_predictions(rles, gt_path, separated_ids_path=separated_ids, min_part_pixels=min_part_pixels,
                               min_part_fraction=min_part_fraction)
@@ -80,13 +82,13 @@ def build_report(workdir: str | Path, gt: str | Path | None = None, separated_id
     summary = report_summary(ev.summary, table, calibration_of(table), n_predicted=len(rles), inputs=inputs,
                              worst_ann_ids=worst_ids)
 
-    out = workdir / REPORT_DIR
+    out = run.report_dir
     # only the gallery's rows as dicts: the table itself may hold a million objects
     picked = table.filter(pc.is_in(table["ann_id"], value_set=pa.array(worst_ids, type=pa.int64())))
     by_id = {r["ann_id"]: r for r in picked.to_pylist()}
     worst_rows = [by_id[i] for i in worst_ids]
     items = gallery_items(worst_rows, rles, {i: ev.gt[i].rle for i in worst_ids},
-                          read_object_geometry(workdir, set(worst_ids)), images_dir(workdir))
+                          read_object_geometry(workdir, set(worst_ids)), run.read_meta().images)
     gallery_png = {item.ann_id: item.png for item in items}
     figures = report_figures(table, summary)
 

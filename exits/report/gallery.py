@@ -30,7 +30,8 @@ from PIL import Image
 from exits.eval import load_gt_masks
 from exits.eval.rle import to_rle
 from exits.report.evaluation import pseudo_label_rles
-from exits.report.run_files import REPORT_DIR, ObjectGeometry, images_dir, read_object_geometry, resolve_gt_path
+from exits.report.run_files import ObjectGeometry, read_object_geometry
+from exits.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +176,10 @@ def gallery_items(rows: Sequence[Mapping[str, Any]], pred_rles: Mapping[int, dic
 def read_pseudo_rles(run_dir: Path, ann_ids: Sequence[int]) -> dict[int, dict]:
     """``{ann_id: RLE}`` of some pseudo masks: from pseudo_labels.parquet (reads only those
     rows' worth of dicts), else from pseudo_labels.json."""
-    path = run_dir / "pseudo_labels.parquet"
+    run = RunFolder(run_dir)
+    path = run.pseudo_parquet
     if not path.is_file():
-        rles, _ = pseudo_label_rles(run_dir / "pseudo_labels.json")
+        rles, _ = pseudo_label_rles(run.pseudo_json)
         return {i: rles[i] for i in ann_ids if i in rles}
     table = pq.read_table(path, columns=["ann_id", "height", "width", "rle_counts"])
     table = table.filter(pc.is_in(table["ann_id"], value_set=pa.array(list(ann_ids), type=pa.int64())))
@@ -192,20 +194,21 @@ def run_gallery(run_dir: str | Path, ann_ids: Sequence[int], gt: str | Path | No
     and the GT json the report used (``report/summary.json``'s ``inputs.gt``, or ``gt``).
     """
     run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     wanted = [int(i) for i in ann_ids]
     if not wanted:
         return []
-    table = pq.read_table(run_dir / REPORT_DIR / "metrics.parquet")
+    table = pq.read_table(run.report_dir / "metrics.parquet")
     table = table.filter(pc.is_in(table["ann_id"], value_set=pa.array(wanted, type=pa.int64())))
     by_id = {r["ann_id"]: r for r in table.to_pylist()}
     missing = [i for i in wanted if i not in by_id]
     if missing:
-        raise KeyError(f"ann ids not in {run_dir / REPORT_DIR / 'metrics.parquet'}: {missing[:10]}")
+        raise KeyError(f"ann ids not in {run.report_dir / 'metrics.parquet'}: {missing[:10]}")
     if gt is None:
-        summary_path = run_dir / REPORT_DIR / "summary.json"
+        summary_path = run.report_dir / "summary.json"
         named = json.loads(summary_path.read_text()).get("inputs", {}).get("gt") if summary_path.is_file() else None
-        gt = named or resolve_gt_path(run_dir, None)
+        gt = named or run.gt_json()
     gt_masks = load_gt_masks(gt, ann_ids=set(wanted))
     pred = read_pseudo_rles(run_dir, wanted)
     return gallery_items([by_id[i] for i in wanted], pred, {i: g.rle for i, g in gt_masks.items()},
-                         read_object_geometry(run_dir, set(wanted)), images_dir(run_dir))
+                         read_object_geometry(run_dir, set(wanted)), run.read_meta().images)

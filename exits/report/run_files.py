@@ -1,23 +1,19 @@
-"""Where a run's report inputs are: run.json, pseudo_labels.json, instances.parquet, images.
+"""What the report reads of a run's instances table: object geometry and points source.
 
-Stage 1 leaves ``run.json`` ({"images": dir, "annotations": json, "gt": json or null}) in
-the run folder; the report reads it to find the image folder and, when no ``--gt`` is
-given, the GT json (``gt`` when the run had one, else the input annotations).
+Where the files are (and which GT json / image folder a run used) is
+:class:`exits.run_folder.RunFolder`'s business.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-REPORT_DIR = "report"
-
+from exits.run_folder import RunFolder
 
 @dataclass(frozen=True)
 class ObjectGeometry:
@@ -30,37 +26,9 @@ class ObjectGeometry:
     crop_box: tuple[int, int, int, int]
 
 
-def read_run_meta(workdir: str | Path) -> dict[str, Any]:
-    """``run.json`` of a run folder, ``{}`` when absent."""
-    path = Path(workdir) / "run.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def resolve_gt_path(workdir: str | Path, gt: str | Path | None) -> Path:
-    """The GT json to evaluate against: ``gt`` if given, else the run's ``gt``, else its
-    input annotations (which carry masks for the demo and COCO-style data).
-
-    Raises:
-        FileNotFoundError: no ``gt`` given and ``run.json`` names none.
-    """
-    if gt is not None:
-        return Path(gt)
-    meta = read_run_meta(workdir)
-    named = meta.get("gt") or meta.get("annotations")
-    if not named:
-        raise FileNotFoundError(f"{Path(workdir) / 'run.json'} names no GT json: pass --gt FILE")
-    return Path(named)
-
-
-def images_dir(workdir: str | Path) -> Path | None:
-    """The run's image folder from ``run.json`` (``None`` when unknown)."""
-    named = read_run_meta(workdir).get("images")
-    return Path(named) if named else None
-
-
 def read_object_geometry(workdir: str | Path, ann_ids: set[int] | None = None) -> dict[int, ObjectGeometry]:
     """``{ann_id: ObjectGeometry}`` from ``instances.parquet`` (``{}`` when absent)."""
-    path = Path(workdir) / "instances.parquet"
+    path = RunFolder(workdir).instances
     if not path.is_file():
         return {}
     table = pq.read_table(path, columns=["ann_id", "file_name", "extreme_points", "crop_box"])
@@ -77,7 +45,7 @@ def read_object_geometry(workdir: str | Path, ann_ids: set[int] | None = None) -
 
 def read_points_source(workdir: str | Path) -> dict[int, str]:
     """``{ann_id: points_source}`` from ``instances.parquet`` (``{}`` when absent)."""
-    path = Path(workdir) / "instances.parquet"
+    path = RunFolder(workdir).instances
     if not path.is_file():
         return {}
     table = pq.read_table(path, columns=["ann_id", "points_source"])

@@ -12,8 +12,7 @@ from typing import Any
 
 _WHERE = {
     "EditorUnavailable": "editors", "GrabCutEditor": "editors", "MaskEditor": "editors", "load_editor": "editors",
-    "ExportResult": "export", "MergeCounts": "export", "export_fixes": "export", "merge_fixes": "export",
-    "run_export": "export", "training_labels_path": "export",
+    "ExportResult": "export", "MergeCounts": "export", "merge_fixes": "export", "run_export": "export",
     "FixesStore": "store", "FixRecord": "store", "RevisionConflict": "store",
     "create_app": "app", "RunCatalog": "catalog",
 }

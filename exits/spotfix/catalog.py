@@ -18,11 +18,10 @@ import numpy as np
 from PIL import Image
 
 from exits.data.crops import crop_window
-from exits.report.run_files import images_dir as run_images_dir
 from exits.report.run_files import read_object_geometry
+from exits.run_folder import RunFolder
 from exits.spotfix.masks import decode_rle, rle_parts
 
-PSEUDO_JSON = "pseudo_labels.json"
 # Crop margins of the demo/paper configs, used only when instances.parquet is absent.
 FALLBACK_MARGIN, FALLBACK_MIN_MARGIN_PX = 0.15, 4
 
@@ -102,12 +101,13 @@ class RunCatalog:
             CatalogError: no pseudo_labels.json, no known/existing image folder.
         """
         workdir = Path(workdir)
-        path = workdir / PSEUDO_JSON
+        run = RunFolder(workdir)
+        path = run.pseudo_json
         if not path.is_file():
             raise CatalogError(f"{path} not found: run stage 1 (`exits run`) first")
-        root = Path(image_root) if image_root is not None else run_images_dir(workdir)
+        root = Path(image_root) if image_root is not None else run.read_meta().images
         if root is None:
-            raise CatalogError(f"{workdir / 'run.json'} names no image folder: pass --images DIR")
+            raise CatalogError(f"{run.run_meta} names no image folder: pass --images DIR")
         if not root.is_dir():
             raise CatalogError(f"image folder not found: {root}")
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -7,25 +7,24 @@ Per object, the latest decision wins (exits.spotfix.store):
 - rejected: the object is removed (the person judged its mask unusable, and stage 2
   trains better without an object than with a wrong mask);
 - every other object is copied unchanged.
-The output records the sha256 of the pseudo_labels.json it was merged from, so a stale
-merge (stage 1 re-run after the export) is detected by :func:`training_labels_path`.
+The output records the digest of the pseudo_labels.json it was merged from, so a stale
+merge (stage 1 re-run after the export) is detected by
+:meth:`exits.run_folder.RunFolder.training_labels` (the rule for what stage 2 trains on).
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from exits.io import write_json
-from exits.spotfix.catalog import PSEUDO_JSON
+from exits.io import file_digest, write_json
+from exits.run_folder import FIXED_JSON, FIXED_SOURCE_DIGEST, PSEUDO_JSON, RunFolder
 from exits.spotfix.masks import decode_rle, encode_rle, rle_area_bbox, rle_parts
 from exits.spotfix.store import FixesStore, FixRecord
 
-FIXED_JSON = "pseudo_labels_fixed.json"
 log = logging.getLogger(__name__)
 
 
@@ -96,37 +95,18 @@ def _apply_fix(ann: dict[str, Any], rec: FixRecord, size: tuple[int, int] | None
 
 def run_export(workdir: str | Path) -> ExportResult:
     """Write ``WORKDIR/pseudo_labels_fixed.json`` (atomically) and return it with counts."""
-    workdir = Path(workdir)
-    src = workdir / PSEUDO_JSON
+    run = RunFolder(workdir)
+    src = run.pseudo_json
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found: run stage 1 (`exits run`) first")
     raw = src.read_bytes()
-    store = FixesStore(workdir)
+    digest = file_digest(src, memo=False)
+    store = FixesStore(run.root)
     records = store.records()
     merged, counts = merge_fixes(json.loads(raw), store.latest(), n_records=len(records))
     merged.setdefault("info", {})["spotfix"] = {
-        "source": PSEUDO_JSON, "source_sha256": hashlib.sha256(raw).hexdigest(), "counts": asdict(counts),
+        "source": PSEUDO_JSON, FIXED_SOURCE_DIGEST: digest, "counts": asdict(counts),
         "rule": "latest decision per object wins; accepted masks replace pseudo masks; rejected objects removed",
     }
-    path = write_json(workdir / FIXED_JSON, merged)
+    path = write_json(run.fixed_json, merged)
     return ExportResult(path=path, counts=counts)
-
-
-def export_fixes(workdir: str | Path) -> Path:
-    """Merge the fixes over the pseudo labels; returns ``WORKDIR/pseudo_labels_fixed.json``."""
-    return run_export(workdir).path
-
-
-def training_labels_path(workdir: str | Path) -> Path:
-    """The json stage 2 should train on: the merged fixes when present and made from the
-    current pseudo_labels.json, else pseudo_labels.json (a stale merge is logged, not used)."""
-    workdir = Path(workdir)
-    fixed, src = workdir / FIXED_JSON, workdir / PSEUDO_JSON
-    if not fixed.is_file():
-        return src
-    with open(fixed, encoding="utf-8") as fh:
-        recorded = json.load(fh).get("info", {}).get("spotfix", {}).get("source_sha256")
-    if src.is_file() and recorded != hashlib.sha256(src.read_bytes()).hexdigest():
-        log.warning("%s was merged from an older %s; run `exits export` again. Using the pseudo labels.", fixed, src.name)
-        return src
-    return fixed

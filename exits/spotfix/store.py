@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-FIXES_DIR = "fixes"
-FIXES_FILE = "fixes.jsonl"
+from exits.run_folder import RunFolder
+
 APP_VERSION = "exits-spotfix/1"
 
 Decision = Literal["accept", "reject"]
@@ -72,7 +72,7 @@ class FixesStore:
     """Append-only decisions of one run folder, with an incremental in-memory index."""
 
     def __init__(self, workdir: str | Path) -> None:
-        self.path = Path(workdir) / FIXES_DIR / FIXES_FILE
+        self.path = RunFolder(workdir).fixes_file
         self._mutex = threading.Lock()  # guards the index; flock alone is per open file
         self._offset = 0
         self._records: list[FixRecord] = []

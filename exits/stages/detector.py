@@ -12,7 +12,6 @@ evaluation ``predictions-<name>.json`` + ``metrics-<name>.json``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -21,13 +20,12 @@ from typing import Any
 
 from detectors import DetectorConfig, get_backend
 from detectors.evaluation import evaluate
-from exits.io import write_json
+from exits.io import file_digest, write_json
+from exits.run_folder import DETECTOR_DIR, FIXED_JSON, RunFolder
 
 log = logging.getLogger(__name__)
 
-DETECTOR_DIR = "detector"
-PSEUDO_JSON = "pseudo_labels.json"
-FIXED_PSEUDO_JSON = "pseudo_labels_fixed.json"
+FIXED_PSEUDO_JSON = FIXED_JSON
 TRAIN_SOURCE = "train_source.json"
 
 __all__ = ["DETECTOR_DIR", "FIXED_PSEUDO_JSON", "detector_train_json", "train_detector_stage",
@@ -35,35 +33,17 @@ __all__ = ["DETECTOR_DIR", "FIXED_PSEUDO_JSON", "detector_train_json", "train_de
 
 
 def detector_train_json(workdir: Path) -> Path:
-    """The json stage 2 trains on: the merged fixes when exported from the current pseudo
-    labels, else the pseudo labels (a merge made from older pseudo labels is logged and
-    not used: `exits export` again).
+    """The json stage 2 trains on (:meth:`exits.run_folder.RunFolder.training_labels`).
 
     Raises:
         FileNotFoundError: the run has no pseudo labels yet (names the folder).
     """
-    from exits.spotfix.export import training_labels_path
-
-    workdir = Path(workdir)
-    if not (workdir / PSEUDO_JSON).is_file():
-        raise FileNotFoundError(f"{workdir}: no {PSEUDO_JSON} (run stage 1 first: `exits run`)")
-    return training_labels_path(workdir)
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return RunFolder(workdir).training_labels()
 
 
 def run_images_dir(workdir: Path) -> Path:
     """The image folder the run was made from (``run.json``)."""
-    run_json = Path(workdir) / "run.json"
-    if not run_json.is_file():
-        raise FileNotFoundError(f"{workdir}: no run.json; pass the image folder explicitly")
-    return Path(json.loads(run_json.read_text(encoding="utf-8"))["images"])
+    return RunFolder(workdir).images_dir()
 
 
 def train_detector_stage(workdir: Path, cfg: DetectorConfig, images: Path | None = None,
@@ -78,21 +58,21 @@ def train_detector_stage(workdir: Path, cfg: DetectorConfig, images: Path | None
     workdir = Path(workdir)
     train_json = detector_train_json(workdir)
     images = Path(images) if images is not None else run_images_dir(workdir)
-    out_dir = Path(checkpoint_dir) if checkpoint_dir is not None else workdir / DETECTOR_DIR
+    out_dir = Path(checkpoint_dir) if checkpoint_dir is not None else RunFolder(workdir).detector_dir
     backend = get_backend(cfg.backend)  # fails here, before any work, if the backend is missing
     log.info("stage 2: training %s (%s) on %s", cfg.backend, cfg.arch, train_json.name)
     t0 = time.perf_counter()
     checkpoint = backend.train(train_json, images, cfg, out_dir)
-    record = {"checkpoint": str(checkpoint), "train_json": str(train_json), "train_json_blake2b": _digest(train_json),
+    record = {"checkpoint": str(checkpoint), "train_json": str(train_json), "train_json_blake2b": file_digest(train_json),
               "fixed": train_json.name == FIXED_PSEUDO_JSON, "backend": cfg.backend, "config": cfg.to_dict(),
               "seconds": round(time.perf_counter() - t0, 2)}
-    write_json(workdir / DETECTOR_DIR / TRAIN_SOURCE, record, indent=1)
+    write_json(RunFolder(workdir).detector_dir / TRAIN_SOURCE, record, indent=1)
     return record
 
 
 def final_checkpoint(workdir: Path) -> Path:
     """The checkpoint recorded by the last finished :func:`train_detector_stage`."""
-    source = Path(workdir) / DETECTOR_DIR / TRAIN_SOURCE
+    source = RunFolder(workdir).detector_dir / TRAIN_SOURCE
     if not source.is_file():
         raise FileNotFoundError(f"{workdir}: no trained detector ({source} missing; run `exits train-detector`)")
     return Path(json.loads(source.read_text(encoding="utf-8"))["checkpoint"])
@@ -114,7 +94,7 @@ def evaluate_detector_stage(workdir: Path, gt_json: Path, images: Path, cfg: Det
     predict_s = time.perf_counter() - t0
     metrics = evaluate(predictions, gt_json)
     metrics.update({"checkpoint": str(checkpoint), "gt_json": str(gt_json), "predict_seconds": round(predict_s, 2)})
-    out_dir = workdir / DETECTOR_DIR
+    out_dir = RunFolder(workdir).detector_dir
     write_json(out_dir / f"predictions-{name}.json", predictions)
     write_json(out_dir / f"metrics-{name}.json", metrics, indent=1)
     return metrics

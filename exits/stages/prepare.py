@@ -9,6 +9,7 @@ from exits.data.instances_table import build_instances_table, write_instances_ta
 from exits.data.reader import load_point_dataset
 from exits.data.validation import ValidationSummary
 from exits.io import write_json
+from exits.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,11 @@ def prepare_instances(annotations: Path, images: Path, workdir: Path, *, crop_ma
     ds = load_point_dataset(annotations, images, derive_missing_points=derive_missing_points,
                             point_tolerance_px=point_tolerance_px, check_images=check_images, progress=progress)
     table = build_instances_table(ds, margin=crop_margin, min_margin_px=crop_min_margin_px, crop_size=crop_size)
-    write_instances_table(table, workdir / "instances.parquet")
+    run = RunFolder(workdir)
+    write_instances_table(table, run.instances)
     summary = ValidationSummary.of(len(ds.objects) + sum(r.ann_id is not None for r in ds.rejections),
                                    len(ds.objects), ds.rejections)
-    write_json(workdir / "rejections.json", {
+    write_json(run.rejections, {
         "summary": asdict(summary),
         "rejections": [asdict(r) for r in ds.rejections],
     }, indent=1)

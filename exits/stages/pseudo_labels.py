@@ -33,6 +33,7 @@ from exits.eval.separated import count_parts_rle
 from exits.crf import crf_refine
 from exits.data.crops import paste_mask
 from exits.io import atomic_path, write_json
+from exits.run_folder import RunFolder
 from exits.stages.shards import read_shards
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,24 @@ def paste_pseudo_masks(probs: torch.Tensor, dataset: Any, images: dict[int, Any]
     return rows
 
 
+def shard_pseudo_label_table(probs: torch.Tensor, table: pa.Table, dataset: Any, labelled: torch.Tensor | None,
+                             target: torch.Tensor | None, threshold: float, progress: bool = False) -> pa.Table:
+    """One shard's ``PSEUDO_SCHEMA`` table: scores (:func:`mask_scores`) and pasted RLEs.
+
+    probs: (K, S, S) crop probabilities of the shard's K objects (:func:`predict_crop_probs`);
+    table: their K rows of the instances table (same order); labelled / target: (K, N, N)
+    point labels of the same objects, or None without retrieval.
+    """
+    box_masks = torch.stack([dataset[i]["box_mask"] for i in range(len(dataset))])
+    certainty, agreement, score = mask_scores(probs, box_masks, labelled, target, threshold)
+    cols = table.select(["image_id", "category_id", "height", "width"]).to_pydict()
+    sizes = {i: {"height": h, "width": w} for i, h, w in zip(cols["image_id"], cols["height"], cols["width"])}
+    rows = paste_pseudo_masks(probs, dataset, sizes, cols["image_id"], threshold, progress=progress)
+    scores = {r["ann_id"]: {"score": float(score[i]), "certainty": float(certainty[i]), "agreement": float(agreement[i])}
+              for i, r in enumerate(rows)}
+    return pseudo_label_table(rows, scores, cols["image_id"], cols["category_id"])
+
+
 def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float]], image_ids: Sequence[int],
                        category_ids: Sequence[int]) -> pa.Table:
     """Rows of :func:`paste_pseudo_masks` with their scores as a ``PSEUDO_SCHEMA`` table (same order).
@@ -144,8 +163,9 @@ def write_pseudo_label_files(annotations_json: Path, table: pa.Table, workdir: P
         order.append(i)
     data["annotations"] = anns
     data.setdefault("info", {})["pseudo_labels"] = "EXITS pseudo masks (segmentation replaced; score = mask confidence)"
-    json_path = write_json(Path(workdir) / "pseudo_labels.json", data)
-    pq_path = Path(workdir) / "pseudo_labels.parquet"
+    run = RunFolder(workdir)
+    json_path = write_json(run.pseudo_json, data)
+    pq_path = run.pseudo_parquet
     with atomic_path(pq_path) as tmp:
         pq.write_table(table.replace_schema_metadata(None).take(order), tmp)
     log.info("pseudo labels: %d objects -> %s", len(anns), json_path)

@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from exits.io import atomic_path
-
-SHARD_DIR = "shards"
+from exits.run_folder import SHARDS_DIR as SHARD_DIR
+from exits.run_folder import RunFolder
 KEY_METADATA = b"exits_shard_key"
 
 __all__ = ["SHARD_DIR", "shard_ranges", "shard_path", "write_shard", "shard_key", "read_shards"]
@@ -36,7 +36,7 @@ def shard_ranges(num_rows: int, shard_size: int) -> list[tuple[int, int]]:
 
 def shard_path(workdir: str | Path, stage: str, index: int) -> Path:
     """``WORKDIR/shards/{stage}-{index:05d}.parquet``."""
-    return Path(workdir) / SHARD_DIR / f"{stage}-{index:05d}.parquet"
+    return RunFolder(workdir).shard(stage, index)
 
 
 def write_shard(table: pa.Table, path: str | Path, key: str | None = None) -> Path:

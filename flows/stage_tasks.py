@@ -1,0 +1,72 @@
+"""The bodies the stage tasks share: a shard of a sharded stage, a training stage, and the
+map-then-merge of a sharded stage flow.
+
+The Prefect tasks themselves stay one decorated function per stage (each has its own
+parameters, which its cache key is built from); what they do is the same and lives here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from prefect import Task
+
+from exits.config import ExitsConfig
+from exits.engine import resolve_device
+from exits.run_folder import RunFolder
+from exits.stages.shards import shard_key, shard_ranges
+from flows.caching import current_cache_key, keyed_checkpoint_dir, output_record, prune_other_dirs, run_shards, run_task
+from flows.runtime import config_from, crop_dataset
+
+__all__ = ["compute_shard", "train_stage", "map_and_merge"]
+
+ShardFn = Callable[..., Path]  # (cfg, images, run, start, stop, out, device, key=) -> shard file
+TrainFn = Callable[..., Path]  # (cfg, dataset, run, device, progress, checkpoint_dir=) -> model file
+
+
+def compute_shard(stage_fn: ShardFn, stage: str, config: Mapping[str, Any], images: str, workdir: str,
+                  shard: int, start: int, stop: int) -> dict[str, Any]:
+    """Rows ``[start, stop)`` of a sharded stage into ``shards/<stage>-NNNNN.parquet``.
+
+    A shard file already written under the running task's cache key (a run killed after
+    writing it, before Prefect stored the result) is kept, not recomputed.
+    """
+    cfg = config_from(config)
+    run = RunFolder(workdir)
+    out = run.shard(stage, shard)
+    key = current_cache_key()
+    reused = key is not None and shard_key(out) == key
+    if not reused:
+        stage_fn(cfg, Path(images), run, start, stop, out, resolve_device(cfg.device), key=key)
+    return output_record({"shard": out}, rows=stop - start, reused=reused)
+
+
+def train_stage(stage_fn: TrainFn, model: Callable[[RunFolder], Path], config: Mapping[str, Any], instances: str,
+                images: str, workdir: str) -> dict[str, Any]:
+    """A training stage in a task: checkpoints keyed by the task's cache key (a changed setting
+    never resumes another run's epochs), superseded checkpoint folders removed at the end."""
+    cfg = config_from(config)
+    run = RunFolder(workdir)
+    checkpoints = keyed_checkpoint_dir(run.checkpoints(model(run)))
+    stage_fn(cfg, crop_dataset(instances, images, cfg.data.crop_size), run, str(resolve_device(cfg.device)),
+             progress=False, checkpoint_dir=checkpoints)
+    prune_other_dirs(checkpoints)
+    return output_record({"model": model(run)})
+
+
+def map_and_merge(stage: str, shard_task: Task, merge_task: Task, cfg: ExitsConfig, workdir: str,
+                  common: Mapping[str, Any], **merge_kwargs: Any) -> tuple[dict[str, Any], dict[str, str], int, int]:
+    """One ``shard_task`` per ``flows.shard_size`` rows of the instances table, then
+    ``merge_task(shards=[...in order], workdir=..., **merge_kwargs)``.
+
+    Returns (the merge's output record, {task name: state}, number of shards, shard files
+    reused from a killed run).
+    """
+    run = RunFolder(workdir)
+    ranges = shard_ranges(run.num_instances(), cfg.flows.shard_size)
+    records, states = run_shards(shard_task, run.prefect_results,
+                                 [dict(common, shard=i, start=a, stop=b) for i, (a, b) in enumerate(ranges)])
+    merged, merge_state = run_task(merge_task, run.prefect_results, {"retries": cfg.flows.retries},
+                                   shards=[r["outputs"]["shard"] for r in records], workdir=workdir, **merge_kwargs)
+    tasks = {f"{stage}-{i:05d}": s for i, s in enumerate(states)} | {merge_task.name: merge_state}
+    return merged, tasks, len(ranges), sum(bool(r["reused"]) for r in records)
