@@ -68,7 +68,8 @@ def retrieval_params(cfg: ExitsConfig) -> RetrievalParams:
                            tau_fg=r.tau_fg, tau_bg=r.tau_bg, sinkhorn_iters=r.sinkhorn_iters, normalize=r.normalize,
                            layers=tuple(r.layers), batch_size=r.batch_size,
                            appearance_weight=r.appearance_weight,
-                           appearance_sigma=r.appearance_sigma)
+                           appearance_sigma=r.appearance_sigma, raw_scale=r.raw_scale, min_mass=r.min_mass,
+                           neighbour_bg=r.neighbour_bg)
 
 
 def shard_dataset(paths: RunFolder, images: Path, crop_size: int, start: int, stop: int) -> tuple[pa.Table, ObjectCropDataset]:

@@ -14,7 +14,21 @@ the normalised difference
 i.e. "how much more likely is it to be reached from FG than from BG": +1 = only from FG,
 -1 = only from BG, tau_FG = 0.5 means pi_f >= 3 pi_b. It is invariant to the grid size and
 to the object's area, so one pair of taus serves every crop. ``normalize=False`` gives the
-paper's raw pi_f - pi_b (taus then in probability units, about 1/n).
+paper's raw rule pi_f - pi_b >= tau; with ``raw_scale="uniform"`` (the config default) the
+difference is multiplied by n,
+
+    score_raw = n (pi_f - pi_b),
+
+so tau is in multiples of the uniform walk probability 1/n and one tau serves every grid
+(tau = 1: the FG walk reaches the patch with one uniform share more than the BG walk);
+the paper's tau in probability units is tau / n. ``raw_scale="probability"`` keeps the
+unscaled difference (taus ~1/n: a tau like 0.2 retrieves nothing).
+
+Minimum mass. ``min_mass`` > 0 labels only patches the two walks actually reach:
+
+    mass_i = n (pi_f(i) + pi_b(i)) / 2 >= min_mass       (1 = the uniform share)
+
+which removes the ratio's instability on patches both walks barely reach.
 Caveat: the ratio ignores how much mass reaches a patch. If T is close to the identity
 (attention almost all on itself), a patch that neither walk reaches (pi_f + pi_b << 1/n)
 gets a ratio decided by tiny leaks, which is unstable; the raw difference stays near 0
@@ -84,10 +98,15 @@ def propagation_scores(
     return pi[:, 0], pi[:, 1]
 
 
-def retrieval_score(pi_f: Tensor, pi_b: Tensor, normalize: bool = True) -> Tensor:
-    """score = (pi_f - pi_b) / (pi_f + pi_b) (0 where both are 0), or pi_f - pi_b raw."""
+def retrieval_score(pi_f: Tensor, pi_b: Tensor, normalize: bool = True, raw_scale: str = "probability") -> Tensor:
+    """score = (pi_f - pi_b) / (pi_f + pi_b) (0 where both are 0), or the raw difference:
+    pi_f - pi_b (``raw_scale="probability"``) or n (pi_f - pi_b) (``"uniform"``), (B, n) -> (B, n)."""
     diff = pi_f - pi_b
     if not normalize:
+        if raw_scale == "uniform":
+            return diff * pi_f.shape[-1]
+        if raw_scale != "probability":
+            raise ValueError(f"raw_scale must be 'uniform' or 'probability', got {raw_scale!r}")
         return diff
     total = pi_f + pi_b
     return torch.where(total > 0, diff / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(diff))
@@ -125,6 +144,8 @@ def retrieve_points(
     normalize: bool = True,
     sinkhorn_eps: float = 1e-6,
     sinkhorn_tol: float | None = DEFAULT_SINKHORN_TOL,
+    raw_scale: str = "probability",
+    min_mass: float = 0.0,
 ) -> Retrieval:
     """Pseudo FG/BG patches of B objects from their similarity matrices and seed sets.
 
@@ -151,13 +172,18 @@ def retrieve_points(
             one-hot rows) converges slowly; there 50 iterations leave ~1% marginal error.
         normalize: score = (pi_f - pi_b) / (pi_f + pi_b) if True (grid-size independent
             taus), the paper's raw pi_f - pi_b if False.
+        raw_scale: "probability" (pi_f - pi_b) or "uniform" (n (pi_f - pi_b)) for the raw
+            rule; see the module docstring.
+        min_mass: label only patches with n (pi_f + pi_b) / 2 >= min_mass (0 = off).
     Returns:
         Retrieval (all tensors on S's device).
     """
     fg, bg, box = (m.to(S.device) for m in (seeds.fg, seeds.bg, seeds.box))
     pi_f, pi_b = propagation_scores(S, fg, bg, alpha, sinkhorn_iters, sinkhorn_eps, sinkhorn_tol)
-    score = retrieval_score(pi_f, pi_b, normalize)
+    score = retrieval_score(pi_f, pi_b, normalize, raw_scale)
     valid = fg.any(dim=-1) & bg.any(dim=-1)
+    if min_mass > 0:
+        box = box & (0.5 * pi_f.shape[-1] * (pi_f + pi_b) >= min_mass)
     pseudo_fg, pseudo_bg = label_points(score, box, tau_fg, tau_bg, valid)
     return Retrieval(
         pseudo_fg=pseudo_fg,

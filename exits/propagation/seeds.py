@@ -19,7 +19,15 @@ Seed sets (paper: P_FG, P_BG, P_Box):
   * P_BG: patches with no overlap with the box (zero-area contact, i.e. sharing an edge,
     is no overlap).
   * P_Box: patches overlapping the box, minus P_FG; these get pseudo labels.
-  The three masks are disjoint; P_FG and P_Box together are the complement of P_BG.
+  * Extra BG seeds (optional, ``extra_bg``): patches known to be background from elsewhere
+    than the box, e.g. the FG seeds of the other objects of the same image (visible masks
+    do not overlap, so another object's interior is not this object). They join P_BG and
+    leave P_Box (they are seeds, not retrieval candidates); FG seeds win a conflict. With
+    ``extra_bg_only_if_empty`` they are used only for objects whose box leaves no patch
+    outside it (a box filling the clipped crop: an object spanning the image), which
+    otherwise have no BG seed, no valid retrieval and train on MIL alone.
+  The three masks are disjoint; without extra BG seeds P_FG and P_Box together are the
+  complement of P_BG.
 """
 from __future__ import annotations
 
@@ -87,7 +95,8 @@ def box_overlap_mask(box: Tensor, crop_size: int, grid: int) -> Tensor:
     return (rows.unsqueeze(-1) & cols.unsqueeze(-2)).flatten(1)
 
 
-def seed_masks(points: Tensor, box: Tensor, crop_size: int, grid: int, delta: float) -> SeedMasks:
+def seed_masks(points: Tensor, box: Tensor, crop_size: int, grid: int, delta: float,
+               extra_bg: Tensor | None = None, extra_bg_only_if_empty: bool = True) -> SeedMasks:
     """P_FG, P_BG and P_Box of B objects on the N x N patch grid (see module docstring).
 
     Args:
@@ -97,6 +106,8 @@ def seed_masks(points: Tensor, box: Tensor, crop_size: int, grid: int, delta: fl
         crop_size: side of the square crop in pixels.
         grid: N, patches per side.
         delta: inward move of the extreme points, pixels.
+        extra_bg: optional (B, N*N) bool, more BG seeds (see module docstring).
+        extra_bg_only_if_empty: use ``extra_bg`` only in rows whose P_BG is otherwise empty.
     Returns:
         SeedMasks with fg, bg, box each (B, N*N) bool, on the device of ``points``.
     """
@@ -115,4 +126,12 @@ def seed_masks(points: Tensor, box: Tensor, crop_size: int, grid: int, delta: fl
     # A point outside its own box (inconsistent input) must not be both FG and BG seed.
     bg = ~overlap & ~fg
     in_box = overlap & ~fg
+    if extra_bg is not None:
+        if extra_bg.shape != (B, n):
+            raise ValueError(f"extra_bg must be (B, N*N) = {(B, n)}, got {tuple(extra_bg.shape)}")
+        extra = extra_bg.to(device=points.device, dtype=torch.bool) & ~fg
+        if extra_bg_only_if_empty:
+            extra = extra & ~bg.any(dim=1, keepdim=True)
+        bg = bg | extra
+        in_box = in_box & ~extra
     return SeedMasks(fg=fg, bg=bg, box=in_box, fg_points=inner)

@@ -44,13 +44,19 @@ def point_label_masks(points: pa.Table, crop_points: np.ndarray, crop_boxes: np.
                       grid: int, delta_px: float) -> dict[str, torch.Tensor]:
     """Per-object patch sets as (num_objects, N*N) bool tensors: seed_fg, seed_bg, pseudo_fg, pseudo_bg.
 
-    Seeds are recomputed from the extreme points (cheap, exact); retrieved sets come from
-    the points table, whose rows are in dataset order.
+    Seeds are recomputed from the extreme points (cheap, exact), plus the BG seeds the
+    retrieval took from the image's other objects (``seed_bg_extra``); retrieved sets come
+    from the points table, whose rows are in dataset order.
     """
     n = grid * grid
     seeds = seed_masks(torch.from_numpy(crop_points).float(), torch.from_numpy(crop_boxes).float(),
                        crop_size, grid, delta_px)
-    out = {"seed_fg": seeds.fg, "seed_bg": seeds.bg,
+    seed_bg = seeds.bg.clone()
+    if points is not None and "seed_bg_extra" in points.column_names:
+        for i, idx in enumerate(points.column("seed_bg_extra").to_pylist()):
+            seed_bg[i, idx] = True
+        seed_bg &= ~seeds.fg
+    out = {"seed_fg": seeds.fg, "seed_bg": seed_bg,
            "pseudo_fg": torch.zeros((len(crop_points), n), dtype=torch.bool),
            "pseudo_bg": torch.zeros((len(crop_points), n), dtype=torch.bool)}
     if points is not None:

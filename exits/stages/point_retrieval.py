@@ -3,6 +3,8 @@
 Per batch of crops: S = head/layer-mean attention over patch tokens (B, n, n) ->
 Sinkhorn -> T = (A + A^T)/2 -> random walks from P_FG and P_BG -> thresholds. The result
 is one Parquet row per object with its patch indices (the labels of the point loss).
+BG seeds from the image's other objects (``exits.propagation.neighbours``) are stored in
+``seed_bg_extra`` so the generator's point loss uses the same seeds as the retrieval.
 Dataset-wide runs compute it per shard of objects (``exits.stages.shards``) and merge the
 shard files into ``points.parquet`` with :func:`merge_points`.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +27,9 @@ from exits.stages.shards import read_shards
 from exits.models import similarity_matrix
 from exits.propagation import retrieve_points, seed_masks
 from exits.propagation.appearance import mix_similarity
+from exits.propagation.neighbours import neighbour_bg_seeds
+
+log = logging.getLogger(__name__)
 
 POINTS_SCHEMA = pa.schema(
     [
@@ -33,6 +40,8 @@ POINTS_SCHEMA = pa.schema(
         ("pseudo_fg", pa.list_(pa.int32())),  # retrieved foreground patches (P^_FG)
         ("pseudo_bg", pa.list_(pa.int32())),  # retrieved background patches (P^_BG)
         ("num_box", pa.int32()),              # |P_Box|
+        ("seed_bg_extra", pa.list_(pa.int32())),  # BG seeds from the image's other objects (in P_BG)
+        ("valid", pa.bool_()),                # both seed sets non-empty (else nothing is retrieved)
     ]
 )
 
@@ -51,6 +60,9 @@ class RetrievalParams:
     batch_size: int
     appearance_weight: float = 0.0
     appearance_sigma: float = 0.05
+    raw_scale: str = "uniform"
+    min_mass: float = 0.0
+    neighbour_bg: str = "fallback"   # off | fallback (only objects with no BG seed) | always
 
 
 @torch.no_grad()
@@ -61,14 +73,21 @@ def retrieve_dataset_points(model: torch.nn.Module, dataset: torch.utils.data.Da
     loader = DataLoader(dataset, batch_size=params.batch_size, shuffle=False)
     rows: dict[str, list] = {name: [] for name in POINTS_SCHEMA.names}
     ann_ids = getattr(dataset, "ann_ids")
+    extra_all = None
+    if params.neighbour_bg != "off":
+        extra_all = neighbour_bg_seeds(dataset.file_names, dataset.windows, dataset.points_crop, dataset.boxes,
+                                       params.grid, params.delta_px)
     for batch in tqdm(loader, desc="retrieving points", disable=not progress, unit="batch"):
         images = batch["image"].to(device)
         S = similarity_matrix(model, images, layers=params.layers).float()
         S = mix_similarity(S, images, params.grid, params.appearance_weight, params.appearance_sigma)
+        extra = extra_all[batch["index"]] if extra_all is not None else None
         seeds = seed_masks(batch["points"].to(device), batch["box"].to(device), params.crop_size, params.grid,
-                           params.delta_px)
+                           params.delta_px, extra_bg=extra, extra_bg_only_if_empty=params.neighbour_bg == "fallback")
         ret = retrieve_points(S, seeds, alpha=params.alpha, tau_fg=params.tau_fg, tau_bg=params.tau_bg,
-                              sinkhorn_iters=params.sinkhorn_iters, normalize=params.normalize)
+                              sinkhorn_iters=params.sinkhorn_iters, normalize=params.normalize,
+                              raw_scale=params.raw_scale, min_mass=params.min_mass)
+        outside = seed_masks(batch["points"], batch["box"], params.crop_size, params.grid, params.delta_px).bg.numpy()
         fg, bg = ret.pseudo_fg.cpu().numpy(), ret.pseudo_bg.cpu().numpy()
         seed_fg, seed_bg, box = seeds.fg.cpu().numpy(), seeds.bg.cpu().numpy(), seeds.box.cpu().numpy()
         for j, idx in enumerate(batch["index"].tolist()):
@@ -79,7 +98,32 @@ def retrieve_dataset_points(model: torch.nn.Module, dataset: torch.utils.data.Da
             rows["pseudo_fg"].append(np.flatnonzero(fg[j]).astype(np.int32).tolist())
             rows["pseudo_bg"].append(np.flatnonzero(bg[j]).astype(np.int32).tolist())
             rows["num_box"].append(int(box[j].sum()))
-    return pa.table(rows, schema=POINTS_SCHEMA)
+            rows["seed_bg_extra"].append(np.flatnonzero(seed_bg[j] & ~outside[j]).astype(np.int32).tolist())
+            rows["valid"].append(bool(ret.valid[j]))
+    table = pa.table(rows, schema=POINTS_SCHEMA)
+    stats = retrieval_stats(table)
+    log.info("point retrieval: %d objects, %.1f%% with no BG seed outside the box, %.1f%% invalid (no seed set), "
+             "%.1f%% with nothing retrieved (MIL only), %.1f FG / %.1f BG points per object",
+             stats["objects"], 100 * stats["share_no_box_bg_seed"], 100 * stats["share_invalid"],
+             100 * stats["share_no_retrieval"], stats["fg_per_object"], stats["bg_per_object"])
+    return table
+
+
+def retrieval_stats(table: pa.Table) -> dict[str, float]:
+    """Shares of objects without seeds / without any retrieved point, and points per object."""
+    n = max(1, table.num_rows)
+    fg = [len(v) for v in table.column("pseudo_fg").to_pylist()]
+    bg = [len(v) for v in table.column("pseudo_bg").to_pylist()]
+    extra = [len(v) for v in table.column("seed_bg_extra").to_pylist()]
+    no_box_bg = [s - e == 0 for s, e in zip(table.column("num_seed_bg").to_pylist(), extra)]
+    return {
+        "objects": table.num_rows,
+        "share_no_box_bg_seed": sum(no_box_bg) / n,
+        "share_invalid": sum(not v for v in table.column("valid").to_pylist()) / n,
+        "share_no_retrieval": sum(a + b == 0 for a, b in zip(fg, bg)) / n,
+        "fg_per_object": sum(fg) / n,
+        "bg_per_object": sum(bg) / n,
+    }
 
 
 def write_points(table: pa.Table, path: Path) -> Path:
