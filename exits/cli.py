@@ -5,13 +5,13 @@ validated config sections to the library.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from exits.cli_support import fail, setup_logging
 from exits.config import ConfigError, load_config
 from exits.data import DatasetError
 
@@ -23,16 +23,6 @@ app = typer.Typer(
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file, or a name in configs/ (demo, coco, lvis, voc)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config value, e.g. --set generator.optim.epochs=3 (repeatable)")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 @app.command("demo-data")
@@ -62,7 +52,7 @@ def validate(
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Check an annotation file: list every rejected record and why."""
-    _setup_logging(False)
+    setup_logging(False)
     try:
         cfg = load_config(config, overrides or [])
         from exits.data import load_point_dataset
@@ -71,7 +61,7 @@ def validate(
                                 point_tolerance_px=cfg.data.point_tolerance_px, check_images=cfg.data.check_images,
                                 progress=True)
     except (ConfigError, DatasetError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for r in ds.rejections:
         typer.echo(str(r))
     typer.echo(f"{len(ds.objects)} objects in {len(ds.images)} images are usable; {len(ds.rejections)} records rejected")
@@ -95,8 +85,7 @@ def run(
     run resumes. Without PREFECT_API_URL it uses a temporary local Prefect server. With
     `train_detector: true` in the config (or --set train_detector=true) stage 2 follows.
     """
-    _setup_logging(verbose)
-    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)  # one line per Prefect API call
+    setup_logging(verbose)
     try:
         cfg = load_config(config, overrides or [])
         _check_inputs(images, annotations, gt)
@@ -105,17 +94,24 @@ def run(
 
         result = run_pipeline_flow(images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt, val_gt=val)
     except (ConfigError, DatasetError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
+    except RuntimeError as exc:
+        from flows.prefect_env import prefect_startup_hint
+
+        hint = prefect_startup_hint(exc)
+        if hint is None:
+            raise
+        fail(hint)
     result.pop("task_states", None)  # per-task detail stays in WORKDIR/run_summary.json
     typer.echo(_format_summary(result))
 
 
 def _check_inputs(images: Path, annotations: Path, gt: Optional[Path]) -> None:
     if not images.is_dir():
-        _fail(f"image folder not found: {images}")
+        fail(f"image folder not found: {images}")
     for path in (annotations, gt):
         if path is not None and not path.is_file():
-            _fail(f"annotation file not found: {path}")
+            fail(f"annotation file not found: {path}")
 
 
 @app.command()
@@ -137,8 +133,7 @@ def serve(
     its UI. Each scheduled run is `exits run` with these inputs and config; cached stages
     are not recomputed.
     """
-    _setup_logging(False)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging(False)
     try:
         cfg = load_config(config, overrides or [])
         _check_inputs(images, annotations, gt)
@@ -148,7 +143,7 @@ def serve(
         serve_pipeline(cron=cron, images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt, name=name,
                        timezone=timezone, val_gt=val)
     except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command()
@@ -159,13 +154,13 @@ def report(
     worst: int = typer.Option(12, "--worst", min=0, help="objects in the worst-IoU gallery"),
 ) -> None:
     """mIoU report of the pseudo masks: WORKDIR/report/ (metrics.parquet, summary.json, report.md, report.html)."""
-    _setup_logging(False)
+    setup_logging(False)
     from exits.stages.report import write_report
 
     try:
         summary = write_report(workdir, gt=gt, separated_ids=separated_ids, n_worst=worst)
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     from exits.eval import format_summary_markdown
 
     typer.echo(format_summary_markdown(summary))

@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from exits.config import ConfigError, load_config
+from exits.cli_support import fail, run_config, setup_logging
+from exits.config import ConfigError
 
 WorkdirOpt = typer.Option(..., "--workdir", "-w", help="run folder with pseudo_labels.json (stage 1 done)")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config or a name in configs/ (default: WORKDIR/config.yaml)")
@@ -20,19 +21,11 @@ BackendOpt = typer.Option(None, "--backend", "-b", help="torchvision | detectron
 ImagesOpt = typer.Option(None, "--images", "-i", help="image folder (default: the run's, from run.json)")
 
 
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
 def detector_config(workdir: Path, config: Optional[str], overrides: list[str], backend: Optional[str]):
     """The validated ``detector`` settings for a run folder (the edge: validated once here)."""
-    source = config if config is not None else workdir / "config.yaml"
-    if config is None and not Path(source).is_file():
-        source = None  # a run folder made by hand: defaults
     if backend is not None:
         overrides = [*overrides, f"detector.backend={backend}"]
-    return load_config(str(source) if source is not None else None, overrides).detector
+    return run_config(workdir, config, overrides).detector
 
 
 def train_detector_command(
@@ -48,15 +41,14 @@ def train_detector_command(
     exists, else on WORKDIR/pseudo_labels.json; never on GT masks. Writes WORKDIR/detector/
     (checkpoints, train_log.json, train_source.json); an interrupted run resumes.
     """
-    from exits.cli import _setup_logging
     from exits.stages.detector import train_detector_stage
 
-    _setup_logging(False)
+    setup_logging(False)
     try:
         cfg = detector_config(workdir, config, overrides or [], backend)
         record = train_detector_stage(workdir, cfg, images)
     except (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"trained {record['backend']} on {record['train_json']} in {record['seconds']:.0f} s")
     typer.echo(f"checkpoint: {record['checkpoint']}")
 
@@ -72,16 +64,15 @@ def evaluate_detector_command(
 ) -> None:
     """Predict on every image of --gt and report COCO bbox/segm AP (LVIS AP for LVIS json)
     and mask AP on the separated objects. Writes WORKDIR/detector/metrics-<gt stem>.json."""
-    from exits.cli import _setup_logging
     from exits.stages.detector import evaluate_detector_stage, metrics_summary, run_images_dir
 
-    _setup_logging(False)
+    setup_logging(False)
     if not gt.is_file():
-        _fail(f"GT json not found: {gt}")
+        fail(f"GT json not found: {gt}")
     try:
         cfg = detector_config(workdir, config, overrides or [], backend)
         metrics = evaluate_detector_stage(workdir, gt, images or run_images_dir(workdir), cfg, checkpoint)
     except (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(json.dumps(metrics_summary(metrics), indent=1))
     typer.echo(f"metrics: {workdir / 'detector' / f'metrics-{gt.stem}.json'}")

@@ -3,11 +3,11 @@
 The flows are thin: their tasks take paths and small values and call the stage functions
 of :mod:`exits.pipeline`; every output is a file in the run folder.
 """
-import os
+from flows.prefect_env import apply_prefect_defaults
 
-# Machines here are offline: a (temporary) Prefect server must not try to send analytics.
-# Set before a Prefect server subprocess starts: it inherits this environment.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Before Prefect is imported: its settings are read then, and a temporary server inherits them
+# (startup timeout for a first start on a fresh machine, no analytics offline).
+apply_prefect_defaults()
 
 from flows.deploy import build_deployment, serve_pipeline  # noqa: E402
 from flows.detector import train_detector_flow  # noqa: E402

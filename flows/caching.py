@@ -43,6 +43,7 @@ from prefect.utilities.hashing import hash_objects
 
 import exits
 from exits.io import file_digest
+from exits.progress import Eta
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,8 @@ class ShardProgress:
     """
 
     def __init__(self, name: str, total: int):
-        self.total, self.done, self.artifact_id = max(1, total), 0, None
+        self.name, self.total, self.done, self.artifact_id = name, max(1, total), 0, None
+        self.eta = Eta(self.total)
         try:
             self.artifact_id = create_progress_artifact(0.0, key=f"{name}-progress",
                                                         description=f"{name}: shards finished")
@@ -172,6 +174,7 @@ class ShardProgress:
 
     def update(self, done: int) -> None:
         self.done = done
+        log.info("%s: shards %s", self.name, self.eta.describe(done))
         if self.artifact_id is None:
             return
         try:

@@ -43,6 +43,7 @@ from exits.engine.distributed import DistInfo, all_gather_objects, barrier, init
 from exits.engine.ema import ModelEMA
 from exits.engine.optim import build_optimizer
 from exits.engine.schedule import build_scheduler
+from exits.progress import Eta
 
 __all__ = ["TrainSettings", "TrainTask", "TrainResult", "train", "train_one_epoch", "resolve_device", "seed_everything"]
 
@@ -323,6 +324,7 @@ def train(model: nn.Module, dataset: Dataset, task: TrainTask, settings: TrainSe
     if info.is_main:
         logger.info("training %d epochs x %d steps, global batch %d on %d process(es), device %s, amp %s, ema %s",
                     settings.epochs, steps_per_epoch, settings.batch_size, info.world_size, info.device, autocast_dtype, settings.ema_decay)
+    eta = Eta(settings.epochs, done_before=start_epoch)
     for epoch in range(start_epoch, settings.epochs):
         on_epoch_start = getattr(task, "on_epoch_start", None)
         if on_epoch_start is not None:
@@ -332,7 +334,7 @@ def train(model: nn.Module, dataset: Dataset, task: TrainTask, settings: TrainSe
         record = train_one_epoch(state, loader, task, settings, info, epoch, progress)
         history.append(record)
         if info.is_main:
-            logger.info("epoch %d/%d  %s", epoch + 1, settings.epochs, _format({k: v for k, v in record.items() if k != "epoch"}))
+            logger.info("epoch %s  %s", eta.describe(epoch + 1), _format({k: v for k, v in record.items() if k != "epoch"}))
         if checkpoint_path is not None:
             _save(checkpoint_path, model, state, settings, info, epoch, history)
 

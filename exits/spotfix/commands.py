@@ -3,7 +3,6 @@ exits/cli.py)."""
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import secrets
 from dataclasses import asdict
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from exits.cli_support import fail, setup_logging
 
 ENV_TOKEN = "EXITS_SPOTFIX_TOKEN"
 LOOPBACK_NAMES = ("localhost",)
@@ -40,11 +41,6 @@ def resolve_token(host: str, token: Optional[str]) -> Optional[str]:
     return token
 
 
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
 def spotfix_command(
     workdir: Path = typer.Option(..., "--workdir", "-w", help="run folder with pseudo_labels.json"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but loopback requires a token"),
@@ -62,7 +58,7 @@ def spotfix_command(
     import torch
 
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(False)
     from exits.spotfix.app import create_app
     from exits.spotfix.catalog import CatalogError, RunCatalog
     from exits.spotfix.editors import EditorUnavailable, load_editor
@@ -72,7 +68,7 @@ def spotfix_command(
         catalog = RunCatalog.load(workdir, images)
         mask_editor = load_editor(editor, workdir, catalog, device=device)
     except (ValueError, EditorUnavailable, CatalogError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     loopback = is_loopback(host)
     app = create_app(workdir, mask_editor, token=required, user=user, catalog=catalog, editor_name=editor,
                      allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"] if loopback else None)
@@ -93,7 +89,7 @@ def export_command(
     try:
         result = run_export(workdir)
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for key, value in asdict(result.counts).items():
         typer.echo(f"{key}: {value}")
     typer.echo(f"written: {result.path}")
