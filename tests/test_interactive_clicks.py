@@ -27,7 +27,29 @@ def test_disk_maps_exact_pixels():
     assert _pixels(frac) == {(3, 2), (3, 3)}  # row 3, columns 2 and 3 at distance 0.5
 
 
-def test_state_rules():
+# InterFormer's transitions, written out: (state, prediction is fg) -> next state.
+TRANSITION_TABLE = [
+    (UNKNOWN, True, POSSIBLE_FG), (UNKNOWN, False, POSSIBLE_BG),
+    (POSSIBLE_FG, True, POSSIBLE_FG), (POSSIBLE_FG, False, UNKNOWN),
+    (POSSIBLE_BG, True, UNKNOWN), (POSSIBLE_BG, False, POSSIBLE_BG),
+    (DEFINITE_FG, True, DEFINITE_FG), (DEFINITE_FG, False, DEFINITE_FG),
+    (DEFINITE_BG, True, DEFINITE_BG), (DEFINITE_BG, False, DEFINITE_BG),
+]
+
+
+@pytest.mark.parametrize("state, pred_fg, expected", TRANSITION_TABLE)
+def test_state_transition_table(state, pred_fg, expected):
+    out = update_with_prediction(np.full((3, 4), state, np.uint8), np.full((3, 4), pred_fg))
+    assert out.dtype == np.uint8 and (out == expected).all()
+
+
+def test_state_transitions_pixelwise_on_a_mixed_map():
+    states = np.array([[s for s, _, _ in TRANSITION_TABLE]], np.uint8)
+    preds = np.array([[p for _, p, _ in TRANSITION_TABLE]])
+    assert update_with_prediction(states, preds).tolist() == [[e for _, _, e in TRANSITION_TABLE]]
+
+
+def test_state_rules_clicks_and_initial_state():
     prev = np.zeros((8, 8), bool)
     prev[2:6, 2:6] = True
     assert (initial_state(None, (8, 8)) == UNKNOWN).all()
@@ -37,32 +59,37 @@ def test_state_rules():
     assert _pixels(s1 == DEFINITE_FG) == {(1, 1), (0, 1), (2, 1), (1, 0), (1, 2)}
     s2 = apply_click(s1, (2.0, 1.0, False), 1.0)  # overlaps: the later click wins
     assert s2[1, 2] == DEFINITE_BG and s2[1, 1] == DEFINITE_BG and s2[0, 1] == DEFINITE_FG
-    pred = np.ones((8, 8), bool)
-    s3 = update_with_prediction(s2, pred)
-    definite = (s2 == DEFINITE_FG) | (s2 == DEFINITE_BG)
-    assert (s3[definite] == s2[definite]).all()
-    assert (s3[~definite] == POSSIBLE_FG).all()
-    assert (update_with_prediction(s2, ~pred)[~definite] == POSSIBLE_BG).all()
+    # re-applying the same clicks to a carried state changes nothing
+    assert np.array_equal(state_map([(1.0, 1.0, True), (2.0, 1.0, False)], None, (8, 8), 1.0, s2), s2)
 
 
-def test_state_map_equals_incremental_process():
-    rng = np.random.default_rng(3)
-    clicks = [(float(rng.integers(16)), float(rng.integers(16)), bool(rng.random() < 0.5)) for _ in range(5)]
-    preds = [rng.random((16, 16)) < 0.5 for _ in clicks]
-    state, prev_pred = initial_state(None, (16, 16)), None
-    for k, click in enumerate(clicks):  # click, predict, update; the last click not yet predicted
-        state = apply_click(state, click, 2.0)
-        if k < len(clicks) - 1:
-            state = update_with_prediction(state, preds[k])
-            prev_pred = preds[k]
-    assert np.array_equal(state, state_map(clicks, prev_pred, (16, 16), 2.0))
-    assert (state == DEFINITE_FG).any() or (state == DEFINITE_BG).any()
+def test_state_is_carried_and_flipped_pixels_pass_through_unknown():
+    """A pixel the prediction flips becomes UNKNOWN, and settles one prediction later; the
+    carried state differs from the one rebuilt from the last mask alone."""
+    prev = np.zeros((6, 6), bool)
+    prev[:, :3] = True
+    z = initial_state(prev, (6, 6))
+    z = apply_click(z, (0.0, 0.0, True), 0.5)
+    pred1 = np.zeros((6, 6), bool)
+    pred1[:, :4] = True  # column 3 flips bg -> fg
+    pred1[0, 0] = True
+    z1 = update_with_prediction(z, pred1)
+    assert (z1[:, 3] == UNKNOWN).all() and (z1[1:, :3] == POSSIBLE_FG).all() and z1[0, 0] == DEFINITE_FG
+    assert not np.array_equal(z1, state_map([(0.0, 0.0, True)], pred1, (6, 6), 0.5))  # memory matters
+    z2 = update_with_prediction(z1, pred1)  # the flip is confirmed
+    assert (z2[:, 3] == POSSIBLE_FG).all()
+    pred3 = pred1.copy()
+    pred3[:, 3] = False  # and undone again
+    assert (update_with_prediction(z2, pred3)[:, 3] == UNKNOWN).all()
 
 
 def test_encode_click_maps_one_hot_and_padding():
     maps = encode_click_maps([(3.0, 3.0, True)], None, (12, 12), 1.0)
-    assert maps.shape == (7, 12, 12)
-    assert np.allclose(maps[2:].sum(0).numpy(), 1.0)
+    assert maps.shape == (8, 12, 12)
+    assert np.allclose(maps[2:7].sum(0).numpy(), 1.0) and (maps[7] == 0).all()  # no previous mask
+    prev = np.zeros((12, 12), bool)
+    prev[5:9, 5:9] = True
+    assert np.array_equal(encode_click_maps([], prev, (12, 12), 1.0)[7].numpy() > 0, prev)
     assert maps[2 + DEFINITE_FG, 3, 3] == 1 and maps[2 + UNKNOWN, 0, 0] == 1
     pts, valid = clicks_tensor([[(1.0, 2.0, True)], [], [(3.0, 4.0, False), (5.0, 6.0, True)]])
     assert pts.shape == (3, 2, 3) and valid.tolist() == [[True, False], [False, False], [True, True]]

@@ -9,7 +9,7 @@ import torch
 from exits.interactive.attention import InteractiveAttentionBlock, PyramidPool
 from exits.interactive.clicks import encode_click_maps
 from exits.interactive.config import ClickModelConfig
-from exits.interactive.decoder import OUTSIDE_LOGIT, ClickDecoder
+from exits.interactive.decoder import ClickDecoder
 from exits.interactive.inference import build_inputs
 from exits.interactive.progressive import progressive_update
 from exits.interactive.prototypes import gpa, maskslic_seeds, prototype_count, sgc_prototypes
@@ -133,7 +133,7 @@ def test_progressive_changes_only_the_touched_region():
     assert np.array_equal(progressive_update(prev, prev, (9.0, 4.0, True)), prev)
 
 
-@pytest.mark.parametrize("off", ["none", "use_imsa", "use_spm", "use_prototypes", "use_zoom"])
+@pytest.mark.parametrize("off", ["none", "use_imsa", "use_spm", "use_prototypes", "use_zoom", "use_fdm", "use_pdm"])
 def test_decoder_shapes_with_each_part_off(off):
     cfg = ClickModelConfig(dim=32, heads=4, pool_sizes=(1, 2), **({} if off == "none" else {off: False}))
     dec = ClickDecoder(cfg, embed_dim=24).eval()
@@ -142,19 +142,24 @@ def test_decoder_shapes_with_each_part_off(off):
     prev[8:20, 8:16] = True
     maps, pts, valid = build_inputs([[(10.0, 12.0, True)], [(12.0, 12.0, True), (25.0, 25.0, False)]],
                                     [None, prev], 32, 2.0, "cpu")
-    logits = dec(tokens, (4, 4), crops, maps, pts, valid)
+    with torch.no_grad():
+        out = dec.forward_all(tokens, (4, 4), crops, maps, pts, valid)
+    logits = out.logits
     assert logits.shape == (2, 1, 32, 32) and torch.isfinite(logits).all()
     if cfg.use_zoom:
-        box = dec.zoom_boxes(maps, pts, valid)[1].tolist()
-        assert box != [0.0, 0.0, 32.0, 32.0]
-        cols = (np.arange(32) + 0.5 >= box[0]) & (np.arange(32) + 0.5 <= box[2])
-        rows = (np.arange(32) + 0.5 >= box[1]) & (np.arange(32) + 0.5 <= box[3])
-        outside = ~(rows[:, None] & cols[None, :])
-        expected = np.where(prev, OUTSIDE_LOGIT, -OUTSIDE_LOGIT)
-        assert np.allclose(logits[1, 0].detach().numpy()[outside], expected[outside])
-        assert dec.zoom_boxes(maps, pts, valid)[0].tolist() == [0.0, 0.0, 32.0, 32.0]  # no prior: no zoom
+        assert out.refine is not None
+        for i in range(2):
+            box = out.refine.boxes[i].tolist()
+            cols = (np.arange(32) + 0.5 >= box[0]) & (np.arange(32) + 0.5 <= box[2])
+            rows = (np.arange(32) + 0.5 >= box[1]) & (np.arange(32) + 0.5 <= box[3])
+            outside = ~(rows[:, None] & cols[None, :])
+            # IAM: outside the RoI the coarse whole-crop pass stays
+            assert np.allclose(logits[i, 0].numpy()[outside], out.coarse.logits[i, 0].numpy()[outside])
+    else:
+        assert out.refine is None and torch.equal(logits, out.coarse.logits)
     names = {n.split(".")[0] for n, _ in dec.named_parameters()}
-    part = {"use_imsa": "imsa", "use_spm": "spm", "use_prototypes": "prototypes"}.get(off)
+    part = {"use_imsa": "imsa", "use_spm": "spm", "use_prototypes": "prototypes", "use_fdm": "fdm",
+            "use_pdm": "pdm"}.get(off)
     if part:
         assert part not in names
 

@@ -1,23 +1,39 @@
-"""Click encoding: disk maps and the 5-state map (InterFormer), in crop pixel coordinates.
+"""Click encoding: disk maps, the previous mask and the 5-state map (InterFormer), in crop
+pixel coordinates.
 
 A click is ``(u, v, positive)``: crop pixel coordinates (pixel index ``u`` is the centre of
 column ``u``; see :mod:`exits.data.crops`) and its sign. Pixel ``(i, j)`` (row, column) is in
 the disk of a click when ``(j - u)^2 + (i - v)^2 <= r^2``.
 
-5-state map Z (InterFormer, Sec. 3.1), one label per pixel:
+5-state map Z (InterFormer Sec. 3.1), one label per pixel:
 
     UNKNOWN, DEFINITE_FG, DEFINITE_BG, POSSIBLE_FG, POSSIBLE_BG
 
-Rules used here:
-  * start: all UNKNOWN; when a previous mask exists (an existing pseudo mask to edit, or the
-    model's last prediction) POSSIBLE_FG inside it and POSSIBLE_BG outside;
-  * a click sets its disk to DEFINITE_FG / DEFINITE_BG (a later click overrides an earlier
-    one where the disks overlap);
-  * after a prediction P, every non-definite pixel becomes POSSIBLE_FG where P is fg and
-    POSSIBLE_BG where it is not; definite pixels never change.
+Z is *carried between clicks* (it is the model's memory of how stable each pixel was):
 
-Since the prediction fed back is the previous mask, the state after k clicks equals
-``state_map(all k clicks, previous prediction)``: the decoder needs no hidden state.
+  * start: all UNKNOWN. An existing mask to edit (a pseudo mask) is treated as a
+    prediction made before the first click, so the transition below turns it into
+    POSSIBLE_FG inside / POSSIBLE_BG outside;
+  * a click sets its disk to DEFINITE_FG / DEFINITE_BG (a later click overrides an
+    earlier one where the disks overlap);
+  * after a prediction P, pixel by pixel (:data:`TRANSITIONS`, InterFormer's rules):
+
+        state \\ P        fg            bg
+        UNKNOWN          POSSIBLE_FG   POSSIBLE_BG
+        POSSIBLE_FG      POSSIBLE_FG   UNKNOWN        (contradicted -> unknown)
+        POSSIBLE_BG      UNKNOWN       POSSIBLE_BG
+        DEFINITE_FG      DEFINITE_FG   DEFINITE_FG    (clicked pixels never change)
+        DEFINITE_BG      DEFINITE_BG   DEFINITE_BG
+
+So a pixel whose prediction flips becomes UNKNOWN and, if the next prediction agrees with
+the flip, settles into the new POSSIBLE state one click later. The state after k clicks
+therefore depends on the whole prediction history, not only on the last mask: callers keep
+it (:class:`exits.interactive.session.ClickSession` in the predictor, a list of states in
+training) and pass it back with the next click.
+
+Decoder input maps (:func:`encode_click_maps`, ``NUM_MAP_CHANNELS`` = 8): positive disks,
+negative disks, one-hot of the 5 states, and the previous mask itself (RITM's extra input;
+with UNKNOWN states the mask can no longer be read off the states).
 """
 from __future__ import annotations
 
@@ -28,9 +44,18 @@ import torch
 
 UNKNOWN, DEFINITE_FG, DEFINITE_BG, POSSIBLE_FG, POSSIBLE_BG = range(5)
 NUM_STATES = 5
-NUM_MAP_CHANNELS = 2 + NUM_STATES  # positive disks, negative disks, one-hot states
+PREV_CHANNEL = 2 + NUM_STATES
+NUM_MAP_CHANNELS = 2 + NUM_STATES + 1  # positive disks, negative disks, one-hot states, previous mask
 
 Click = tuple[float, float, bool]
+
+# TRANSITIONS[state, prediction_is_fg] -> next state (InterFormer's update rule, see module doc).
+TRANSITIONS = np.zeros((NUM_STATES, 2), np.uint8)
+TRANSITIONS[UNKNOWN] = (POSSIBLE_BG, POSSIBLE_FG)
+TRANSITIONS[POSSIBLE_FG] = (UNKNOWN, POSSIBLE_FG)
+TRANSITIONS[POSSIBLE_BG] = (POSSIBLE_BG, UNKNOWN)
+TRANSITIONS[DEFINITE_FG] = (DEFINITE_FG, DEFINITE_FG)
+TRANSITIONS[DEFINITE_BG] = (DEFINITE_BG, DEFINITE_BG)
 
 
 def disk_index(u: float, v: float, radius: float, height: int, width: int) -> tuple[slice, slice, np.ndarray]:
@@ -58,14 +83,31 @@ def disk_maps(clicks: Sequence[Click], size: tuple[int, int], radius: float) -> 
     return out
 
 
+def click_label_map(clicks: Sequence[Click], size: tuple[int, int], radius: float) -> np.ndarray:
+    """(H, W) int8: +1 inside the disk of a positive click, -1 negative, 0 elsewhere; a later
+    click wins where disks overlap (the labels a constrained output must keep)."""
+    out = np.zeros(size, np.int8)
+    for u, v, positive in clicks:
+        rows, cols, disk = disk_index(u, v, radius, *size)
+        out[rows, cols][disk] = 1 if positive else -1
+    return out
+
+
+def update_with_prediction(state: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """Z' = TRANSITIONS[Z, P]: (H, W) uint8 states and (H, W) bool prediction -> new states."""
+    return TRANSITIONS[np.asarray(state, np.uint8), np.asarray(prediction, bool).astype(np.uint8)]
+
+
 def initial_state(prev_mask: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) uint8 states before any click: UNKNOWN, or POSSIBLE_FG/BG from ``prev_mask``."""
+    """(H, W) uint8 states before any click: all UNKNOWN, updated with ``prev_mask`` as a
+    prediction when one is given (so POSSIBLE_FG inside it, POSSIBLE_BG outside)."""
+    state = np.full(size, UNKNOWN, np.uint8)
     if prev_mask is None:
-        return np.full(size, UNKNOWN, np.uint8)
+        return state
     prev = np.asarray(prev_mask, bool)
     if prev.shape != tuple(size):
         raise ValueError(f"prev_mask has shape {prev.shape}, expected {tuple(size)}")
-    return np.where(prev, POSSIBLE_FG, POSSIBLE_BG).astype(np.uint8)
+    return update_with_prediction(state, prev)
 
 
 def apply_click(state: np.ndarray, click: Click, radius: float) -> np.ndarray:
@@ -77,29 +119,37 @@ def apply_click(state: np.ndarray, click: Click, radius: float) -> np.ndarray:
     return out
 
 
-def update_with_prediction(state: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-    """Definite pixels stay; every other pixel -> POSSIBLE_FG where predicted fg, else POSSIBLE_BG."""
-    definite = (state == DEFINITE_FG) | (state == DEFINITE_BG)
-    possible = np.where(np.asarray(prediction, bool), POSSIBLE_FG, POSSIBLE_BG).astype(np.uint8)
-    return np.where(definite, state, possible).astype(np.uint8)
+def apply_clicks(state: np.ndarray, clicks: Sequence[Click], radius: float) -> np.ndarray:
+    """``apply_click`` for every click in order. Re-applying clicks already in ``state`` is a
+    no-op (their disks are definite with the same last-click-wins labels), so a caller may
+    pass its carried state together with the full click list."""
+    out = state.copy()
+    for u, v, positive in clicks:
+        rows, cols, disk = disk_index(u, v, radius, *state.shape)
+        out[rows, cols][disk] = DEFINITE_FG if positive else DEFINITE_BG
+    return out
 
 
-def state_map(clicks: Sequence[Click], prev_mask: np.ndarray | None, size: tuple[int, int], radius: float) -> np.ndarray:
-    """(H, W) uint8 states after ``clicks`` (in order) on top of ``prev_mask``."""
-    state = initial_state(prev_mask, size)
-    for click in clicks:
-        state = apply_click(state, click, radius)
-    return state
+def state_map(clicks: Sequence[Click], prev_mask: np.ndarray | None, size: tuple[int, int], radius: float,
+              state: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) uint8 states the decoder sees: the carried ``state`` (or, when None, the
+    initial state of ``prev_mask``) with ``clicks`` applied in order."""
+    base = initial_state(prev_mask, size) if state is None else np.asarray(state, np.uint8)
+    if base.shape != tuple(size):
+        raise ValueError(f"state has shape {base.shape}, expected {tuple(size)}")
+    return apply_clicks(base, clicks, radius)
 
 
 def encode_click_maps(clicks: Sequence[Click], prev_mask: np.ndarray | None, size: tuple[int, int],
-                      radius: float) -> torch.Tensor:
+                      radius: float, state: np.ndarray | None = None) -> torch.Tensor:
     """Decoder input maps (NUM_MAP_CHANNELS, H, W) float32: [pos disks, neg disks, one-hot of
-    the 5 states in the order UNKNOWN, DEFINITE_FG, DEFINITE_BG, POSSIBLE_FG, POSSIBLE_BG]."""
+    the 5 states in the order UNKNOWN, DEFINITE_FG, DEFINITE_BG, POSSIBLE_FG, POSSIBLE_BG,
+    previous mask]; states from :func:`state_map` (``state`` = the carried one, if any)."""
     disks = disk_maps(clicks, size, radius)
-    state = state_map(clicks, prev_mask, size, radius)
-    one_hot = (state[None] == np.arange(NUM_STATES, dtype=np.uint8)[:, None, None]).astype(np.float32)
-    return torch.from_numpy(np.concatenate([disks, one_hot], axis=0))
+    z = state_map(clicks, prev_mask, size, radius, state)
+    one_hot = (z[None] == np.arange(NUM_STATES, dtype=np.uint8)[:, None, None]).astype(np.float32)
+    prev = np.zeros((1, *size), np.float32) if prev_mask is None else np.asarray(prev_mask, np.float32)[None]
+    return torch.from_numpy(np.concatenate([disks, one_hot, prev], axis=0))
 
 
 def clicks_tensor(clicks_per_sample: Sequence[Sequence[Click]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,26 +1,40 @@
 """The light click decoder: cached ViT tokens + click maps + previous mask -> mask logits.
 
-Per click (features cached, see :mod:`exits.interactive.features`):
+One decoder *pass* over a region R of the S x S crop (the whole crop, or a zoom RoI),
+decoded at Z x Z pixels (features cached, see :mod:`exits.interactive.features`):
 
-  1. F = GELU(GN(W_p tokens))                   tokens (B, h*w, C) -> F (B, D, h, w)
-  2. zoom-in (IAM, optional; the grid is also capped at ``max_grid`` cells a side): RoI from the previous mask and all clicks; F, the crop and the
-     maps are resampled to the RoI (:mod:`exits.interactive.zoom`)
-  3. click embedding E = conv([avgpool(maps), maxpool(maps)]) on the token grid;
-     X = F + E  (the "click-involved features"; maps = 2 disk + 5 state channels)
-  4. I-MSA blocks (optional): X <- X + I-MSA(X, F) + FFN  (clicks' features as queries
-     over P2T-pooled image features)
-  5. SPM (optional): X <- X + FFN(X + W[X, F_u(argmax cos)] + W'[X, F_u(argmin cos)])
-  6. SGC + GPA (optional): X <- X + W[X, G_fg, P_fg, G_bg, P_bg] with prototypes of the
-     current mask's (and background's) features
-  7. head: 2x (bilinear + conv) stages up to half resolution, then full resolution fused
-     with a low-level branch on [RGB, maps] -> (B, 1, Z, Z) logits, pasted back to S x S.
+  1. F = GELU(GN(W_p tokens))  (B, D, h, w), resampled to R on a grid capped at ``max_grid``
+  2. click embedding E = conv([avgpool(maps_R), maxpool(maps_R)]) on the token grid;
+     X = F + E  (the "click-involved features"; maps = 2 disk + 5 state + previous mask)
+  3. I-MSA blocks (optional): X <- X + I-MSA(X, F) + FFN  (InterFormer)
+  4. SPM (optional): max/min cosine-similarity click vectors (similarity-constrained net)
+  5. SGC + GPA (optional): prototypes of the current mask's / background's features (ASGNet)
+  6. FDM (optional): click-conditioned non-local feature diffusion (CDNet)
+  7. head: 2x (bilinear + conv) up to Z/2, then Z fused with a low-level branch on
+     [RGB, maps_R] -> (B, 1, Z, Z) logits; latent heads (CDNet diversified training) read
+     the same features, in training only
+  8. PDM (optional): colour-affinity pixel diffusion of the logits (CDNet)
+
+Forward (IAM, similarity-constrained net Sec. 2.3 after IA-FPN): a *coarse* pass on the
+whole crop at Z_c = min(S, ``coarse_size``); with ``use_zoom`` the RoI is the box of the
+coarse foreground (p > 0.5) and of all clicks, grown by ``zoom_expand``
+(:func:`exits.interactive.zoom.zoom_box`); a *refinement* pass of the same network on the
+RoI at Z = min(S, ``decode_size``), whose previous-mask channel is the coarse probability
+(the fine network edits the coarse result); its logits replace the coarse logits inside
+the RoI (:func:`exits.interactive.zoom.paste_roi_logits`). Outside the RoI the coarse
+logits stay, so a click can add an object part the previous mask did not cover (the
+separated parts this project exists for). Training: loss on the coarse pass over the whole
+crop + loss on the refinement restricted to the RoI (in RoI coordinates), see
+:mod:`exits.interactive.train`.
 
 Switching a part off removes it (and its weights) entirely, so ablations compare models
 with the same training budget and nothing else changed.
 """
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,15 +43,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from exits.interactive.attention import InteractiveAttentionBlock
-from exits.interactive.clicks import DEFINITE_BG, DEFINITE_FG, NUM_MAP_CHANNELS, POSSIBLE_BG, POSSIBLE_FG
+from exits.interactive.clicks import DEFINITE_BG, DEFINITE_FG, NUM_MAP_CHANNELS, POSSIBLE_BG, POSSIBLE_FG, PREV_CHANNEL
 from exits.interactive.config import ClickModelConfig
+from exits.interactive.diffusion import FeatureDiffusion, PixelDiffusion
 from exits.interactive.prototypes import PrototypeGuidance
 from exits.interactive.spm import SimilarityPropagation, sample_click_vectors
 from exits.interactive.zoom import paste_roi_logits, roi_points, roi_resample, zoom_box
 
-__all__ = ["ClickDecoder", "OUTSIDE_LOGIT"]
-
-OUTSIDE_LOGIT = 8.0  # logit standing for "keep the previous mask" outside the zoom RoI
+__all__ = ["ClickDecoder", "DecoderOutput", "PassOutput"]
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -50,6 +63,30 @@ def _block(ch_in: int, ch_out: int, k: int = 3) -> nn.Sequential:
 
 def _state(maps: torch.Tensor, state: int) -> torch.Tensor:
     return maps[:, 2 + state]
+
+
+@dataclass
+class PassOutput:
+    """One decoder pass: logits (B, 1, Z, Z) of the region ``boxes`` (B, 4) in crop pixel-edge
+    coords; ``features`` (B, C, Z/2, Z/2) the head's last features (PEM reads them);
+    ``latent`` (B, N, Z, Z) latent-head logits (training only, else None); ``disks``
+    (B, 2, Z, Z) the click disks resampled to the region."""
+
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    features: torch.Tensor
+    latent: torch.Tensor | None
+    disks: torch.Tensor
+
+
+@dataclass
+class DecoderOutput:
+    """logits (B, 1, S, S) the final crop logits; ``coarse`` the whole-crop pass; ``refine``
+    the zoomed pass (None with zoom off)."""
+
+    logits: torch.Tensor
+    coarse: PassOutput
+    refine: PassOutput | None
 
 
 class ClickDecoder(nn.Module):
@@ -73,27 +110,29 @@ class ClickDecoder(nn.Module):
         self.spm = SimilarityPropagation(d) if config.use_spm else None
         self.prototypes = PrototypeGuidance(d, config.max_prototypes, config.cells_per_prototype, config.sgc_iters) \
             if config.use_prototypes else None
+        self.fdm = FeatureDiffusion(d) if config.use_fdm else None
+        c2 = max(16, d // 4)
+        self.head_channels = c2
         self.up1 = _block(d, d // 2)
-        self.up2 = _block(d // 2, max(16, d // 4))
+        self.up2 = _block(d // 2, c2)
         self.low = _block(3 + NUM_MAP_CHANNELS, 8)
-        self.fuse = nn.Sequential(nn.Conv2d(max(16, d // 4) + 8, 8, 1), nn.GELU(), nn.Conv2d(8, 1, 3, padding=1))
+        self.fuse = nn.Sequential(nn.Conv2d(c2 + 8, 8, 1), nn.GELU(), nn.Conv2d(8, 1, 3, padding=1))
+        self.latent_heads = nn.ModuleList(self._latent_head(i) for i in range(config.latent_heads)) \
+            if config.latent_heads else None
+        self.pdm = PixelDiffusion(config.pdm_iterations) if config.use_pdm else None
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
 
-    def zoom_boxes(self, maps: torch.Tensor, clicks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B, 4) RoIs; the whole crop for samples without a previous mask or with zoom off."""
-        b, _, s, _ = maps.shape
-        full = torch.tensor([0.0, 0.0, float(s), float(s)], device=maps.device).expand(b, 4).clone()
-        if not self.config.use_zoom:
-            return full
-        has_prior = (_state(maps, POSSIBLE_FG) + _state(maps, POSSIBLE_BG)).flatten(1).amax(1) > 0
-        prev_fg = ((_state(maps, POSSIBLE_FG) + _state(maps, DEFINITE_FG)) > 0.5).cpu().numpy()
-        pts, ok = clicks[..., :2].detach().cpu().numpy(), valid.cpu().numpy()
-        for i in range(b):
-            if bool(has_prior[i]):
-                box = zoom_box(prev_fg[i], pts[i][ok[i]], s, self.config.zoom_expand, self.config.zoom_min_fraction)
-                full[i] = torch.as_tensor(box, dtype=full.dtype)
-        return full
+    def _latent_head(self, i: int) -> nn.Module:
+        """A copy of the main head with its own initialisation (CDNet: same structure,
+        different initialisation methods), cycling through four schemes."""
+        head = copy.deepcopy(self.fuse)
+        inits = (nn.init.kaiming_normal_, nn.init.xavier_uniform_, nn.init.orthogonal_, nn.init.xavier_normal_)
+        for m in head.modules():
+            if isinstance(m, nn.Conv2d):
+                inits[i % len(inits)](m.weight)
+                nn.init.zeros_(m.bias)
+        return head
 
     def grid_cells(self, maps: torch.Tensor, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(B, h, w) fg and bg cells of the current mask/clicks for the prototypes.
@@ -111,56 +150,99 @@ class ClickDecoder(nn.Module):
         bg = torch.where(bg.flatten(1).any(1)[:, None, None], bg, border[None])
         return fg.cpu().numpy(), bg.cpu().numpy()
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor, maps: torch.Tensor,
-                clicks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Mask logits for the crop.
+    def decode_pass(self, feat: torch.Tensor, image: torch.Tensor, maps: torch.Tensor, clicks: torch.Tensor,
+                    valid: torch.Tensor, boxes: torch.Tensor | None, z: int) -> PassOutput:
+        """One pass over the regions ``boxes`` (B, 4) (None = the whole crop) at z x z.
+
+        feat (B, D, h, w) projected tokens of the crop; image (B, 3, S, S); maps (B, 8, S, S);
+        clicks (B, K, 3) crop pixel coords; valid (B, K).
+        """
+        b, _, s, _ = image.shape
+        grid = (min(feat.shape[-2], self.config.max_grid), min(feat.shape[-1], self.config.max_grid))
+        if boxes is None:
+            boxes = torch.tensor([0.0, 0.0, float(s), float(s)], device=image.device).expand(b, 4).clone()
+            feat_r = feat if tuple(feat.shape[-2:]) == grid else F.adaptive_avg_pool2d(feat, grid)
+            resize = lambda t: t if z == s else F.interpolate(t, size=(z, z), mode="bilinear",  # noqa: E731
+                                                              align_corners=False, antialias=True)
+            image_r, maps_r = resize(image), resize(maps)
+        else:
+            feat_r = roi_resample(feat, boxes, s, grid)
+            image_r = roi_resample(image, boxes, s, (z, z))
+            maps_r = roi_resample(maps, boxes, s, (z, z))
+        clicks_r = roi_points(clicks[..., :2], boxes, z)
+        h, w = grid
+        x = feat_r + self.click_embed(torch.cat([F.adaptive_avg_pool2d(maps_r, grid),
+                                                 F.adaptive_max_pool2d(maps_r, grid)], dim=1))
+        x = x.flatten(2).transpose(1, 2)  # (B, L, D)
+        feat_tokens = feat_r.flatten(2).transpose(1, 2)
+        if self.imsa is not None:
+            for block in self.imsa:
+                x = block(x, feat_r)
+        if self.spm is not None:
+            x_grid = x.transpose(1, 2).reshape(b, -1, h, w)
+            x = self.spm(x, sample_click_vectors(x_grid, clicks_r, (z, z)), valid)
+        if self.prototypes is not None:
+            fg, bg = self.grid_cells(maps_r, grid)
+            x = self.prototypes(x, feat_tokens, grid, fg, bg)
+        if self.fdm is not None:
+            x = self.fdm(x, F.adaptive_max_pool2d(maps_r[:, :2], grid).flatten(2))
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+
+        half = (max(1, z // 2), max(1, z // 2))
+        x = self.up1(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
+        x = self.up2(F.interpolate(x, size=half, mode="bilinear", align_corners=False))
+        feats = x
+        x = F.interpolate(x, size=(z, z), mode="bilinear", align_corners=False)
+        low = self.low(torch.cat([(image_r - self.pixel_mean) / self.pixel_std, maps_r], dim=1))
+        fused = torch.cat([x, low], dim=1)
+        logits = self.fuse(fused)
+        latent = None
+        if self.training and self.latent_heads is not None:
+            latent = torch.cat([head(fused) for head in self.latent_heads], dim=1)
+        disks = (maps_r[:, :2] > 0.5).to(logits.dtype)
+        if self.pdm is not None:
+            logits = self.pdm(logits, image_r, disks)
+        return PassOutput(logits=logits, boxes=boxes, features=feats, latent=latent, disks=disks)
+
+    def zoom_boxes(self, coarse_prob: torch.Tensor, clicks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, 4) RoIs from the coarse foreground (B, S, S) and all clicks (IAM)."""
+        s = coarse_prob.shape[-1]
+        fg = (coarse_prob > 0.5).cpu().numpy()
+        pts, ok = clicks[..., :2].detach().cpu().numpy(), valid.cpu().numpy()
+        boxes = [zoom_box(fg[i], pts[i][ok[i]], s, self.config.zoom_expand, self.config.zoom_min_fraction)
+                 for i in range(len(fg))]
+        return torch.as_tensor(np.stack(boxes), dtype=torch.float32, device=coarse_prob.device)
+
+    def forward_all(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor, maps: torch.Tensor,
+                    clicks: torch.Tensor, valid: torch.Tensor) -> DecoderOutput:
+        """Coarse pass, and with ``use_zoom`` the RoI refinement pasted into it (module doc).
 
         Args:
             tokens: (B, h*w, C) cached patch tokens of the S x S crop.
             grid: (h, w) token grid.
             image: (B, 3, S, S) crop in [0, 1].
-            maps: (B, 7, S, S) from :func:`exits.interactive.clicks.encode_click_maps`.
+            maps: (B, 8, S, S) from :func:`exits.interactive.clicks.encode_click_maps`.
             clicks: (B, K, 3) [u, v, +-1] in crop pixel coords; valid: (B, K) bool.
-        Returns:
-            (B, 1, S, S) logits.
         """
         b, n, c = tokens.shape
         h, w = grid
         s = image.shape[-1]
         if n != h * w or c != self.embed_dim:
             raise ValueError(f"tokens {tuple(tokens.shape)} do not fit grid {grid} x {self.embed_dim}")
-        z = min(s, self.config.decode_size)
         feat = self.proj(tokens.transpose(1, 2).reshape(b, c, h, w))
-        boxes = self.zoom_boxes(maps, clicks, valid)
-        h, w = grid = (min(h, self.config.max_grid), min(w, self.config.max_grid))
-        feat = roi_resample(feat, boxes, s, grid)
-        image_z = roi_resample(image, boxes, s, (z, z)) if z != s or self.config.use_zoom else image
-        maps_z = roi_resample(maps, boxes, s, (z, z)) if z != s or self.config.use_zoom else maps
-        clicks_z = roi_points(clicks[..., :2], boxes, z)
+        zc = min(s, self.config.coarse_size)
+        coarse = self.decode_pass(feat, image, maps, clicks, valid, None, zc)
+        coarse_s = coarse.logits if zc == s else F.interpolate(coarse.logits, size=(s, s), mode="bilinear",
+                                                               align_corners=False)
+        if not self.config.use_zoom:
+            return DecoderOutput(logits=coarse_s, coarse=coarse, refine=None)
+        coarse_prob = torch.sigmoid(coarse_s.detach())
+        boxes = self.zoom_boxes(coarse_prob[:, 0], clicks, valid)
+        maps_fine = torch.cat([maps[:, :PREV_CHANNEL], coarse_prob], dim=1)
+        refine = self.decode_pass(feat, image, maps_fine, clicks, valid, boxes, min(s, self.config.decode_size))
+        return DecoderOutput(logits=paste_roi_logits(refine.logits, boxes, s, coarse_s), coarse=coarse, refine=refine)
 
-        x = feat + self.click_embed(torch.cat([F.adaptive_avg_pool2d(maps_z, grid),
-                                               F.adaptive_max_pool2d(maps_z, grid)], dim=1))
-        x = x.flatten(2).transpose(1, 2)  # (B, L, D)
-        feat_tokens = feat.flatten(2).transpose(1, 2)
-        if self.imsa is not None:
-            for block in self.imsa:
-                x = block(x, feat)
-        if self.spm is not None:
-            x_grid = x.transpose(1, 2).reshape(b, -1, h, w)
-            x = self.spm(x, sample_click_vectors(x_grid, clicks_z, (z, z)), valid)
-        if self.prototypes is not None:
-            fg, bg = self.grid_cells(maps_z, grid)
-            x = self.prototypes(x, feat_tokens, grid, fg, bg)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
-
-        half = (max(1, z // 2), max(1, z // 2))
-        x = self.up1(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
-        x = self.up2(F.interpolate(x, size=half, mode="bilinear", align_corners=False))
-        x = F.interpolate(x, size=(z, z), mode="bilinear", align_corners=False)
-        low = self.low(torch.cat([(image_z - self.pixel_mean) / self.pixel_std, maps_z], dim=1))
-        logits = self.fuse(torch.cat([x, low], dim=1))
-        if not self.config.use_zoom and z == s:
-            return logits
-        prev_fg = (_state(maps, POSSIBLE_FG) + _state(maps, DEFINITE_FG)) > 0.5
-        outside = torch.where(prev_fg, OUTSIDE_LOGIT, -OUTSIDE_LOGIT)[:, None].to(logits.dtype)
-        return paste_roi_logits(logits, boxes, s, outside)
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor, maps: torch.Tensor,
+                clicks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) final logits (see :meth:`forward_all`)."""
+        return self.forward_all(tokens, grid, image, maps, clicks, valid).logits

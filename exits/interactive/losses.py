@@ -9,6 +9,9 @@ Normalized focal loss (RITM, Sofiiuk et al. 2021), alpha = 0.5:
 so the loss keeps its scale late in training when most pixels are easy.
 
 BCE + Dice:  mean BCE + (1 - 2 sum(p y) / (sum p + sum y)) per image, averaged.
+
+``reduction="none"`` returns the (B,) per-image losses (CDNet's diversified training picks
+the best head per image).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ __all__ = ["normalized_focal_loss", "bce_dice_loss", "click_loss"]
 
 
 def normalized_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, alpha: float = 0.5,
-                          eps: float = 1e-8) -> torch.Tensor:
+                          eps: float = 1e-8, reduction: str = "mean") -> torch.Tensor:
     logits = logits.flatten(1).float()
     y = targets.flatten(1).float()
     p = torch.sigmoid(logits)
@@ -27,21 +30,25 @@ def normalized_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: fl
     beta = (1 - pt).pow(gamma)
     beta = beta / (beta.sum(dim=1, keepdim=True).detach() + eps)
     log_pt = torch.where(y > 0.5, F.logsigmoid(logits), F.logsigmoid(-logits))
-    return (-alpha * beta * log_pt).sum(dim=1).mean()
+    per_image = (-alpha * beta * log_pt).sum(dim=1)
+    return per_image if reduction == "none" else per_image.mean()
 
 
-def bce_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+def bce_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     logits = logits.flatten(1).float()
     y = targets.flatten(1).float()
     p = torch.sigmoid(logits)
-    bce = F.binary_cross_entropy_with_logits(logits, y)
+    bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)
     dice = 1 - (2 * (p * y).sum(1) + eps) / (p.sum(1) + y.sum(1) + eps)
-    return bce + dice.mean()
+    per_image = bce + dice
+    return per_image if reduction == "none" else per_image.mean()
 
 
-def click_loss(name: str, logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+def click_loss(name: str, logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
+               reduction: str = "mean") -> torch.Tensor:
+    """The configured loss ("nfl" | "bce_dice"); logits (B, 1, H, W), targets (B, H, W)."""
     if name == "nfl":
-        return normalized_focal_loss(logits, targets, gamma=gamma)
+        return normalized_focal_loss(logits, targets, gamma=gamma, reduction=reduction)
     if name == "bce_dice":
-        return bce_dice_loss(logits, targets)
+        return bce_dice_loss(logits, targets, reduction=reduction)
     raise ValueError(f"unknown loss {name!r}")

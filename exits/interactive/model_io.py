@@ -20,7 +20,7 @@ __all__ = ["CLICK_MODEL_PATH", "GENERATOR_PATH", "save_click_model", "load_click
 
 CLICK_MODEL_PATH = Path("click_model") / "model.pt"
 GENERATOR_PATH = Path("generator") / "model.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: 8 input map channels (previous mask), coarse + zoom passes, new parts
 
 
 def save_click_model(path: str | os.PathLike, decoder: ClickDecoder, *, encoder_path: str, crop_size: int,

@@ -7,10 +7,17 @@
 Clicks are ``(x, y, positive)`` in image pixel coordinates (pixel index = centre), in
 click order; masks are full-image (H, W) bool. The decoder works in the object's crop
 window (the instances table's ``crop_box``: extreme-point box plus margin); pixels
-outside the window keep ``prev_mask`` (False without one). In progressive mode (config
-``progressive``) only the changed region touching the last click is taken over
-(:mod:`exits.interactive.progressive`); with ``enforce_clicks`` every click's disk
-(radius ``disk_radius`` crop pixels, in image pixels) finally takes the click's label.
+outside the window keep ``prev_mask`` (False without one). Per click:
+
+  1. the 5-state map carried from the previous answer (:mod:`exits.interactive.session`)
+     plus the clicks -> decoder probabilities in the crop;
+  2. the click constraint (config ``constraint``, :mod:`exits.interactive.constrain`):
+     dense CRF with the clicks as hard labels, then every disk set to its label;
+  3. progressive mode (config ``progressive``): only the changed region touching the last
+     click is taken over (:mod:`exits.interactive.progressive`);
+  4. with a constraint, every click's disk (radius ``disk_radius`` crop pixels, in image
+     pixels) finally holds the click's label, so no click is ever lost;
+  5. the state map is advanced with the returned mask (InterFormer's transitions).
 """
 from __future__ import annotations
 
@@ -23,13 +30,15 @@ import pyarrow.parquet as pq
 import torch
 
 from exits.data.crops import CropWindow, crop_mask, paste_mask
-from exits.interactive.clicks import Click, disk_index
+from exits.interactive.clicks import Click, disk_index, state_map, update_with_prediction
+from exits.interactive.constrain import constrain_clicks
 from exits.interactive.data import run_images_dir
 from exits.interactive.decoder import ClickDecoder
 from exits.interactive.features import FeatureCache, ObjectFeatures, object_features
 from exits.interactive.inference import decode_probs
 from exits.interactive.model_io import CLICK_MODEL_PATH, load_click_model
 from exits.interactive.progressive import progressive_update
+from exits.interactive.session import ClickSessions
 from exits.models.checkpoint import load_mask_model
 from exits.stages.object_crops import load_image_tensor
 
@@ -68,8 +77,9 @@ class ClickPredictor:
         self.images_dir = Path(images_dir)
         self.crop_size = int(encoder.img_size)
         self.progressive = bool(decoder.config.progressive)
-        self.enforce_clicks = bool(decoder.config.enforce_clicks)
+        self.constraint = str(decoder.config.constraint)
         self.cache = FeatureCache(cache_size or decoder.config.feature_cache_size)
+        self.sessions = ClickSessions(objects=cache_size or decoder.config.feature_cache_size)
 
     @classmethod
     def from_workdir(cls, workdir: Path, device: str = "cpu", model_path: Path | None = None) -> "ClickPredictor":
@@ -103,15 +113,23 @@ class ClickPredictor:
         """Encode and cache one object's features (the heavy step, once per object)."""
         self.features(ann_id)
 
-    def predict_crop(self, ann_id: int, clicks: Sequence[Click], prev_mask: np.ndarray | None) -> np.ndarray:
-        """(S, S) foreground probability in the object's crop (clicks in image coords)."""
+    def _crop_clicks(self, window: CropWindow, clicks: Sequence[Click]) -> list[Click]:
+        return [(*window.image_to_crop(np.array([x, y], np.float64)).tolist(), bool(p)) for x, y, p in clicks]
+
+    def _crop_prev(self, window: CropWindow, prev_mask: np.ndarray | None) -> np.ndarray | None:
+        if prev_mask is None:
+            return None
+        return (crop_mask(torch.from_numpy(np.asarray(prev_mask, bool)), window) >= 0.5).numpy()
+
+    def predict_crop(self, ann_id: int, clicks: Sequence[Click], prev_mask: np.ndarray | None,
+                     state: np.ndarray | None = None) -> np.ndarray:
+        """(S, S) decoder foreground probability in the object's crop (clicks in image coords;
+        ``state`` the carried crop state map, None = start from ``prev_mask``)."""
         f = self.features(ann_id)
-        uv = [(*f.window.image_to_crop(np.array([x, y], np.float64)).tolist(), bool(p)) for x, y, p in clicks]
-        prev_crop = None
-        if prev_mask is not None:
-            prev_crop = (crop_mask(torch.from_numpy(np.asarray(prev_mask, bool)), f.window) >= 0.5).numpy()
+        uv = self._crop_clicks(f.window, clicks)
+        prev_crop = self._crop_prev(f.window, prev_mask)
         return decode_probs(self.decoder, f.tokens[None].to(self.device), f.grid, f.crop[None].to(self.device),
-                            [uv], [prev_crop])[0]
+                            [uv], [prev_crop], [state])[0]
 
     def predict(self, ann_id: int, clicks: list[tuple[float, float, bool]], prev_mask: np.ndarray | None) -> np.ndarray:
         """The new (H, W) bool full-image mask after ``clicks`` on top of ``prev_mask``."""
@@ -122,17 +140,26 @@ class ClickPredictor:
         prev = None if prev_mask is None else np.asarray(prev_mask, bool)
         if not clicks:
             return prev.copy() if prev is not None else np.zeros((h, w), bool)
-        prob = self.predict_crop(ann_id, clicks, prev)
-        full = (paste_mask(torch.from_numpy(prob), info.window, h, w) >= 0.5).numpy()
-        out = prev.copy() if prev is not None else np.zeros((h, w), bool)
+        f = self.features(ann_id)
         win = info.window
+        cfg = self.decoder.config
+        state = self.sessions.lookup(ann_id, clicks, prev)
+        prob = self.predict_crop(ann_id, clicks, prev, state)
+        uv = self._crop_clicks(win, clicks)
+        crop_out = constrain_clicks(prob, f.crop, uv, cfg.disk_radius, method=self.constraint, iters=cfg.crf_iters,
+                                    sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w, colour=cfg.crf_colour,
+                                    max_size=cfg.decode_size)
+        full = (paste_mask(torch.from_numpy(crop_out.astype(np.float32)), win, h, w) >= 0.5).numpy()
+        out = prev.copy() if prev is not None else np.zeros((h, w), bool)
         rows, cols = slice(win.y0, win.y0 + win.height), slice(win.x0, win.x0 + win.width)
         out[rows, cols] = full[rows, cols]
-        radius = self.decoder.config.disk_radius * max(win.width, win.height) / win.size
+        radius = cfg.disk_radius * max(win.width, win.height) / win.size
         if self.progressive and prev is not None:
             out = progressive_update(prev, out, clicks[-1], radius)
-        if self.enforce_clicks:
+        if self.constraint != "none":
             for x, y, positive in clicks:
                 rows_d, cols_d, disk = disk_index(float(x), float(y), radius, h, w)
                 out[rows_d, cols_d][disk] = bool(positive)
+        z = state_map(uv, self._crop_prev(win, prev), (win.size, win.size), cfg.disk_radius, state)
+        self.sessions.store(ann_id, clicks, update_with_prediction(z, self._crop_prev(win, out)), out)
         return out

@@ -1,12 +1,16 @@
-"""Training the click decoder with iterative click simulation (RITM-style) on cached features.
+"""Training the click decoder with iterative click simulation (RITM / InterFormer) on cached features.
 
 Per batch (targets = the chosen training masks, see :mod:`exits.interactive.data`):
   1. start: with probability ``p_start_from_mask`` a corrupted copy of the target (an
      existing mask to edit: dilated/eroded, a part dropped, a blob added), else nothing;
   2. first click at the centre of the largest error region of the start;
-  3. r ~ U{0..max_sim_rounds} rounds without gradient: predict, feed the prediction back
-     as the previous mask, click at the centre of the largest error region of it;
-  4. one prediction with gradient; loss (NFL or BCE + Dice) against the target.
+  3. r rounds without gradient, P(r) = decay^r / sum_{k=0..R} decay^k for r = 0..R
+     (InterFormer: up to 20 pre-interactions, exponentially decaying; R =
+     ``max_sim_rounds``, decay ``sim_round_decay``): predict, keep the click disks
+     (the "disk" constraint, as the predictor's constraint would), feed the result back
+     as the previous mask, advance the carried 5-state map with it, click at the centre of
+     the largest error region;
+  4. one prediction with gradient; loss :func:`training_loss`.
 The encoder is frozen: its tokens are computed once for all training crops.
 """
 from __future__ import annotations
@@ -18,20 +22,23 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
-from exits.interactive.clicks import Click
+from exits.interactive.clicks import Click, click_label_map, state_map, update_with_prediction
 from exits.interactive.config import ClickModelConfig
 from exits.interactive.data import ClickTrainingSet, build_training_set
-from exits.interactive.decoder import ClickDecoder
+from exits.interactive.decoder import ClickDecoder, DecoderOutput
 from exits.interactive.features import encode_crops
-from exits.interactive.inference import decode_logits, decode_probs
+from exits.interactive.inference import build_inputs, decode_probs
 from exits.interactive.losses import click_loss
+from exits.interactive.pem import PrototypeLoss
+from exits.interactive.zoom import roi_resample
 from exits.interactive.model_io import CLICK_MODEL_PATH, GENERATOR_PATH, save_click_model
 from exits.interactive.robot import largest_error_click
 from exits.models.checkpoint import load_mask_model
 
-__all__ = ["corrupt_mask", "simulate_clicks", "train_click_decoder", "train_click_model"]
+__all__ = ["corrupt_mask", "sample_rounds", "simulate_clicks", "training_loss", "train_click_decoder", "train_click_model"]
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +64,80 @@ def corrupt_mask(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def sample_rounds(rng: np.random.Generator, max_rounds: int, decay: float) -> int:
+    """r in 0..max_rounds with P(r) = decay^r / sum_k decay^k (decay = 1: uniform)."""
+    weights = decay ** np.arange(max_rounds + 1, dtype=np.float64)
+    return int(rng.choice(max_rounds + 1, p=weights / weights.sum()))
+
+
 def simulate_clicks(decoder: ClickDecoder, tokens: torch.Tensor, grid: tuple[int, int], crops: torch.Tensor,
                     targets: np.ndarray, config: ClickModelConfig, rng: np.random.Generator
-                    ) -> tuple[list[list[Click]], list[np.ndarray | None]]:
-    """Clicks and previous masks for the final (gradient) step of a batch; see module doc."""
+                    ) -> tuple[list[list[Click]], list[np.ndarray | None], list[np.ndarray | None]]:
+    """Clicks, previous masks and carried state maps for the final (gradient) step of a batch."""
     prevs: list[np.ndarray | None] = []
     clicks: list[list[Click]] = []
+    states: list[np.ndarray | None] = []
+    size = targets.shape[-1]
     for target in targets:
         prev = corrupt_mask(target, rng) if rng.random() < config.p_start_from_mask else None
         first = largest_error_click(target, prev if prev is not None else np.zeros_like(target))
         prevs.append(prev)
         clicks.append([first] if first is not None else [])
-    for _ in range(int(rng.integers(0, config.max_sim_rounds + 1))):
-        preds = decode_probs(decoder, tokens, grid, crops, clicks, prevs) > 0.5
+        states.append(None)
+    for _ in range(sample_rounds(rng, config.max_sim_rounds, config.sim_round_decay)):
+        preds = decode_probs(decoder, tokens, grid, crops, clicks, prevs, states) > 0.5
         for i, target in enumerate(targets):
-            prevs[i] = preds[i]
-            nxt = largest_error_click(target, preds[i])
+            labels = click_label_map(clicks[i], (size, size), config.disk_radius)
+            pred = np.where(labels != 0, labels > 0, preds[i])
+            z = state_map(clicks[i], prevs[i], (size, size), config.disk_radius, states[i])
+            states[i] = update_with_prediction(z, pred)
+            prevs[i] = pred
+            nxt = largest_error_click(target, pred)
             if nxt is not None:
                 clicks[i].append(nxt)
-    return clicks, prevs
+    return clicks, prevs, states
+
+
+def training_loss(out: DecoderOutput, target: torch.Tensor, config: ClickModelConfig,
+                  pem: PrototypeLoss | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one decoder output against targets (B, S, S) bool.
+
+        L = L(coarse, T)                                     whole crop (coarse pass)
+          + L(refine, T_RoI)                                 zoom on: RoI pixels only, in RoI coords
+          + pem_weight * L_PEM(F_last, T_last)               PEM on: the last pass's head features
+          + mean_b min_h L(latent_h, T_last)                 diversified training: best head per image
+          + mean_h BCE(latent_h, click label | click disks)  ... every head keeps the clicks
+
+    L = the configured loss (NFL / BCE + Dice); T_RoI = the target cut out of each RoI with
+    the decoder's own resampling (>= 0.5). Restricting the refinement's loss to the RoI keeps
+    the constant outside-RoI pixels from diluting the normaliser; the coarse pass carries the
+    whole crop.
+    """
+    tgt = target.float()
+    coarse = out.coarse
+    zc = coarse.logits.shape[-1]
+    t_c = tgt if zc == tgt.shape[-1] else F.interpolate(tgt[:, None], size=(zc, zc), mode="area")[:, 0]
+    terms = {"coarse": click_loss(config.loss, coarse.logits, t_c >= 0.5, config.focal_gamma)}
+    last, t_last = coarse, t_c >= 0.5
+    if out.refine is not None:
+        z = out.refine.logits.shape[-1]
+        t_r = roi_resample(tgt[:, None], out.refine.boxes, tgt.shape[-1], (z, z))[:, 0] >= 0.5
+        terms["refine"] = click_loss(config.loss, out.refine.logits, t_r, config.focal_gamma)
+        last, t_last = out.refine, t_r
+    if pem is not None:
+        terms["pem"] = config.pem_weight * pem(last.features, t_last)
+    if last.latent is not None:
+        n = last.latent.shape[1]
+        per_head = torch.stack([click_loss(config.loss, last.latent[:, h:h + 1], t_last, config.focal_gamma,
+                                           reduction="none") for h in range(n)], dim=1)  # (B, N)
+        terms["latent_min"] = per_head.min(dim=1).values.mean()
+        region = (last.disks.sum(1, keepdim=True) > 0).float()
+        if bool(region.any()):
+            label = last.disks[:, :1].expand_as(last.latent)
+            bce = F.binary_cross_entropy_with_logits(last.latent, label, reduction="none")
+            terms["latent_clicks"] = (bce * region).sum() / (region.sum() * n)
+    total = sum(terms.values())
+    return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
 def _lr_factor(step: int, total: int, warmup: int = 20) -> float:
@@ -93,6 +155,7 @@ def train_click_decoder(tokens: torch.Tensor, grid: tuple[int, int], train_set: 
     rng = np.random.default_rng(config.seed)
     device = torch.device(config.device)
     decoder = ClickDecoder(config, tokens.shape[-1]).to(device)
+    pem = PrototypeLoss(decoder.head_channels).to(device) if config.use_pem else None
     optim = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     total = int(iterations if iterations is not None else config.iterations)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _lr_factor(s, total))
@@ -104,10 +167,11 @@ def train_click_decoder(tokens: torch.Tensor, grid: tuple[int, int], train_set: 
         crops = train_set.crops[idx].float().div(255).to(device)
         target = targets_np[idx]
         decoder.eval()
-        clicks, prevs = simulate_clicks(decoder, tok, grid, crops, target, config, rng)
+        clicks, prevs, states = simulate_clicks(decoder, tok, grid, crops, target, config, rng)
         decoder.train()
-        logits = decode_logits(decoder, tok, grid, crops, clicks, prevs)
-        loss = click_loss(config.loss, logits, torch.from_numpy(target).to(device), config.focal_gamma)
+        maps, pts, valid = build_inputs(clicks, prevs, crops.shape[-1], config.disk_radius, device, states)
+        out = decoder.forward_all(tok, grid, crops, maps, pts, valid)
+        loss, _ = training_loss(out, torch.from_numpy(target).to(device), config, pem)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
@@ -120,7 +184,8 @@ def train_click_decoder(tokens: torch.Tensor, grid: tuple[int, int], train_set: 
 
 
 def train_click_model(workdir: str | Path, config: ClickModelConfig, *, out_path: str | Path | None = None,
-                      exclude: set[int] | None = None, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+                      exclude: set[int] | None = None, progress: bool = True,
+                      synthetic_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Train on the run's masks and write WORKDIR/click_model/model.pt (or ``out_path``).
 
     Returns the path and a summary {objects, iterations, first/last loss, source}.
@@ -130,7 +195,9 @@ def train_click_model(workdir: str | Path, config: ClickModelConfig, *, out_path
     crop_size = int(encoder.img_size)
     train_set = build_training_set(workdir, crop_size, source=config.train_source,
                                    top_fraction=config.train_top_fraction, max_objects=config.max_train_objects,
-                                   train_json=config.train_json, exclude=exclude)
+                                   train_json=config.train_json, exclude=exclude,
+                                   synthetic_objects=config.synthetic_objects, synthetic_seed=config.synthetic_seed,
+                                   synthetic_dir=synthetic_dir)
     tokens, grid = encode_crops(encoder, train_set.crops.float().div(255))
     decoder, history = train_click_decoder(tokens, grid, train_set, config, progress=progress)
     k = max(1, min(20, len(history) // 5))
@@ -138,5 +205,5 @@ def train_click_model(workdir: str | Path, config: ClickModelConfig, *, out_path
                "loss_first": float(np.mean(history[:k])), "loss_last": float(np.mean(history[-k:]))}
     path = Path(out_path) if out_path is not None else workdir / CLICK_MODEL_PATH
     save_click_model(path, decoder.cpu(), encoder_path=str(GENERATOR_PATH), crop_size=crop_size,
-                     extra={"train_summary": summary, "train_ann_ids": train_set.ann_ids})
+                     extra={"train_summary": summary, "train_ann_ids": [a for a in train_set.ann_ids if a >= 0]})
     return path, summary

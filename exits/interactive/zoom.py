@@ -10,7 +10,8 @@ Growing and shifting never drop a point of the original box, so every click stay
 Features are cut out with ``roi_align(aligned=True)`` (the cached token grid is re-sampled
 to the same grid size, so the zoomed region gets the full token budget), the decoder runs
 on the RoI, and :func:`paste_roi_logits` maps the RoI logits back onto the crop; outside
-the RoI the previous mask is kept (a large +-logit), so zooming edits only the region.
+the RoI the logits of the coarse whole-crop pass are kept (IAM: the refinement is copied
+into the coarse prediction), so an object part outside the RoI can still appear.
 """
 from __future__ import annotations
 

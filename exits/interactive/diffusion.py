@@ -1,0 +1,106 @@
+"""CDNet's two diffusion modules: feature diffusion (FDM) on the token grid and pixel
+diffusion (PDM) on the output logits.
+
+FDM (non-local attention with conditional re-weighting). On the click-involved tokens
+X (B, L, D) of an h x w grid:
+
+    A    = softmax_j(q_i . k_j / sqrt(D))            (B, L, L) affinity, q = W_q X, k = W_k X
+    S^c  = source weight of token j: the click disks of class c (pos / neg), max-pooled
+           onto the grid (B, L) -- CDNet uses a Gaussian of the clicks; the disks are already
+           an input map, and max-pooling them onto 8-px cells is their support
+    D^c  = sigmoid(W_d^c X) (B, L) learned destination weight (where class-c information
+           may go; CDNet's "preliminary prediction" of the fg/bg range)
+    Y^c_i = D^c_i * sum_j A_ij S^c_j v_j / (sum_j A_ij S^c_j + eps),   v = W_v X
+    X <- X + W_o [Y^pos, Y^neg]
+
+The normalisation by sum_j A_ij S^c_j (a deviation: CDNet multiplies only) makes Y^c a
+weighted mean of the clicked tokens' values, so its scale does not depend on how many
+cells the disks cover; without clicks of a class Y^c = 0.
+
+PDM (local colour-affinity propagation, "local solve + N iterations", N = 10). On logits
+l (B, 1, Z, Z) with the crop image I (B, 3, Z, Z) and the click disks (B, 2, Z, Z):
+
+    l_0  = l + a * (pos - neg)                         reinforce the sources (a > 0 learned)
+    w_ij = softmax_{j in N(i)} (-||I_i - I_j||^2 / sigma^2)   3x3 neighbourhood, dilation d_t
+    l_{t+1} = (1 - g) * l_t + g * sum_j w_ij l_{t,j}   g = sigmoid(learned), t = 0..N-1
+    and at click pixels l_{t+1} keeps l_0 (the sources stay sources)
+
+The dilation cycles through (1, 2, 4) so 10 iterations reach ~24 px (CDNet: a few
+neighbouring pixels, iterated). The colour affinities are computed once per call.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FeatureDiffusion", "PixelDiffusion", "neighbour_affinity"]
+
+
+class FeatureDiffusion(nn.Module):
+    """FDM over a token grid (see module doc)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.dest = nn.Linear(dim, 2)
+        self.out = nn.Linear(2 * dim, dim)
+        nn.init.zeros_(self.out.weight)  # starts as the identity, like a residual branch
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D) tokens, sources (B, 2, L) in [0, 1] (pos, neg click support) -> (B, L, D)."""
+        d = x.shape[-1]
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)  # (B, L, L)
+        dest = torch.sigmoid(self.dest(x)).transpose(1, 2)  # (B, 2, L)
+        ys = []
+        for c in range(2):
+            w = attn * sources[:, c, None, :]  # (B, L, L): A_ij S_j
+            y = (w @ v) / (w.sum(-1, keepdim=True) + 1e-6)
+            ys.append(y * dest[:, c, :, None])
+        return x + self.out(torch.cat(ys, dim=-1))
+
+
+def neighbour_affinity(image: torch.Tensor, dilation: int, sigma: torch.Tensor) -> torch.Tensor:
+    """(B, 9, Z, Z) weights w_ij of the 3 x 3 neighbours (dilation d) of each pixel:
+    softmax over the 9 of -||I_i - I_j||^2 / sigma^2 (borders replicate)."""
+    b, c, h, w = image.shape
+    padded = F.pad(image, (dilation,) * 4, mode="replicate")
+    nb = F.unfold(padded, 3, dilation=dilation).view(b, c, 9, h, w)
+    dist = (nb - image[:, :, None]).pow(2).sum(1)  # (B, 9, H, W)
+    return torch.softmax(-dist / sigma.pow(2), dim=1)
+
+
+class PixelDiffusion(nn.Module):
+    """PDM on output logits (see module doc)."""
+
+    DILATIONS = (1, 2, 4)
+
+    def __init__(self, iterations: int = 10) -> None:
+        super().__init__()
+        self.iterations = int(iterations)
+        self.source_gain = nn.Parameter(torch.tensor(2.0))
+        self.gate = nn.Parameter(torch.tensor(0.0))  # g = 0.5 at the start
+        self.log_sigma = nn.Parameter(torch.tensor(math.log(0.1)))  # colour scale in [0, 1] RGB units
+
+    def forward(self, logits: torch.Tensor, image: torch.Tensor, disks: torch.Tensor) -> torch.Tensor:
+        """logits (B, 1, Z, Z), image (B, 3, Z, Z) in [0, 1], disks (B, 2, Z, Z) -> (B, 1, Z, Z)."""
+        sigma = self.log_sigma.exp()
+        g = torch.sigmoid(self.gate)
+        sources = disks[:, :1] - disks[:, 1:2]
+        clicked = (disks.sum(1, keepdim=True) > 0).to(logits.dtype)
+        l0 = logits + F.softplus(self.source_gain) * sources
+        weights = {d: neighbour_affinity(image, d, sigma) for d in self.DILATIONS}
+        b, _, h, w = logits.shape
+        l = l0
+        for t in range(self.iterations):
+            d = self.DILATIONS[t % len(self.DILATIONS)]
+            nb = F.unfold(F.pad(l, (d,) * 4, mode="replicate"), 3, dilation=d).view(b, 9, h, w)
+            mixed = (weights[d] * nb).sum(1, keepdim=True)
+            l = (1 - g) * l + g * mixed
+            l = clicked * l0 + (1 - clicked) * l
+        return l
