@@ -99,6 +99,23 @@ def test_changed_setting_recomputes_only_the_stages_that_read_it(demo, finished)
     assert (work / "pseudo_labels.json").read_bytes() == finished["json"]
 
 
+def test_retrieval_knob_reruns_retrieval_onwards_and_keeps_the_similarity_extractor(demo, finished):
+    """``retrieval.appearance_weight`` / ``retrieval.layers`` are read by point retrieval only
+    (they used to sit in ``similarity:``, whose change retrains stage 1a)."""
+    work = finished["work"]
+    model = work / "similarity" / "model.pt"
+    before = model.stat().st_mtime_ns
+    result = run_flow(demo, work, "retrieval.appearance_weight=0.2", "retrieval.layers=[0]")
+    assert set(states_of(result, "prepare").values()) == {"Cached"}
+    assert set(states_of(result, "similarity").values()) == {"Cached"}
+    assert model.stat().st_mtime_ns == before
+    for stage in ("retrieval", "generator"):  # later stages follow the bytes of these outputs
+        assert set(states_of(result, stage).values()) == {"Completed"}, stage
+    back = run_flow(demo, work)  # restore the reference outputs for the tests below
+    assert set(states_of(back, "similarity").values()) == {"Cached"}
+    assert (work / "pseudo_labels.json").read_bytes() == finished["json"]
+
+
 KILL_SCRIPT = '''
 import sys, time
 from pathlib import Path
