@@ -25,7 +25,7 @@ from exits.interactive.metrics import mask_iou
 from exits.interactive.model_io import load_click_model
 from exits.interactive.predictor import ClickPredictor
 from exits.interactive.train import corrupt_mask, train_click_decoder, train_click_model
-from exits.models.checkpoint import save_mask_model
+from exits.models.factory import save_mask_model
 from exits.models.factory import build_mask_model
 from tests.conftest import make_coco
 

@@ -16,8 +16,8 @@ from detectron2.structures import Instances
 from detectors.base import ImagesArg, read_image_records
 from detectors.config import DetectorConfig
 from detectors.results import coco_results
-from detectors.detectron2_backend.settings import resolve_device
 from detectors.torchvision_backend.dataset import CategoryMapping
+from exits.engine.device import resolve_device
 
 
 def load_trained_model(checkpoint: str | os.PathLike, cfg: DetectorConfig) -> tuple[torch.nn.Module, CfgNode, CategoryMapping]:

@@ -17,12 +17,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 
 from detectors.config import DetectorConfig
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from exits.engine.device import resolve_device
 
 
 def mask_rcnn_r50_fpn_cfg() -> CfgNode:

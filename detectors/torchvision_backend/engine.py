@@ -19,6 +19,7 @@ import torch
 from detectors.config import DetectorConfig
 from detectors.torchvision_backend.dataset import CocoInstanceDataset, collate
 from detectors.torchvision_backend.sampling import IterationBatchSampler, mix_seed, repeat_factors
+from exits.engine.device import resolve_device
 from exits.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,6 @@ def lr_factor(iteration: int, warmup_iters: int, warmup_factor: float, steps: Se
     if iteration < warmup_iters:
         return warmup_factor + (1.0 - warmup_factor) * iteration / warmup_iters
     return gamma ** sum(1 for s in steps if s <= iteration)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _build_optimizer(model: torch.nn.Module, cfg: DetectorConfig) -> torch.optim.Optimizer:

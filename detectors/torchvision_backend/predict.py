@@ -12,8 +12,8 @@ from detectors.base import ImagesArg, read_image_records
 from detectors.config import DetectorConfig
 from detectors.results import coco_results
 from detectors.torchvision_backend.dataset import CategoryMapping, load_image
-from detectors.torchvision_backend.engine import resolve_device
 from detectors.torchvision_backend.model import build_model
+from exits.engine.device import resolve_device
 
 
 def load_trained_model(checkpoint: str | os.PathLike, cfg: DetectorConfig) -> tuple[torch.nn.Module, CategoryMapping]:

@@ -39,7 +39,7 @@ from exits.interactive.inference import decode_probs
 from exits.interactive.model_io import CLICK_MODEL_PATH, load_click_model
 from exits.interactive.progressive import progressive_update
 from exits.interactive.session import ClickSessions
-from exits.models.checkpoint import load_mask_model
+from exits.models.factory import load_mask_model
 from exits.stages.object_crops import load_image_tensor
 
 __all__ = ["ClickPredictor", "ObjectInfo", "read_objects"]

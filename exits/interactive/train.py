@@ -36,7 +36,7 @@ from exits.interactive.pem import PrototypeLoss
 from exits.interactive.zoom import roi_resample
 from exits.interactive.model_io import CLICK_MODEL_PATH, GENERATOR_PATH, save_click_model
 from exits.interactive.robot import largest_error_click
-from exits.models.checkpoint import load_mask_model
+from exits.models.factory import load_mask_model
 
 __all__ = ["corrupt_mask", "sample_rounds", "simulate_clicks", "training_loss", "train_click_decoder", "train_click_model"]
 

@@ -3,7 +3,7 @@
 The similarity extractor and the pseudo-label generator both use a plain timm ViT so that
 ImageNet / DeiT / MAE weights (when the user has a local file) load without conversion.
 Weights are never downloaded: ``pretrained=False`` always, and an optional local checkpoint
-is loaded by :func:`exits.models.checkpoint.load_vit_checkpoint`.
+is loaded by :func:`exits.models.pretrained.load_vit_checkpoint`.
 
 An optional convolutional stem replaces the single ``patch x patch`` linear projection by a
 stack of stride-2 3x3 convolutions (Xiao et al., "Early Convolutions Help Transformers See
@@ -21,6 +21,8 @@ import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from exits.models.pretrained import load_vit_checkpoint
 
 __all__ = [
     "ConvStemPatchEmbed",
@@ -152,8 +154,6 @@ def build_vit(
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{name!r} builds a {type(model).__name__}, not a timm VisionTransformer")
     if pretrained_path is not None:
-        from exits.models.checkpoint import load_vit_checkpoint
-
         load_vit_checkpoint(model, pretrained_path)
     return model
 

@@ -1,4 +1,4 @@
-"""Loading ViT weights from local files, and saving / loading whole mask models.
+"""Loading pretrained ViT weights from local files (below :mod:`exits.models.vit`, which uses it).
 
 Pretrained ViT files come in several layouts (timm: flat state dict; DeiT / MAE: nested
 under 'model'; Lightning-style: 'state_dict'; DDP: 'module.' prefix; our own MaskModel:
@@ -20,15 +20,11 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from exits.io import atomic_path
-
 __all__ = [
     "LoadReport",
     "extract_state_dict",
     "load_vit_checkpoint",
     "load_vit_state_dict",
-    "save_mask_model",
-    "load_mask_model",
 ]
 
 _log = logging.getLogger(__name__)
@@ -168,29 +164,3 @@ def load_vit_checkpoint(model: VisionTransformer, path: str | os.PathLike) -> Lo
         raise ValueError(f"no key of {path} matches the model: {report.summary()}")
     _log.info("loaded %s: %s", path, report.summary())
     return report
-
-
-def save_mask_model(path: str | os.PathLike, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
-    """Atomically save a :class:`MaskModel` with the factory arguments that rebuild it."""
-    build_kwargs = getattr(model, "build_kwargs", None)
-    if build_kwargs is None:
-        raise ValueError("model has no build_kwargs; build it with exits.models.build_mask_model")
-    payload = {"build_kwargs": dict(build_kwargs), "state_dict": model.state_dict(), "extra": extra or {}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_mask_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild and load a model written by :func:`save_mask_model` (strict key match).
-
-    The returned model has the saved ``extra`` dict in ``model.checkpoint_extra``.
-    """
-    from exits.models.factory import build_mask_model
-
-    payload = torch.load(os.fspath(path), map_location=map_location, weights_only=False)
-    kwargs = dict(payload["build_kwargs"])
-    kwargs["pretrained_path"] = None  # weights come from the state dict below
-    model = build_mask_model(**kwargs)
-    model.load_state_dict(payload["state_dict"], strict=True)
-    model.checkpoint_extra = payload.get("extra", {})
-    return model.to(map_location)
