@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from exits.data.extreme_points import derive_extreme_points
 from exits.demo import count_visible_parts, generate_demo_dataset
 from exits.demo import shapes, sources
-from exits.demo.generator import cut_probability
+from exits.demo.dataset import cut_probability
 
 IMAGE_SIZE = (96, 128)
 
