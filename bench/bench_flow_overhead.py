@@ -46,7 +46,8 @@ from exits.config import load_config  # noqa: E402
 from exits.demo import generate_demo_dataset  # noqa: E402
 from exits.io import write_json  # noqa: E402
 from exits.models import save_mask_model  # noqa: E402
-from exits.pipeline import StagePaths, num_instances, stage_prepare, stage_pseudo_shard, stage_retrieval_shard  # noqa: E402
+from exits.pipeline import stage_prepare, stage_pseudo_shard, stage_retrieval_shard  # noqa: E402
+from exits.run_folder import RunFolder  # noqa: E402
 from exits.stages.common import model_from_config  # noqa: E402
 from exits.stages.point_retrieval import merge_points  # noqa: E402
 from exits.stages.shards import shard_ranges  # noqa: E402
@@ -55,17 +56,17 @@ import flows.pseudo_labels as stage_flow  # noqa: E402
 from flows.pseudo_labels import SECTIONS, pseudo_labels_flow, pseudo_labels_shard_task  # noqa: E402
 from flows.runtime import config_dict, config_from, results_dir, sections  # noqa: E402
 
-RUN_FILES = ("instances.parquet", "points.parquet", "generator/model.pt")
+RUN_FILES = ("instances", "points", "generator")  # RunFolder attributes a pseudo-label pass reads
 
 
 def prepare_base(data: Path, base: Path, cfg) -> int:
     """instances.parquet, a random-init generator and retrieved points (random-init extractor)."""
-    paths = StagePaths(base)
+    paths = RunFolder(base)
     stage_prepare(cfg, data / "instances.json", data / "images", base, progress=False)
     torch.manual_seed(0)
     save_mask_model(paths.similarity, model_from_config(cfg.backbone))
     save_mask_model(paths.generator, model_from_config(cfg.backbone))
-    n = num_instances(paths)
+    n = paths.num_instances()
     shards = [stage_retrieval_shard(cfg, data / "images", paths, a, b, paths.shard("points", i), torch.device("cpu"))
               for i, (a, b) in enumerate(shard_ranges(n, 64))]
     merge_points(shards, paths.points)
@@ -74,17 +75,18 @@ def prepare_base(data: Path, base: Path, cfg) -> int:
 
 def fresh_run(base: Path, scratch: Path) -> Path:
     work = Path(tempfile.mkdtemp(dir=scratch))
+    src, dst = RunFolder(base), RunFolder(work)
     for name in RUN_FILES:
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(base / name, work / name)
+        getattr(dst, name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(getattr(src, name), getattr(dst, name))
     return work
 
 
 def plain_pass(cfg, images: Path, work: Path, shard_size: int, limit: int | None = None) -> float:
     """The shards as plain calls, one after another in ONE worker thread, as the thread task
     runner runs them (torch in the main thread behaves differently under load: not comparable)."""
-    paths = StagePaths(work)
-    ranges = shard_ranges(num_instances(paths), shard_size)[:limit]
+    paths = RunFolder(work)
+    ranges = shard_ranges(paths.num_instances(), shard_size)[:limit]
     with ThreadPoolExecutor(max_workers=1) as pool:
         t0 = time.perf_counter()
         for i, (a, b) in enumerate(ranges):
@@ -109,12 +111,12 @@ def timed_stage_pseudo_shard(*args, **kwargs):
 def prefect_pass(images: str, workdir: str, config: dict) -> dict:
     """The shard part of ``pseudo_labels_flow``, timed from submission to the last result."""
     cfg = config_from(config)
-    paths = StagePaths(Path(workdir))
+    paths = RunFolder(Path(workdir))
     common = dict(instances=str(paths.instances), generator=str(paths.generator), points=str(paths.points),
                   images=images, images_fingerprint=folder_fingerprint(images), workdir=workdir,
                   config=sections(cfg, *SECTIONS))
     calls = [dict(common, shard=i, start=a, stop=b)
-             for i, (a, b) in enumerate(shard_ranges(num_instances(paths), cfg.flows.shard_size))]
+             for i, (a, b) in enumerate(shard_ranges(paths.num_instances(), cfg.flows.shard_size))]
     INNER_SECONDS.clear()
     t0 = time.perf_counter()
     _, states = run_shards(pseudo_labels_shard_task, results_dir(workdir), calls)
