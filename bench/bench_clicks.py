@@ -1,29 +1,36 @@
-"""Spot-fix click model: seconds per click, NoC/NoF vs GrabCut, and the decoder-part ablation.
+"""Spot-fix click model: NoC/NoF/mIoU vs GrabCut over 3 seeds, the click-constraint
+comparison, the part ablation, and seconds per click.
 
-Usage: python bench/bench_clicks.py [--workdir runs/bench_stage1/exits] [--gt data/demo/instances.json]
-       [--iterations 300] [--objects 40] [--no-ablation] [--out bench/results/clicks.json]
+Usage: python bench/bench_clicks.py [--workdir runs/clicks_base] [--gt data/demo/instances.json]
+       [--iterations 300] [--objects 40] [--seeds 0 1 2] [--ablation-seeds 0] [--no-ablation]
+       [--out bench/results/clicks.json] [--speed-only]
 
-Speed: the decoder alone (click maps built, features cached), one object, five clicks on
-top of a previous mask; ``torch.set_num_threads(t)`` for t in (2, 1) (2 is the reference;
-1 is recorded because on this shared 2-core machine a second intra-op thread often waits
-for a core and small ops get several times slower); one warm-up, then median and minimum
-over ``--repeats`` calls. At the demo crop (96) the trained model and a real object's
-cached features; at 512 x 512 the same architecture on a 64 x 64 token grid (patch 8;
-random weights and tokens: the cost does not depend on their values).
+Training: the default config (``ClickModelConfig`` with ``--source``: by default
+"pseudo+synthetic" = the run's top-60 % pseudo masks by score plus ``--synthetic-objects``
+objects of the demo-data generator run with seed 1000 + seed; the run's GT is never read for
+training) for ``--iterations``, one model per seed (seed = config.seed: decoder init, batches,
+click simulation, synthetic set). Evaluation on the ``--objects`` lowest-scoring objects of
+the run (the spot-fix queue; none trained on) against the GT json with the RITM robot user:
+protocols "pseudo" (edit the pseudo mask) and "scratch", both stopping at IoU 0.95, and
+"standard" (from scratch, always 20 clicks, the papers' protocol). GrabCut gets the same
+robot, objects and window. Rows per seed, then mean and sd over seeds.
 
-Quality: the click model trained with its default settings for ``--iterations`` on the
-run's best-scoring pseudo masks (the top 60 %, GT never read for training); evaluated on
-the ``--objects`` lowest-scoring objects (the spot-fix queue; none was trained on) with
-the RITM robot user, 20 clicks, protocols "pseudo" (edit the pseudo mask) and "scratch";
-GrabCut with the same robot and objects. Ablation: each decoder part switched off in turn,
-retrained with the same budget and seed (progressive mode is inference-only: same model,
-evaluated with it off). One more row trains on the GT masks of a separate json given
-explicitly (``--gt-train-json``, default the demo's held-out val.json: other images than
-the evaluated ones). Training runs on 1 thread (faster on this busy machine).
+Constraint rows: the same models evaluated with ``constraint`` none (plain decoder), disk
+(only the clicked disks forced) and crf (the default). Ablation: each part switched off in
+turn and retrained with the same budget (``--ablation-seeds``); inference-only switches
+(progressive mode) reuse the full model. Training and evaluation run on 1 thread.
+
+Speed: decoder + click constraint with cached features (what one click costs in the web
+page minus the mask transfer), one object, 5 clicks on top of a previous mask;
+``torch.set_num_threads(t)`` for t in (2, 1); one warm-up, then median / min over
+``--repeats`` calls. At the demo crop (96) the trained model and a real object's features;
+at 512 the same architecture on a 64 x 64 grid with random weights and tokens (the cost
+does not depend on their values).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -38,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exits.interactive.config import ClickModelConfig  # noqa: E402
+from exits.interactive.constrain import constrain_clicks  # noqa: E402
 from exits.interactive.decoder import ClickDecoder  # noqa: E402
 from exits.interactive.evaluate import run_eval_clicks  # noqa: E402
 from exits.interactive.inference import decode_probs  # noqa: E402
@@ -46,7 +54,17 @@ from exits.interactive.predictor import ClickPredictor  # noqa: E402
 from exits.interactive.train import train_click_model  # noqa: E402
 from exits.io import write_json  # noqa: E402
 
-PARTS = ("use_imsa", "use_spm", "use_prototypes", "use_zoom")
+# name -> config changes (retrained); progressive is inference-only (same model).
+ABLATIONS = {
+    "no_imsa": {"use_imsa": False}, "no_spm": {"use_spm": False}, "no_prototypes": {"use_prototypes": False},
+    "no_zoom": {"use_zoom": False}, "no_fdm": {"use_fdm": False}, "no_pdm": {"use_pdm": False},
+    "no_pem": {"use_pem": False}, "no_latent_heads": {"latent_heads": 0},
+    "old_click_rounds": {"max_sim_rounds": 3, "sim_round_decay": 1.0},
+    "pseudo_masks_only": {"train_source": "pseudo"},
+    "synthetic_only": {"train_source": "synthetic"},
+}
+PROTOCOLS = ("pseudo", "scratch", "standard")
+KEYS = ("NoC@85", "NoC@90", "NoF@85", "NoF@90", "mIoU@0", "mIoU@1", "mIoU@2", "mIoU@3", "mIoU@5", "mIoU@10", "mIoU@20")
 
 
 def time_calls(fn, repeats: int) -> list[float]:
@@ -73,6 +91,7 @@ def speed(workdir: Path, model_path: Path, repeats: int) -> list[dict]:
     predictor = ClickPredictor.from_workdir(workdir, model_path=model_path)
     ann_id = next(iter(predictor.objects))
     feats = predictor.features(ann_id)
+    cfg = decoder.config
     rows = []
     for threads in (2, 1):
         torch.set_num_threads(threads)
@@ -81,81 +100,147 @@ def speed(workdir: Path, model_path: Path, repeats: int) -> list[dict]:
                 dec, tokens, grid, crop = decoder, feats.tokens[None], feats.grid, feats.crop[None]
             else:
                 g = size // 8
-                dec = ClickDecoder(decoder.config, decoder.embed_dim).eval()
+                dec = ClickDecoder(cfg, decoder.embed_dim).eval()
                 tokens, grid, crop = torch.randn(1, g * g, decoder.embed_dim), (g, g), torch.rand(1, 3, size, size)
             clicks, prev = click_sequence(size)
-            for k in (1, 5):
-                times = time_calls(lambda: decode_probs(dec, tokens, grid, crop, [clicks[:k]], [prev]), repeats)
-                rows.append({"threads": threads, "crop": size, "clicks": k, "grid": list(grid),
+            radius = cfg.disk_radius * size / feats.crop.shape[-1]
+            for constraint in ("none", "crf"):
+                def one_click(k: int = 5) -> None:
+                    prob = decode_probs(dec, tokens, grid, crop, [clicks[:k]], [prev])[0]
+                    constrain_clicks(prob, crop[0], clicks[:k], radius, method=constraint, iters=cfg.crf_iters,
+                                     sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w, colour=cfg.crf_colour,
+                                     max_size=cfg.decode_size)
+
+                times = time_calls(one_click, repeats)
+                rows.append({"threads": threads, "crop": size, "clicks": 5, "grid": list(grid), "constraint": constraint,
                              "median_ms": round(1e3 * statistics.median(times), 2), "min_ms": round(1e3 * min(times), 2)})
                 print(rows[-1], flush=True)
     torch.set_num_threads(1)
     return rows
 
 
-def train_and_eval(workdir: Path, gt: Path, out_dir: Path, name: str, cfg: ClickModelConfig, objects: int,
-                   progressive: bool | None = None, model_path: Path | None = None) -> dict:
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    summary = None
-    if model_path is None:
-        model_path, summary = train_click_model(workdir, cfg, out_path=out_dir / f"{name}.pt", progress=False)
-    t1 = time.perf_counter()
-    result = run_eval_clicks(workdir, gt, out_path=out_dir / f"{name}_eval.json", model_path=model_path,
-                             num_objects=objects, progressive=progressive, with_grabcut=(name == "full"))
-    row = {"name": name, "train_s": round(t1 - t0, 1), "eval_s": round(time.perf_counter() - t1, 1),
-           "train": summary, "protocols": result["protocols"], "ann_ids": result["ann_ids"],
-           "seconds_per_click": result["seconds_per_click"]}
-    print(name, {p: {m: {k: round(v, 3) for k, v in x.items()} for m, x in v.items()}
-                 for p, v in result["protocols"].items()}, flush=True)
-    return row
+def evaluate(workdir: Path, gt: Path, model_path: Path, out_json: Path, objects: int, *, grabcut: bool,
+             progressive: bool | None = None, constraint: str | None = None) -> dict:
+    t = time.perf_counter()
+    result = run_eval_clicks(workdir, gt, out_path=out_json, model_path=model_path, num_objects=objects,
+                             progressive=progressive, with_grabcut=grabcut, protocols=PROTOCOLS, constraint=constraint)
+    return {"protocols": result["protocols"], "ann_ids": result["ann_ids"], "eval_s": round(time.perf_counter() - t, 1),
+            "seconds_per_click": result["seconds_per_click"]}
+
+
+def train(workdir: Path, cfg: ClickModelConfig, path: Path) -> dict:
+    t = time.perf_counter()
+    if path.exists():  # resumable: a model trained by an earlier, interrupted call
+        _, payload = load_click_model(path)
+        if payload["config"] == cfg.to_dict():
+            return {"train": payload["extra"].get("train_summary"), "train_s": None, "reused": True}
+    _, summary = train_click_model(workdir, cfg, out_path=path, progress=False,
+                                   synthetic_dir=ROOT / "runs" / "click_synthetic")
+    return {"train": summary, "train_s": round(time.perf_counter() - t, 1)}
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """mean and sd over seeds of every metric of every protocol/method."""
+    out: dict = {}
+    for protocol in PROTOCOLS:
+        for method in ("click_model", "grabcut"):
+            vals = [r["protocols"].get(protocol, {}).get(method) for r in rows]
+            vals = [v for v in vals if v]
+            if not vals:
+                continue
+            out.setdefault(protocol, {})[method] = {
+                k: {"mean": float(np.mean([v[k] for v in vals])), "sd": float(np.std([v[k] for v in vals], ddof=1))
+                    if len(vals) > 1 else 0.0, "n": len(vals)} for k in KEYS if k in vals[0]}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_stage1" / "exits")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "clicks_base")
     ap.add_argument("--gt", type=Path, default=ROOT / "data" / "demo" / "instances.json")
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--objects", type=int, default=40)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--source", default="pseudo+synthetic")
+    ap.add_argument("--synthetic-objects", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-ablation", action="store_true")
-    ap.add_argument("--gt-train-json", type=Path, default=ROOT / "data" / "demo" / "val.json",
-                    help="also train on this COCO json's GT masks (given explicitly; '' to skip)")
+    ap.add_argument("--only", nargs="*", default=None, help="ablation rows to run (default all)")
     ap.add_argument("--models-dir", type=Path, default=ROOT / "runs" / "bench_clicks")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "clicks.json")
     ap.add_argument("--speed-only", action="store_true",
-                    help="only re-time clicks with MODELS_DIR/full.pt and update the speed rows of --out")
+                    help="only re-time clicks with MODELS_DIR/full_seed0.pt and update the speed rows of --out")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if result.get("benchmark") != "clicks_v2":
+        result = {"benchmark": "clicks_v2"}
     if args.speed_only:
-        import json
-
-        result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "clicks"}
-        result["speed"] = speed(args.workdir, args.models_dir / "full.pt", args.repeats)
+        result["speed"] = speed(args.workdir, args.models_dir / "full_seed0.pt", args.repeats)
         result["speed_load_avg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         write_json(args.out, result, indent=2)
         print(f"wrote {args.out}")
         return
-    cfg = ClickModelConfig(iterations=args.iterations)
-    full = train_and_eval(args.workdir, args.gt, args.models_dir, "full", cfg, args.objects)
-    rows = [full]
+    torch.set_num_threads(1)
+    base = ClickModelConfig(iterations=args.iterations, train_source=args.source,
+                            synthetic_objects=args.synthetic_objects)
+    result.update({"device": "cpu", "torch": torch.__version__, "machine": platform.machine(),
+                   "cpu_count": os.cpu_count(), "config": base.to_dict(), "workdir": str(args.workdir),
+                   "gt": str(args.gt), "objects": args.objects, "seeds": args.seeds})
+    args.models_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        result["load_avg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        write_json(args.out, result, indent=2)
+
+    full = result.setdefault("full", {})
+    constraint_rows = result.setdefault("constraint", {})
+    for seed in args.seeds:
+        cfg = base.replace(seed=seed, synthetic_seed=1000 + seed)
+        path = args.models_dir / f"full_seed{seed}.pt"
+        if str(seed) not in full:
+            row = train(args.workdir, cfg, path)
+            row.update(evaluate(args.workdir, args.gt, path, args.models_dir / f"full_seed{seed}_eval.json",
+                                args.objects, grabcut=True))
+            full[str(seed)] = row
+            print("full", seed, json.dumps({p: {m: {k: round(v, 3) for k, v in x.items()} for m, x in r.items()}
+                                           for p, r in row["protocols"].items()}), flush=True)
+            save()
+        for constraint in ("none", "disk"):
+            key = f"{constraint}_seed{seed}"
+            if key not in constraint_rows:
+                constraint_rows[key] = evaluate(args.workdir, args.gt, path, args.models_dir / f"{key}_eval.json",
+                                                args.objects, grabcut=False, constraint=constraint)
+                save()
+    result["full_summary"] = aggregate([full[str(s)] for s in args.seeds if str(s) in full])
+    result["constraint_summary"] = {c: aggregate([constraint_rows[f"{c}_seed{s}"] for s in args.seeds
+                                                  if f"{c}_seed{s}" in constraint_rows]) for c in ("none", "disk")}
+    save()
     if not args.no_ablation:
-        rows.append(train_and_eval(args.workdir, args.gt, args.models_dir, "no_progressive", cfg, args.objects,
-                                   progressive=False, model_path=args.models_dir / "full.pt"))
-        for part in PARTS:
-            rows.append(train_and_eval(args.workdir, args.gt, args.models_dir, f"no_{part[4:]}",
-                                       cfg.replace(**{part: False}), args.objects))
-    if str(args.gt_train_json) not in ("", "."):
-        rows.append(train_and_eval(args.workdir, args.gt, args.models_dir, "train_on_explicit_gt_json",
-                                   cfg.replace(train_source="coco", train_json=str(args.gt_train_json)), args.objects))
-    speed_rows = speed(args.workdir, args.models_dir / "full.pt", args.repeats)
-    result = {
-        "benchmark": "clicks", "device": "cpu", "torch": torch.__version__, "machine": platform.machine(),
-        "cpu_count": os.cpu_count(), "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "config": cfg.to_dict(), "workdir": str(args.workdir), "gt": str(args.gt), "objects": args.objects,
-        "speed": speed_rows, "runs": rows,
-    }
-    write_json(args.out, result, indent=2)
+        abl = result.setdefault("ablation", {})
+        names = ["no_progressive"] + list(ABLATIONS) if args.only is None else args.only
+        for name in names:
+            for seed in args.ablation_seeds:
+                key = f"{name}_seed{seed}"
+                if key in abl:
+                    continue
+                full_path = args.models_dir / f"full_seed{seed}.pt"
+                if name == "no_progressive":
+                    row = evaluate(args.workdir, args.gt, full_path, args.models_dir / f"{key}_eval.json",
+                                   args.objects, grabcut=False, progressive=False)
+                else:
+                    cfg = base.replace(seed=seed, synthetic_seed=1000 + seed, **ABLATIONS[name])
+                    path = args.models_dir / f"{key}.pt"
+                    row = train(args.workdir, cfg, path)
+                    row.update(evaluate(args.workdir, args.gt, path, args.models_dir / f"{key}_eval.json",
+                                        args.objects, grabcut=False))
+                abl[key] = row
+                print(key, json.dumps({p: {k: round(v, 3) for k, v in r["click_model"].items()}
+                                       for p, r in row["protocols"].items()}), flush=True)
+                save()
+    result["speed"] = speed(args.workdir, args.models_dir / f"full_seed{args.seeds[0]}.pt", args.repeats)
+    save()
     print(f"wrote {args.out}")
 
 

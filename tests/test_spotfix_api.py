@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from exits.spotfix.app import create_app
 from exits.spotfix.catalog import RunCatalog
 from exits.spotfix.commands import export_command, is_loopback, resolve_token, spotfix_command
-from exits.spotfix.editors import EditorUnavailable, GrabCutEditor, load_editor
+from exits.spotfix.editors import BENCHMARK_WINNER, EditorUnavailable, GrabCutEditor, load_editor, resolve_editor
 from exits.spotfix.store import FixesStore, FixRecord
 from tests.spotfix_fixtures import H, SCORES, W, make_run, rle_of, true_masks
 
@@ -308,6 +308,12 @@ def test_token_rules_and_editor_loading(run: Path, monkeypatch: pytest.MonkeyPat
         load_editor("clicks", run, catalog)
     with pytest.raises(EditorUnavailable, match="unknown editor"):
         load_editor("magic", run, catalog)
+    # auto: the benchmark's winner; the click model falls back to GrabCut when the run has none
+    kind, why = resolve_editor("auto", run)
+    assert kind == ("grabcut" if BENCHMARK_WINNER == "clicks" else BENCHMARK_WINNER)
+    assert ("train-clicks" in why) == (BENCHMARK_WINNER == "clicks")
+    assert isinstance(load_editor("auto", run, catalog), GrabCutEditor)
+    assert resolve_editor("grabcut", run) == ("grabcut", "chosen with --editor")
 
 
 def test_commands(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -320,7 +326,7 @@ def test_commands(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
     r = runner.invoke(app, ["spotfix", "--workdir", str(run), "--host", "0.0.0.0"])
     assert r.exit_code == 2 and "needs a token" in r.output
-    r = runner.invoke(app, ["spotfix", "--workdir", str(run)])  # default editor: the click model
+    r = runner.invoke(app, ["spotfix", "--workdir", str(run), "--editor", "clicks"])
     assert r.exit_code == 2 and "train-clicks" in r.output
     r = runner.invoke(app, ["spotfix", "--workdir", str(run.parent)])
     assert r.exit_code == 2 and "pseudo_labels.json" in r.output

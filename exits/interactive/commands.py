@@ -71,16 +71,16 @@ def eval_clicks_command(
     model: Annotated[Optional[Path], typer.Option(help="click model file (default WORKDIR/click_model/model.pt)")] = None,
     num_objects: Annotated[int, typer.Option(help="objects, lowest pseudo score first (0 = all)")] = 40,
     max_clicks: Annotated[int, typer.Option(help="click budget per object")] = 20,
-    protocol: Annotated[Optional[list[str]], typer.Option(help="scratch and/or pseudo (default both)")] = None,
+    protocol: Annotated[Optional[list[str]], typer.Option(help="scratch, pseudo and/or standard (20 clicks, no early stop; default scratch + pseudo)")] = None,
     grabcut: Annotated[bool, typer.Option("--grabcut/--no-grabcut", help="also run GrabCut with the same clicks")] = True,
     progressive: Annotated[Optional[bool], typer.Option("--progressive/--no-progressive", help="override the model's progressive mode")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda ...")] = "cpu",
 ) -> None:
     """NoC@85/90, NoF@90 and mIoU@k of the click model (and GrabCut) with the robot user."""
-    from exits.interactive.evaluate import PROTOCOLS, run_eval_clicks  # torch & co. only when the command runs
+    from exits.interactive.evaluate import DEFAULT_PROTOCOLS, run_eval_clicks  # torch & co. only when the command runs
 
     result = run_eval_clicks(workdir, gt, out_path=out, model_path=model, num_objects=num_objects or None,
-                             max_clicks=max_clicks, protocols=tuple(protocol or PROTOCOLS), progressive=progressive,
+                             max_clicks=max_clicks, protocols=tuple(protocol or DEFAULT_PROTOCOLS), progressive=progressive,
                              with_grabcut=grabcut, device=device)
     for name, methods in result["protocols"].items():
         for method, m in methods.items():

@@ -31,14 +31,14 @@ class ClickModelConfig(FrozenSettings):
     Click constraint after the decoder (``constraint``): "crf" a dense CRF with the decoder's
     probabilities and a click-conditioned colour model (weight ``crf_colour``) as unary and
     the click disks as hard labels (``crf_iters``, kernels ``crf_sxy`` / ``crf_srgb`` /
-    ``crf_w`` on the crop), then the disks are set to their
+    ``crf_w`` on the crop, at most ``crf_max_size`` px a side), then the disks are set to their
     labels; "disk" only the last step; "none" the plain decoder (:mod:`exits.interactive.constrain`).
 
     Click encoding: ``disk_radius`` in crop pixels (the crop is the encoder's input size,
     e.g. 96 for the demo generator). Zoom: the RoI is the box of the coarse foreground and
     all clicks, grown by ``zoom_expand`` (1.4 as in RITM / InterFormer) and at least
     ``zoom_min_fraction`` of the crop side. Sizes: the coarse pass decodes the whole crop at
-    min(S, ``coarse_size``) px, the refinement the RoI at Z = min(S, ``decode_size``) px, and
+    Z_c = min(S, ``coarse_size``) px on a grid of at most Z_c / 8 cells a side, the refinement the RoI at Z = min(S, ``decode_size``) px, and
     the token grid is resampled to at most ``max_grid`` x ``max_grid`` cells (a 512 crop's
     64 x 64 grid is averaged 2 x 2; the 96 crop's 12 x 12 grid is untouched).
 
@@ -74,6 +74,7 @@ class ClickModelConfig(FrozenSettings):
     crf_srgb: float = 13.0
     crf_w: float = 10.0
     crf_colour: float = 1.0
+    crf_max_size: int = 128
     max_prototypes: int = 4
     cells_per_prototype: int = 12
     sgc_iters: int = 8
@@ -116,7 +117,7 @@ class ClickModelConfig(FrozenSettings):
             errors.append("train_source 'coco' needs train_json (a COCO json with masks for click training)")
         for name in ("dim", "heads", "iterations", "batch_size", "max_prototypes",
                      "cells_per_prototype", "max_clicks", "max_train_objects", "feature_cache_size", "decode_size", "max_grid",
-                     "coarse_size", "synthetic_objects"):
+                     "coarse_size", "synthetic_objects", "crf_max_size"):
             if int(getattr(self, name)) < 1:
                 errors.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("imsa_depth", "sgc_iters", "max_sim_rounds", "seed", "latent_heads", "pdm_iterations",

@@ -151,14 +151,16 @@ class ClickDecoder(nn.Module):
         return fg.cpu().numpy(), bg.cpu().numpy()
 
     def decode_pass(self, feat: torch.Tensor, image: torch.Tensor, maps: torch.Tensor, clicks: torch.Tensor,
-                    valid: torch.Tensor, boxes: torch.Tensor | None, z: int) -> PassOutput:
+                    valid: torch.Tensor, boxes: torch.Tensor | None, z: int, max_grid: int | None = None) -> PassOutput:
         """One pass over the regions ``boxes`` (B, 4) (None = the whole crop) at z x z.
 
         feat (B, D, h, w) projected tokens of the crop; image (B, 3, S, S); maps (B, 8, S, S);
-        clicks (B, K, 3) crop pixel coords; valid (B, K).
+        clicks (B, K, 3) crop pixel coords; valid (B, K); the token grid is capped at
+        ``max_grid`` (default ``config.max_grid``) cells a side.
         """
         b, _, s, _ = image.shape
-        grid = (min(feat.shape[-2], self.config.max_grid), min(feat.shape[-1], self.config.max_grid))
+        cap = self.config.max_grid if max_grid is None else max_grid
+        grid = (min(feat.shape[-2], cap), min(feat.shape[-1], cap))
         if boxes is None:
             boxes = torch.tensor([0.0, 0.0, float(s), float(s)], device=image.device).expand(b, 4).clone()
             feat_r = feat if tuple(feat.shape[-2:]) == grid else F.adaptive_avg_pool2d(feat, grid)
@@ -231,7 +233,9 @@ class ClickDecoder(nn.Module):
             raise ValueError(f"tokens {tuple(tokens.shape)} do not fit grid {grid} x {self.embed_dim}")
         feat = self.proj(tokens.transpose(1, 2).reshape(b, c, h, w))
         zc = min(s, self.config.coarse_size)
-        coarse = self.decode_pass(feat, image, maps, clicks, valid, None, zc)
+        # The coarse pass needs no more than one cell per 8 decoded pixels (the patch size of
+        # the demo ViT): a 512 crop's coarse pass at 128 px uses a 16 x 16 grid.
+        coarse = self.decode_pass(feat, image, maps, clicks, valid, None, zc, max_grid=max(1, zc // 8))
         coarse_s = coarse.logits if zc == s else F.interpolate(coarse.logits, size=(s, s), mode="bilinear",
                                                                align_corners=False)
         if not self.config.use_zoom:

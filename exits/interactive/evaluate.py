@@ -1,12 +1,18 @@
 """Robot-user evaluation of the click model against GrabCut (same clicker, same objects).
 
-Protocols: ``scratch`` (no mask at the start, IoU 0 before the first click) and ``pseudo``
-(start from the run's pseudo mask and edit it). At each step the robot
-(:func:`exits.interactive.robot.next_click`, RITM convention) clicks on the current error,
-the method predicts with all clicks so far and its previous output, and the IoU with the
-GT mask is recorded, for at most ``max_clicks`` clicks; a curve stops early once IoU >=
-``stop_iou`` (RITM's 0.95 default) or there is no error left, and its last value is
-carried on. Metrics: :func:`exits.interactive.metrics.summarize_curves`.
+Protocols:
+  ``pseudo``   start from the run's pseudo mask and edit it;
+  ``scratch``  no mask at the start (IoU 0 before the first click);
+  both stop a curve early once IoU >= ``stop_iou`` (0.95) or no error is left (the
+  project's spot-fix protocol: a person stops when the mask is good);
+  ``standard`` the papers' protocol (RITM / InterFormer tables): from scratch, always
+  ``max_clicks`` (20) clicks, no early stop, NoF@t = objects never reaching t in 20.
+At each step the robot (:func:`exits.interactive.robot.next_click`, RITM convention)
+clicks on the current error of the *whole image* (GT and prediction are full-image masks,
+IoU is over the whole image), the method predicts with all clicks so far and its previous
+output, and the IoU is recorded. The methods themselves work in the object's crop window
+(the extreme-point box plus margin), which the papers' whole-image models do not have.
+Metrics: :func:`exits.interactive.metrics.summarize_curves`.
 
 GT masks are read only here, through :mod:`exits.eval.ground_truth` (the leak boundary).
 Objects are those of the run with a GT mask and a pseudo mask, ordered as the spot-fix
@@ -36,7 +42,8 @@ from exits.stages.object_crops import load_image_tensor
 
 __all__ = ["robot_curve", "run_eval_clicks", "PROTOCOLS"]
 
-PROTOCOLS = ("scratch", "pseudo")
+PROTOCOLS = ("scratch", "pseudo", "standard")
+DEFAULT_PROTOCOLS = ("scratch", "pseudo")
 PredictFn = Callable[[list[Click], "np.ndarray | None"], np.ndarray]
 
 
@@ -74,14 +81,16 @@ def _select_objects(predictor: ClickPredictor, pseudo: dict[int, dict], gt_ids: 
 
 def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str | Path | None = None,
                     model_path: str | Path | None = None, ann_ids: Sequence[int] | None = None,
-                    num_objects: int | None = 40, max_clicks: int = 20, protocols: Sequence[str] = PROTOCOLS,
+                    num_objects: int | None = 40, max_clicks: int = 20, protocols: Sequence[str] = DEFAULT_PROTOCOLS,
                     progressive: bool | None = None, with_grabcut: bool = True, exclude_trained: bool = True,
-                    stop_iou: float | None = 0.95, device: str = "cpu", keep_curves: bool = False) -> dict[str, Any]:
+                    stop_iou: float | None = 0.95, device: str = "cpu", keep_curves: bool = False,
+                    constraint: str | None = None) -> dict[str, Any]:
     """Evaluate and write a json (default WORKDIR/click_model/eval_clicks.json).
 
     Result: {"settings", "ann_ids", "protocols": {protocol: {"click_model": metrics,
     "grabcut": metrics}}, "seconds_per_click": {...}} with metrics NoC@85, NoC@90, NoF@85,
-    NoF@90, mIoU@k (see :mod:`exits.interactive.metrics`).
+    NoF@90, mIoU@k (see :mod:`exits.interactive.metrics`). ``constraint`` overrides the
+    model's click constraint (none / disk / crf) for this evaluation.
     """
     workdir = Path(workdir)
     bad = sorted(set(protocols) - set(PROTOCOLS))
@@ -91,6 +100,8 @@ def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str |
     predictor = ClickPredictor.from_workdir(workdir, device=device, model_path=model_path)
     if progressive is not None:
         predictor.progressive = bool(progressive)
+    if constraint is not None:
+        predictor.constraint = str(constraint)
     _, payload = load_click_model(model_path)
     trained = set(int(a) for a in payload.get("extra", {}).get("train_ann_ids", [])) if exclude_trained else set()
     pseudo_json = json.loads((workdir / "pseudo_labels.json").read_text(encoding="utf-8"))
@@ -121,7 +132,8 @@ def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str |
                 return out
 
             predictor.prepare(ann_id)
-            curves[protocol]["click_model"].append(robot_curve(model_fn, gt_mask, init, max_clicks, stop_iou)[0])
+            stop = None if protocol == "standard" else stop_iou
+            curves[protocol]["click_model"].append(robot_curve(model_fn, gt_mask, init, max_clicks, stop)[0])
             if with_grabcut:
                 if image_rgb is None:
                     image_rgb = (load_image_tensor(predictor.images_dir / info.file_name).permute(1, 2, 0).numpy()
@@ -134,11 +146,12 @@ def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str |
                     timing["grabcut"][1] += 1
                     return out
 
-                curves[protocol]["grabcut"].append(robot_curve(grabcut_fn, gt_mask, init, max_clicks, stop_iou)[0])
+                curves[protocol]["grabcut"].append(robot_curve(grabcut_fn, gt_mask, init, max_clicks, stop)[0])
 
     result: dict[str, Any] = {
         "settings": {"workdir": str(workdir), "gt_json": str(gt_json), "model_path": str(model_path),
                      "max_clicks": max_clicks, "stop_iou": stop_iou, "progressive": predictor.progressive,
+                     "constraint": predictor.constraint, "protocols": list(protocols),
                      "exclude_trained": exclude_trained, "robot": "RITM: farthest point from error boundary, padded EDT"},
         "ann_ids": ids,
         "protocols": {p: {m: summarize_curves(c, max_clicks, thresholds=(0.85, 0.9)) for m, c in v.items() if c}

@@ -148,7 +148,7 @@ class ClickPredictor:
         uv = self._crop_clicks(win, clicks)
         crop_out = constrain_clicks(prob, f.crop, uv, cfg.disk_radius, method=self.constraint, iters=cfg.crf_iters,
                                     sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w, colour=cfg.crf_colour,
-                                    max_size=cfg.decode_size)
+                                    max_size=cfg.crf_max_size)
         full = (paste_mask(torch.from_numpy(crop_out.astype(np.float32)), win, h, w) >= 0.5).numpy()
         out = prev.copy() if prev is not None else np.zeros((h, w), bool)
         rows, cols = slice(win.y0, win.y0 + win.height), slice(win.x0, win.x0 + win.width)

@@ -48,7 +48,8 @@ def spotfix_command(
     token: Optional[str] = typer.Option(None, "--token", help=f"access token every request must carry "
                                         f"(default ${ENV_TOKEN}); required when --host is not loopback"),
     user: Optional[str] = typer.Option(None, "--user", help="name recorded with each decision (default: login name)"),
-    editor: str = typer.Option("clicks", "--editor", help="what answers clicks: clicks (trained click model) or grabcut"),
+    editor: str = typer.Option("auto", "--editor", help="what answers clicks: auto (the benchmark's winner, see "
+                               "docs/benchmarks.md), clicks (trained click model) or grabcut"),
     device: str = typer.Option("cpu", "--device", help="device of the click model (cpu, cuda, cuda:1)"),
     images: Optional[Path] = typer.Option(None, "--images", "-i", help="image folder (default: the one in run.json)"),
     threads: int = typer.Option(2, "--threads", min=1, help="CPU threads of the click model (2: ~9 ms per click at "
@@ -61,11 +62,13 @@ def spotfix_command(
     setup_logging(False)
     from exits.spotfix.app import create_app
     from exits.spotfix.catalog import CatalogError, RunCatalog
-    from exits.spotfix.editors import EditorUnavailable, load_editor
+    from exits.spotfix.editors import EditorUnavailable, load_editor, resolve_editor
 
     try:
         required = resolve_token(host, token)
         catalog = RunCatalog.load(workdir, images)
+        editor, why = resolve_editor(editor, workdir)
+        typer.echo(f"spot-fix editor: {editor} ({why})")
         mask_editor = load_editor(editor, workdir, catalog, device=device)
     except (ValueError, EditorUnavailable, CatalogError) as exc:
         fail(str(exc))

@@ -3,6 +3,9 @@
 
 - ``clicks``: the trained click model (``exits.interactive.predictor.ClickPredictor``).
 - ``grabcut``: OpenCV GrabCut seeded by the clicks and the previous mask; needs no model.
+- ``auto`` (the default of ``exits spotfix``): :data:`BENCHMARK_WINNER`, the editor with the
+  fewer clicks in ``bench/bench_clicks.py`` (docs/benchmarks.md, "Spot-fix click model"),
+  when it can be loaded; the click model falls back to GrabCut when the run has none.
 """
 from __future__ import annotations
 
@@ -20,6 +23,10 @@ from exits.spotfix.catalog import RunCatalog
 
 Click = tuple[float, float, bool]
 CLICK_MODEL_DIR = "click_model"
+EDITORS = ("auto", "clicks", "grabcut")
+# The editor that needed fewer clicks (NoC@85/90 from the pseudo mask, mean of 3 seeds) in
+# bench/bench_clicks.py on the demo run; see docs/benchmarks.md. Update with the benchmark.
+BENCHMARK_WINNER = "clicks"
 log = logging.getLogger(__name__)
 
 
@@ -171,17 +178,31 @@ def _log_failure(future: Future, ann_id: int) -> None:
         log.warning("prepare(%d) failed: %s", ann_id, future.exception())
 
 
+def resolve_editor(kind: str, workdir: str | Path) -> tuple[str, str]:
+    """(editor, why) for ``kind``: ``auto`` -> :data:`BENCHMARK_WINNER`, or GrabCut when the
+    winner is the click model and WORKDIR has none; other kinds as given."""
+    if kind != "auto":
+        return kind, "chosen with --editor"
+    if BENCHMARK_WINNER == "clicks" and not (Path(workdir) / CLICK_MODEL_DIR / "model.pt").is_file():
+        return "grabcut", (f"the benchmark winner is the click model, but {Path(workdir) / CLICK_MODEL_DIR} has none "
+                           f"(run `exits train-clicks --workdir {workdir}`)")
+    return BENCHMARK_WINNER, "fewest clicks in bench/bench_clicks.py (docs/benchmarks.md)"
+
+
 def load_editor(kind: str, workdir: str | Path, catalog: RunCatalog, device: str = "cpu") -> MaskEditor:
-    """``grabcut`` or ``clicks`` (the trained click model in WORKDIR/click_model).
+    """``grabcut``, ``clicks`` (the trained click model in WORKDIR/click_model) or ``auto``
+    (:func:`resolve_editor`).
 
     Raises:
         EditorUnavailable: unknown kind, or no click model to load.
     """
     workdir = Path(workdir)
+    if kind == "auto":
+        kind = resolve_editor(kind, workdir)[0]
     if kind == "grabcut":
         return GrabCutEditor(catalog)
     if kind != "clicks":
-        raise EditorUnavailable(f"unknown editor {kind!r}: choose clicks or grabcut")
+        raise EditorUnavailable(f"unknown editor {kind!r}: choose auto, clicks or grabcut")
     missing = f"no click model in {workdir / CLICK_MODEL_DIR}; run `exits train-clicks --workdir {workdir}`"
     if not (workdir / CLICK_MODEL_DIR).exists():
         raise EditorUnavailable(missing + " (or use --editor grabcut)")
