@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from exits.eval.rle import encode_rle_json as encode_rle
 from exits.eval.separated import count_parts_rle
 from exits.crf import crf_refine
 from exits.data.crops import paste_mask
-from exits.io import atomic_path, write_json
+from exits.io import atomic_open, atomic_path
 from exits.run_folder import RunFolder
 from exits.stages.shards import read_shards
 
@@ -50,8 +51,11 @@ PSEUDO_SCHEMA = pa.schema(
         ("score", pa.float32()),
         ("certainty", pa.float32()),
         ("point_agreement", pa.float32()),
+        ("num_parts", pa.int32()),  # visible parts of the pseudo mask (exits.eval.separated rule)
     ]
 )
+# Columns a shard written by an older version may lack (read as null, recomputed on merge).
+OPTIONAL_COLUMNS = ("num_parts",)
 
 
 @torch.no_grad()
@@ -136,40 +140,104 @@ def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float
         h, w = r["rle"]["size"]
         for key, value in (("ann_id", r["ann_id"]), ("image_id", image_id), ("category_id", category_id),
                            ("height", h), ("width", w), ("rle_counts", r["rle"]["counts"]), ("area", r["area"]),
-                           ("score", s["score"]), ("certainty", s["certainty"]), ("point_agreement", s["agreement"])):
+                           ("score", s["score"]), ("certainty", s["certainty"]), ("point_agreement", s["agreement"]),
+                           ("num_parts", count_parts_rle(r["rle"]))):
             cols[key].append(value)
     return pa.table(cols, schema=PSEUDO_SCHEMA)
 
 
+PSEUDO_INFO = "EXITS pseudo masks (segmentation replaced; score = mask confidence)"
+# Key of pseudo_labels.parquet's schema metadata: the input json's {category id: name}, so the
+# spot-fix catalog and the report never have to parse the json for them.
+CATEGORIES_METADATA = b"exits_categories"
+
+
+class _MergeColumns:
+    """The per-object columns the json needs, held as numpy arrays + one list of RLE strings
+    (about 0.3 KB per object instead of a Python dict per row)."""
+
+    def __init__(self, table: pa.Table):
+        self.row_of = {int(a): i for i, a in enumerate(table.column("ann_id").to_numpy())}
+        self.height = table.column("height").to_numpy()
+        self.width = table.column("width").to_numpy()
+        self.area = table.column("area").to_numpy()
+        self.score = table.column("score").to_numpy()
+        self.counts = table.column("rle_counts").to_pylist()
+        self.parts = (pc.fill_null(table.column("num_parts"), -1).to_numpy(zero_copy_only=False)
+                      if "num_parts" in table.column_names else None)
+
+    def annotation(self, ann: dict, i: int) -> dict:
+        rle = {"size": [int(self.height[i]), int(self.width[i])], "counts": self.counts[i]}
+        # num_parts is recounted on the pseudo mask (in the shard, or here for shards written
+        # before it was stored): an input json may carry a count made from its GT masks (the
+        # demo data does), which must not travel with pseudo labels.
+        parts = int(self.parts[i]) if self.parts is not None and self.parts[i] >= 0 else count_parts_rle(rle)
+        return dict(ann, segmentation=rle, area=float(self.area[i]), score=round(float(self.score[i]), 5), num_parts=parts)
+
+
 def write_pseudo_label_files(annotations_json: Path, table: pa.Table, workdir: Path) -> dict[str, Path]:
     """``pseudo_labels.json`` (input json, segmentation -> pseudo RLE, + score, num_parts of the
-    pseudo mask; objects with
-    no pseudo mask, i.e. rejected records, are left out) and ``pseudo_labels.parquet`` (the
-    same objects, in the json's order) from a ``PSEUDO_SCHEMA`` table."""
+    pseudo mask; objects with no pseudo mask, i.e. rejected records, are left out) and
+    ``pseudo_labels.parquet`` (the same objects, in the json's order) from a ``PSEUDO_SCHEMA``
+    table.
+
+    Streaming: the input json is read one top-level key, and one annotation, at a time
+    (:mod:`exits.data.json_stream`) and the output written as it goes, so memory holds the
+    table's columns and one annotation, never the whole json. The bytes are those of
+    ``json.dump`` of the merged dict (:func:`merge_pseudo_labels_in_memory`, tested equal).
+    """
+    from exits.data.json_stream import iter_top_level
+
+    cols = _MergeColumns(table)
+    run = RunFolder(workdir)
+    order: list[int] = []
+    categories: dict[int, str] = {}
+    with open(annotations_json, encoding="utf-8") as src, atomic_open(run.pseudo_json) as out:
+        out.write("{")
+        first, saw_info = True, False
+        for key, value in iter_top_level(src, stream="annotations", source=str(annotations_json)):
+            out.write(("" if first else ", ") + json.dumps(key) + ": ")
+            first = False
+            if key == "annotations":
+                out.write("[")
+                n = 0
+                for ann in value:
+                    i = cols.row_of.get(ann.get("id")) if isinstance(ann, dict) else None
+                    if i is None:
+                        continue
+                    out.write((", " if n else "") + json.dumps(cols.annotation(ann, i)))
+                    order.append(i)
+                    n += 1
+                out.write("]")
+                continue
+            if key == "info":
+                value["pseudo_labels"] = PSEUDO_INFO
+                saw_info = True
+            elif key == "categories" and isinstance(value, list):
+                categories = {int(c["id"]): str(c.get("name", c["id"])) for c in value if isinstance(c, dict) and "id" in c}
+            out.write(json.dumps(value))
+        if not saw_info:
+            out.write(("" if first else ", ") + '"info": ' + json.dumps({"pseudo_labels": PSEUDO_INFO}))
+        out.write("}")
+    json_path = run.pseudo_json
+    pq_path = run.pseudo_parquet
+    meta = {CATEGORIES_METADATA: json.dumps(categories).encode()}
+    with atomic_path(pq_path) as tmp:
+        pq.write_table(table.replace_schema_metadata(meta).take(order), tmp)
+    log.info("pseudo labels: %d objects -> %s", len(order), json_path)
+    return {"json": json_path, "parquet": pq_path}
+
+
+def merge_pseudo_labels_in_memory(annotations_json: Path, table: pa.Table) -> dict[str, Any]:
+    """Reference merge: the whole input json as a dict, annotations replaced (what
+    :func:`write_pseudo_label_files` streams; kept for tests and small inputs)."""
     with open(annotations_json, encoding="utf-8") as fh:
         data = json.load(fh)
-    cols = table.to_pydict()
-    row_of = {ann_id: i for i, ann_id in enumerate(cols["ann_id"])}
-    anns, order = [], []
-    for ann in data["annotations"]:
-        i = row_of.get(ann.get("id"))
-        if i is None:
-            continue
-        rle = {"size": [cols["height"][i], cols["width"][i]], "counts": cols["rle_counts"][i]}
-        # num_parts is recounted on the pseudo mask: an input json may carry a count made
-        # from its GT masks (the demo data does), which must not travel with pseudo labels.
-        anns.append(dict(ann, segmentation=rle, area=float(cols["area"][i]), score=round(float(cols["score"][i]), 5),
-                         num_parts=count_parts_rle(rle)))
-        order.append(i)
-    data["annotations"] = anns
-    data.setdefault("info", {})["pseudo_labels"] = "EXITS pseudo masks (segmentation replaced; score = mask confidence)"
-    run = RunFolder(workdir)
-    json_path = write_json(run.pseudo_json, data)
-    pq_path = run.pseudo_parquet
-    with atomic_path(pq_path) as tmp:
-        pq.write_table(table.replace_schema_metadata(None).take(order), tmp)
-    log.info("pseudo labels: %d objects -> %s", len(anns), json_path)
-    return {"json": json_path, "parquet": pq_path}
+    cols = _MergeColumns(table)
+    data["annotations"] = [cols.annotation(ann, cols.row_of[ann.get("id")]) for ann in data["annotations"]
+                           if cols.row_of.get(ann.get("id")) is not None]
+    data.setdefault("info", {})["pseudo_labels"] = PSEUDO_INFO
+    return data
 
 
 def write_pseudo_labels(annotations_json: Path, rows: list[dict], scores: dict[int, dict[str, float]],
@@ -184,4 +252,5 @@ def write_pseudo_labels(annotations_json: Path, rows: list[dict], scores: dict[i
 
 def merge_pseudo_labels(shards: list[Path], annotations_json: Path, workdir: Path) -> dict[str, Path]:
     """Concatenate pseudo-label shards (in order) and write the run's pseudo_labels.json / .parquet."""
-    return write_pseudo_label_files(annotations_json, read_shards(shards, PSEUDO_SCHEMA), workdir)
+    return write_pseudo_label_files(annotations_json, read_shards(shards, PSEUDO_SCHEMA, optional=OPTIONAL_COLUMNS),
+                                    workdir)

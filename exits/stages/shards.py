@@ -58,16 +58,25 @@ def shard_key(path: str | Path) -> str | None:
     return value.decode() if value is not None else None
 
 
-def read_shards(paths: Sequence[str | Path], schema: pa.Schema) -> pa.Table:
+def read_shards(paths: Sequence[str | Path], schema: pa.Schema, optional: Sequence[str] = ()) -> pa.Table:
     """Shard files concatenated in the given order, cast to ``schema`` (keys dropped).
+
+    ``optional``: columns of ``schema`` a shard may lack (written by an older version); they
+    are read as nulls.
 
     Raises:
         FileNotFoundError: a shard file is missing (its stage did not finish).
+        ValueError: a shard lacks a required column (names the file).
     """
     tables = []
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"shard {p} is missing: run its stage first")
         t = pq.read_table(p)
+        for name in schema.names:
+            if name not in t.column_names:
+                if name not in optional:
+                    raise ValueError(f"shard {p} lacks column {name!r}")
+                t = t.append_column(name, pa.nulls(t.num_rows, schema.field(name).type))
         tables.append(t.replace_schema_metadata(None).select(schema.names).cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()

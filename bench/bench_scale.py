@@ -1,0 +1,381 @@
+"""Scale benchmark: wall time and peak RSS per stage on COCO- and LVIS-sized annotation files.
+
+    .venv/bin/python bench/bench_scale.py --datasets coco lvis --scales 0.01 0.1 1
+        [--work /tmp/exits_scale] [--shard-size 256] [--out bench/results/scale.json]
+
+For each dataset and scale it generates a synthetic annotation file with the metadata of the
+real one (COCO train2017: 118,287 images, 860,001 objects, 80 categories; LVIS v1 train:
+100,170 images, 1,270,141 objects, 1,203 categories), each object with extreme points and an
+8-vertex polygon mask; every image is a hard link to one tiny 640x480 PNG (the point is the
+metadata path, not decoding). Then every stage that touches all objects runs in its own
+subprocess (``os.wait4`` gives that process's own peak RSS, so one stage's memory never
+hides another's), with 2 torch/BLAS threads:
+
+    baseline         the imports of a flow worker alone (torch, prefect, exits); each stage
+                     imports only what it needs, and records its RSS after the imports
+    prepare          read + validate the json (images opened and checked) + instances.parquet
+    plan             shard planning: row count from the footer, shard ranges, image-folder
+                     fingerprint (what a flow does before mapping the shards)
+    retrieval_shard  one point-retrieval shard (demo config, random-init extractor) with its reads
+    pseudo_shard     one pseudo-label shard (demo config, random-init generator) with its reads
+    merge_points     the point shards -> points.parquet
+    merge            the pseudo shards -> pseudo_labels.json / .parquet
+    report           the mIoU report over all rows (GT = the polygons of the json)
+    export           ``exits export``: 1,000 fixes merged over the pseudo labels
+    queue            the spot-fix catalog + the worst-first queue (its first page)
+
+The shards of the sharded stages other than the measured one are synthesised in an untimed
+setup step: points shards with random patch lists, pseudo shards with the object's polygon
+shrunk by 10 % as its "pseudo mask" (one part). Results: ``bench/results/scale.json``;
+docs/benchmarks.md summarises them. ``run_scale(..., scale=0.001)`` is the test-suite version.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES: dict[str, dict[str, int]] = {
+    "coco": {"images": 118_287, "objects": 860_001, "categories": 80},
+    "lvis": {"images": 100_170, "objects": 1_270_141, "categories": 1_203},
+}
+IMAGE_W, IMAGE_H = 640, 480
+STAGES = ("baseline", "prepare", "plan", "retrieval_shard", "pseudo_shard", "merge_points", "merge", "report", "export", "queue")
+N_FIXES = 1000
+RESULTS = ROOT / "bench" / "results" / "scale.json"
+
+
+# --- synthetic dataset -----------------------------------------------------------------
+def _geometry(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boxes (n, 4) [x, y, w, h] (integer pixels), extreme points (n, 4, 2) top/left/bottom/right
+    on the box edges, and an 8-vertex convex polygon (n, 8, 2) through them."""
+    w = rng.integers(8, 320, n)
+    h = rng.integers(8, 240, n)
+    x = rng.integers(0, IMAGE_W - w + 1)
+    y = rng.integers(0, IMAGE_H - h + 1)
+    f = rng.uniform(0.3, 0.7, (n, 4))
+    x1, y1 = x + w - 1, y + h - 1
+    top = np.stack([np.round(x + f[:, 0] * (w - 1)), y], 1)
+    left = np.stack([x, np.round(y + f[:, 1] * (h - 1))], 1)
+    bottom = np.stack([np.round(x + f[:, 2] * (w - 1)), y1], 1)
+    right = np.stack([x1, np.round(y + f[:, 3] * (h - 1))], 1)
+    pts = np.stack([top, left, bottom, right], 1).astype(np.float64)
+
+    def mid(a: np.ndarray, b: np.ndarray, corner: np.ndarray) -> np.ndarray:
+        # halfway between the edge midpoint and the box corner: convex, inside the box
+        return 0.5 * (0.5 * (a + b)) + 0.5 * corner
+
+    cx0 = np.stack([x, y], 1).astype(np.float64)
+    poly = np.stack([top, mid(top, left, cx0), left, mid(left, bottom, np.stack([x, y1], 1)),
+                     bottom, mid(bottom, right, np.stack([x1, y1], 1)), right,
+                     mid(right, top, np.stack([x1, y], 1))], 1).astype(np.float64)
+    return np.stack([x, y, w, h], 1), pts, poly
+
+
+def generate_dataset(out: Path, kind: str, scale: float, seed: int = 0) -> dict[str, Any]:
+    """Write ``out/annotations.json`` and ``out/images/`` (hard links to one PNG) for
+    ``kind`` ("coco" | "lvis") at ``scale`` of its real size; returns the counts."""
+    from PIL import Image
+
+    size = SIZES[kind]
+    n_img = max(1, round(size["images"] * scale))
+    n_obj = max(1, round(size["objects"] * scale))
+    n_cat = size["categories"]
+    rng = np.random.default_rng(seed)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    master = out / "blank.png"
+    Image.new("RGB", (IMAGE_W, IMAGE_H), (90, 120, 150)).save(master)
+    names = [f"{i + 1:012d}.png" for i in range(n_img)]
+    for name in names:
+        dest = images_dir / name
+        if not dest.exists():
+            os.link(master, dest)
+    image_of = np.sort(rng.integers(0, n_img, n_obj)) if kind == "lvis" else rng.integers(0, n_img, n_obj)
+    cats = rng.integers(1, n_cat + 1, n_obj)
+    boxes, pts, poly = _geometry(rng, n_obj)
+    tmp = out / "annotations.json.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write('{"info": {"description": "synthetic %s-sized (scale %g)"}, "licenses": [], "images": [' % (kind, scale))
+        for i, name in enumerate(names):
+            if kind == "lvis":
+                rec = {"id": i + 1, "width": IMAGE_W, "height": IMAGE_H, "coco_url": f"http://images.cocodataset.org/train2017/{name}",
+                       "not_exhaustive_category_ids": [], "neg_category_ids": []}
+            else:
+                rec = {"id": i + 1, "file_name": name, "width": IMAGE_W, "height": IMAGE_H}
+            fh.write(("," if i else "") + json.dumps(rec))
+        fh.write('], "categories": [')
+        for c in range(1, n_cat + 1):
+            rec = {"id": c, "name": f"cat{c}", "supercategory": "thing"}
+            if kind == "lvis":
+                rec["frequency"] = "fcr"[c % 3]
+            fh.write(("," if c > 1 else "") + json.dumps(rec))
+        fh.write('], "annotations": [')
+        for i in range(n_obj):
+            rec = {"id": i + 1, "image_id": int(image_of[i]) + 1, "category_id": int(cats[i]),
+                   "bbox": [float(v) for v in boxes[i]], "area": float(boxes[i, 2] * boxes[i, 3]) * 0.75,
+                   "segmentation": [[round(float(v), 2) for v in poly[i].reshape(-1)]],
+                   "extreme_points": pts[i].tolist()}
+            if kind == "coco":
+                rec["iscrowd"] = 0
+            fh.write(("," if i else "") + json.dumps(rec))
+        fh.write("]}")
+    os.replace(tmp, out / "annotations.json")
+    return {"images": n_img, "objects": n_obj, "categories": n_cat,
+            "json_bytes": (out / "annotations.json").stat().st_size}
+
+
+# --- setup of the run folder (untimed) ---------------------------------------------------
+def _config(shard_size: int):
+    from exits.config import load_config
+
+    return load_config("demo", ["device=cpu", f"flows.shard_size={shard_size}"])
+
+
+def setup_run(data: Path, run: Path, shard_size: int, seed: int = 0) -> None:
+    """Random-init models, synthetic point and pseudo shards for every shard, 1,000 fixes."""
+    import pyarrow as pa
+    import pycocotools.mask as mask_utils
+    import torch
+
+    from exits.config import dump_config
+    from exits.models import save_mask_model
+    from exits.run_folder import RunFolder
+    from exits.stages.common import model_from_config
+    from exits.stages.point_retrieval import POINTS_SCHEMA
+    from exits.stages.pseudo_labels import PSEUDO_SCHEMA
+    from exits.stages.shards import shard_ranges, write_shard
+    from exits.spotfix.store import FixesStore, FixRecord
+
+    cfg = _config(shard_size)
+    rf = RunFolder(run)
+    rf.write_run_files(dump_config(cfg), data / "images", data / "annotations.json", None)
+    torch.manual_seed(seed)
+    save_mask_model(rf.similarity, model_from_config(cfg.backbone))
+    save_mask_model(rf.generator, model_from_config(cfg.backbone))
+    with open(data / "annotations.json", encoding="utf-8") as fh:
+        anns = json.load(fh)["annotations"]
+    rng = np.random.default_rng(seed)
+    n = len(anns)
+    grid = cfg.backbone.grid
+    has_parts = "num_parts" in PSEUDO_SCHEMA.names
+    for index, (a, b) in enumerate(shard_ranges(n, shard_size)):
+        k = b - a
+
+        def lists(count: int) -> pa.Array:
+            lengths = rng.integers(0, count + 1, k)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(rng.integers(0, grid * grid, offsets[-1]).astype(np.int32)))
+
+        points = pa.table({
+            "ann_id": pa.array([anns[i]["id"] for i in range(a, b)], pa.int64()), "grid": pa.array(np.full(k, grid, np.int32)),
+            "seed_fg": lists(4), "num_seed_bg": pa.array(rng.integers(0, 60, k).astype(np.int32)),
+            "pseudo_fg": lists(48), "pseudo_bg": lists(24), "num_box": pa.array(rng.integers(20, 144, k).astype(np.int32)),
+            "seed_bg_extra": lists(6), "valid": pa.array(np.ones(k, bool)),
+        }, schema=POINTS_SCHEMA)
+        write_shard(points, rf.shard("points", index), key="synthetic")
+        cols: dict[str, list] = {name: [] for name in PSEUDO_SCHEMA.names}
+        for i in range(a, b):
+            ann = anns[i]
+            p = np.asarray(ann["segmentation"][0]).reshape(-1, 2)
+            c = p.mean(0)
+            shrunk = (c + 0.9 * (p - c)).reshape(-1).tolist()
+            rle = mask_utils.merge(mask_utils.frPyObjects([shrunk], IMAGE_H, IMAGE_W))
+            score = float(rng.uniform(0.3, 1.0))
+            for key, value in (("ann_id", ann["id"]), ("image_id", ann["image_id"]), ("category_id", ann["category_id"]),
+                               ("height", IMAGE_H), ("width", IMAGE_W), ("rle_counts", rle["counts"].decode("ascii")),
+                               ("area", int(mask_utils.area(rle))), ("score", score), ("certainty", score),
+                               ("point_agreement", score), ("num_parts", 1)):
+                if key in cols:
+                    cols[key].append(value)
+        write_shard(pa.table(cols, schema=PSEUDO_SCHEMA), rf.shard("pseudo", index), key="synthetic")
+    store = FixesStore(run)
+    for j, i in enumerate(rng.choice(n, min(N_FIXES, n), replace=False)):
+        ann = anns[int(i)]
+        x, y, w, h = ann["bbox"]
+        box = mask_utils.frPyObjects([[x, y, x + w, y, x + w, y + h, x, y + h]], IMAGE_H, IMAGE_W)
+        rle = mask_utils.merge(box)
+        decision = "reject" if j % 10 == 0 else "accept"
+        store.append(FixRecord(ann_id=int(ann["id"]), decision=decision, user="bench", clicks=[[x + 1, y + 1, True]],
+                               rle=None if decision == "reject" else {"size": rle["size"], "counts": rle["counts"].decode()}))
+
+
+# --- the stages (each run in its own process by the parent) ----------------------------
+def run_stage(stage: str, data: Path, run: Path, shard_size: int) -> dict[str, Any]:
+    """Run one stage in this process; returns {"seconds": wall time of the stage itself, ...}."""
+    from exits.run_folder import RunFolder
+    from exits.stages.shards import shard_ranges
+
+    cfg = _config(shard_size)
+    rf = RunFolder(run)
+    ann = data / "annotations.json"
+    images = data / "images"
+    extra: dict[str, Any] = {}
+    if stage == "setup":
+        t0 = time.perf_counter()
+        setup_run(data, run, shard_size)
+        return {"seconds": time.perf_counter() - t0}
+    if stage in ("retrieval_shard", "pseudo_shard"):
+        ranges = shard_ranges(rf.num_instances(), shard_size)
+        index = len(ranges) // 2  # a middle shard: its rows are not at the start of the table
+        a, b = ranges[index]
+        extra = {"shard": index, "rows": b - a}
+        import torch
+
+        torch.set_num_threads(2)
+    # the stage's imports first (torch, prefect): its own time and memory growth is what counts
+    if stage in ("prepare", "retrieval_shard", "pseudo_shard", "baseline"):
+        from exits.pipeline import stage_prepare, stage_pseudo_shard, stage_retrieval_shard
+    if stage in ("plan", "baseline"):
+        from flows.caching import folder_fingerprint
+    if stage == "queue":
+        from exits.spotfix.catalog import QueueFilter, RunCatalog
+    if stage == "export":
+        from exits.spotfix.export import run_export
+    if stage == "merge_points":
+        from exits.stages.point_retrieval import merge_points
+    if stage == "merge":
+        from exits.stages.pseudo_labels import merge_pseudo_labels
+    if stage == "report":
+        from exits.stages.report import write_report
+
+    rss_before = _rss_mb()
+    t0 = time.perf_counter()
+    if stage == "baseline":
+        pass
+    elif stage == "prepare":
+        extra = stage_prepare(cfg, ann, images, run, progress=False)
+    elif stage == "plan":
+        ranges = shard_ranges(rf.num_instances(), shard_size)
+        folder_fingerprint(images)
+        extra = {"shards": len(ranges)}
+    elif stage == "retrieval_shard":
+        stage_retrieval_shard(cfg, images, rf, a, b, rf.shard("points", index), torch.device("cpu"), key="bench")
+    elif stage == "pseudo_shard":
+        # the measured shard reads points.parquet (made by merge_points) like a real run
+        stage_pseudo_shard(cfg, images, rf, a, b, rf.shard("pseudo", index), torch.device("cpu"), key="bench")
+    elif stage == "merge_points":
+        n = len(shard_ranges(rf.num_instances(), shard_size))
+        merge_points([rf.shard("points", i) for i in range(n)], rf.points)
+    elif stage == "merge":
+        n = len(shard_ranges(rf.num_instances(), shard_size))
+        merge_pseudo_labels([rf.shard("pseudo", i) for i in range(n)], ann, run)
+    elif stage == "report":
+        summary = write_report(run, gt=ann, publish=False)
+        extra = {"miou": summary["all"]["miou"], "evaluated": summary["all"]["count"]}
+    elif stage == "export":
+        counts = run_export(run).counts
+        extra = {"accepted": counts.accepted, "rejected": counts.rejected, "objects_out": counts.objects_out}
+    elif stage == "queue":
+        catalog = RunCatalog.load(run)
+        page = [o.ann_id for _, o in zip(range(500), catalog.queue(QueueFilter()))]
+        extra = {"objects": len(catalog.objects), "first": page[:3]}
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    return {"seconds": time.perf_counter() - t0, "rss_after_imports_mb": rss_before, **extra}
+
+
+def _rss_mb() -> float:
+    """This process's resident set size now (MiB), from /proc."""
+    with open("/proc/self/statm") as fh:
+        return round(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+def _stage_subprocess(stage: str, data: Path, run: Path, shard_size: int) -> dict[str, Any]:
+    """Run ``stage`` in a child process; its own peak RSS from ``os.wait4``'s rusage."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", stage, "--data", str(data), "--run", str(run),
+                             "--shard-size", str(shard_size)], stdout=subprocess.PIPE, env=env)
+    out = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}) on {data}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["process_seconds"] = round(time.perf_counter() - t0, 2)
+    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # Linux: KiB
+    result["seconds"] = round(result["seconds"], 2)
+    return result
+
+
+def run_scale(kind: str, scale: float, work: Path, shard_size: int = 256, stages: tuple[str, ...] = STAGES,
+              log=print, in_process: bool = False) -> dict[str, Any]:
+    """Generate the dataset, set up the run folder, and measure every stage in its own process
+    (``in_process``: call the stages here instead, no RSS: the test-suite version)."""
+    def measure(stage: str) -> dict[str, Any]:
+        if in_process:
+            return run_stage(stage, data, run, shard_size)
+        return _stage_subprocess(stage, data, run, shard_size)
+
+    data = work / f"{kind}-{scale:g}" / "data"
+    run = work / f"{kind}-{scale:g}" / "run"
+    t0 = time.perf_counter()
+    counts = generate_dataset(data, kind, scale)
+    gen_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"dataset": kind, "scale": scale, **counts, "shard_size": shard_size,
+                           "generate_seconds": round(gen_s, 1), "stages": {}}
+    log(f"[{kind} x{scale:g}] {counts['objects']} objects, {counts['images']} images, json "
+        f"{counts['json_bytes'] / 2**20:.0f} MB ({gen_s:.0f} s)")
+    first = [s for s in stages if s in ("baseline", "prepare", "plan")]
+    rest = [s for s in stages if s not in first]
+    for stage in first:
+        out["stages"][stage] = measure(stage)
+        log(f"  {stage:16s} {out['stages'][stage]}")
+    if rest:
+        out["setup"] = measure("setup")
+        log(f"  {'setup':16s} {out['setup']}")
+    for stage in ("merge_points", *[s for s in rest if s != "merge_points"]):  # pseudo shard reads points.parquet
+        if stage in rest:
+            out["stages"][stage] = measure(stage)
+            log(f"  {stage:16s} {out['stages'][stage]}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["coco", "lvis"], choices=sorted(SIZES))
+    ap.add_argument("--scales", nargs="+", type=float, default=[0.01, 0.1, 1.0])
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/exits_scale"))
+    ap.add_argument("--shard-size", type=int, default=256)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--run", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        result = run_stage(args.child, args.data, args.run, args.shard_size)
+        print(json.dumps(result, default=str))
+        return
+    from exits.io import write_json
+
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
+    rows = {(r["dataset"], r["scale"]): r for r in previous.get("rows", [])}
+    for kind in args.datasets:
+        for scale in args.scales:
+            load = os.getloadavg()[0]
+            row = run_scale(kind, scale, args.work, args.shard_size, tuple(args.stages))
+            row["loadavg_1min_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+            rows[(kind, scale)] = row
+            write_json(args.out, {"benchmark": "per-stage wall time and own peak RSS (os.wait4), 2 threads",
+                                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                                  "rows": sorted(rows.values(), key=lambda r: (r["dataset"], r["scale"]))}, indent=1)
+
+
+if __name__ == "__main__":
+    main()

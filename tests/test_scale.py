@@ -1,0 +1,161 @@
+"""Scale paths: the streaming json reader, the streaming pseudo-label merge (byte for byte the
+in-memory merge), per-shard row-group reads, and the scale benchmark at 1/1000."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from exits.data import json_stream
+from exits.data.json_stream import JsonStreamError, iter_top_level
+from exits.eval.separated import count_parts_rle
+from exits.stages.pseudo_labels import PSEUDO_SCHEMA, merge_pseudo_labels
+from exits.stages.shards import write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stream(text: str, stream: str = "annotations") -> dict:
+    out = {}
+    for key, value in iter_top_level(io.StringIO(text), stream=stream):
+        out[key] = list(value) if key == stream else value
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 22])
+def test_stream_reader_equals_json_load_across_chunk_boundaries(monkeypatch, chunk):
+    monkeypatch.setattr(json_stream, "_CHUNK", chunk)
+    data = {"info": {"x": "é\u2603", "n": 12345678901234567890}, "images": [{"id": 1, "w": 1.25e-7}],
+            "annotations": [{"id": i, "v": [i * 1.5, None, True, "a\"b"]} for i in range(5)], "z": 1234567}
+    for text in (json.dumps(data), json.dumps(data, indent=2), json.dumps(data, ensure_ascii=False)):
+        assert _stream(text) == data
+    assert _stream('{"annotations": []}') == {"annotations": []}
+    assert _stream(" { } ") == {}
+
+
+def test_stream_reader_names_the_file_on_bad_input():
+    with pytest.raises(JsonStreamError, match="f.json.*expected"):
+        list(iter_top_level(io.StringIO("[1, 2]"), source="f.json"))
+    with pytest.raises(JsonStreamError, match="not a list"):
+        for _ in iter_top_level(io.StringIO('{"annotations": 3}')):
+            pass
+    with pytest.raises(JsonStreamError, match="invalid JSON"):
+        for key, value in iter_top_level(io.StringIO('{"annotations": [{"id": 1}, {"id": ]}')):
+            list(value)
+
+
+def _old_merge_bytes(annotations_json: Path, table: pa.Table) -> bytes:
+    """The merge as it was before streaming: json.load, replace, json.dump (the reference)."""
+    with open(annotations_json, encoding="utf-8") as fh:
+        data = json.load(fh)
+    cols = table.to_pydict()
+    row_of = {a: i for i, a in enumerate(cols["ann_id"])}
+    anns = []
+    for ann in data["annotations"]:
+        i = row_of.get(ann.get("id"))
+        if i is None:
+            continue
+        rle = {"size": [cols["height"][i], cols["width"][i]], "counts": cols["rle_counts"][i]}
+        anns.append(dict(ann, segmentation=rle, area=float(cols["area"][i]), score=round(float(cols["score"][i]), 5),
+                         num_parts=count_parts_rle(rle)))
+    data["annotations"] = anns
+    data.setdefault("info", {})["pseudo_labels"] = "EXITS pseudo masks (segmentation replaced; score = mask confidence)"
+    return json.dumps(data).encode()
+
+
+def _gt_shards(annotations_json: Path, out: Path, shard_size: int, drop: set[int] = frozenset(),
+               with_parts: bool = True) -> list[Path]:
+    """Pseudo shards whose masks are the json's own masks (polygon or RLE), with made-up scores."""
+    import pycocotools.mask as mask_utils
+
+    data = json.loads(annotations_json.read_text())
+    sizes = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
+    rows = []
+    for k, ann in enumerate(a for a in data["annotations"] if a["id"] not in drop):
+        h, w = sizes[ann["image_id"]]
+        seg = ann["segmentation"]
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w)) if isinstance(seg, list) else seg
+        counts = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
+        rows.append({"ann_id": ann["id"], "image_id": ann["image_id"], "category_id": ann["category_id"], "height": h,
+                     "width": w, "rle_counts": counts, "area": int(mask_utils.area({"size": [h, w], "counts": counts})),
+                     "score": 0.1 + (k * 0.37) % 0.9, "certainty": 0.5, "point_agreement": float("nan"),
+                     "num_parts": count_parts_rle({"size": [h, w], "counts": counts})})
+    schema = PSEUDO_SCHEMA if with_parts else pa.schema([f for f in PSEUDO_SCHEMA if f.name != "num_parts"])
+    paths = []
+    for i, start in enumerate(range(0, len(rows), shard_size)):
+        part = rows[start:start + shard_size]
+        table = pa.table({n: [r[n] for r in part] for n in schema.names}, schema=schema)
+        paths.append(write_shard(table, out / f"pseudo-{i:05d}.parquet", key="k"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def demo_json(tmp_path_factory) -> Path:
+    from exits.demo import generate_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo_scale")
+    generate_demo_dataset(out, n_train=12, n_val=1, seed=5)
+    return out / "instances.json"
+
+
+@pytest.mark.parametrize("with_parts", [True, False])
+def test_streaming_merge_is_byte_identical_to_in_memory_merge_on_demo_data(demo_json, tmp_path, with_parts):
+    data = json.loads(demo_json.read_text())
+    dropped = {data["annotations"][1]["id"], data["annotations"][-1]["id"]}  # e.g. rejected records
+    shards = _gt_shards(demo_json, tmp_path / "shards", 5, drop=dropped, with_parts=with_parts)
+    paths = merge_pseudo_labels(shards, demo_json, tmp_path / "run")
+    table = pa.concat_tables([pq.read_table(p) for p in shards])
+    expected = _old_merge_bytes(demo_json, table)
+    got = paths["json"].read_bytes()
+    assert got == expected
+    merged = json.loads(got)
+    assert len(merged["annotations"]) == len(data["annotations"]) - 2
+    assert not {a["id"] for a in merged["annotations"]} & dropped
+    out = pq.read_table(paths["parquet"])
+    assert out.column("ann_id").to_pylist() == [a["id"] for a in merged["annotations"]]
+    assert json.loads(out.schema.metadata[b"exits_categories"]) == {str(c["id"]): c["name"] for c in data["categories"]}
+
+
+def test_streaming_merge_handles_info_absent_pretty_input_and_unicode(tmp_path, tiny_coco):
+    data = json.loads(tiny_coco.read_text())
+    data["categories"][0]["name"] = "caf\u00e9 \u2603"
+    data["info"] = {"year": 2026, "description": "x"}
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    shards = _gt_shards(tiny_coco, tmp_path / "shards", 2)
+    table = pa.concat_tables([pq.read_table(p) for p in shards])
+    for src in (tiny_coco, pretty):  # tiny_coco has no "info" key
+        got = merge_pseudo_labels(shards, src, tmp_path / src.stem)["json"].read_bytes()
+        assert got == _old_merge_bytes(src, table)
+
+
+def test_scale_benchmark_at_one_thousandth(tmp_path):
+    """The scale benchmark's stages at 1/1000 of COCO (860 objects), in-process: every stage
+    runs, the streaming merge equals the in-memory one, export and queue see every object."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_scale
+
+    row = bench_scale.run_scale("coco", 0.001, tmp_path, shard_size=128, in_process=True,
+                                stages=tuple(s for s in bench_scale.STAGES if s != "retrieval_shard"),
+                                log=lambda *_: None)
+    assert row["objects"] == 860 and row["images"] == 118
+    st = row["stages"]
+    assert st["prepare"]["objects"] == 860 and st["plan"]["shards"] == 7
+    assert st["pseudo_shard"]["rows"] == 128
+    run = tmp_path / "coco-0.001" / "run"
+    data = tmp_path / "coco-0.001" / "data"
+    shards = sorted((run / "shards").glob("pseudo-*.parquet"))
+    table = pa.concat_tables([pq.read_table(p).replace_schema_metadata(None).cast(PSEUDO_SCHEMA) for p in shards])
+    assert (run / "pseudo_labels.json").read_bytes() == _old_merge_bytes(data / "annotations.json", table)
+    assert st["export"]["objects_out"] == 860 - st["export"]["rejected"] and st["export"]["accepted"] > 0
+    assert st["queue"]["objects"] == 860
+    scores = dict(zip(table.column("ann_id").to_pylist(), table.column("score").to_pylist()))
+    first = st["queue"]["first"]
+    assert [scores[i] for i in first] == sorted(scores.values())[:len(first)]
+    assert 0.5 < st["report"]["miou"] < 1.0 and st["report"]["evaluated"] == 860
