@@ -1,11 +1,22 @@
-"""Stage-1 quality and speed on the demo data: box vs GrabCut vs MIL+CRF vs full EXITS.
+"""Stage-1 quality and speed: box vs GrabCut vs dense CRF vs EXITS (3 seeds), on two splits.
 
-    python bench/bench_stage1.py [--data data/demo] [--out bench/results/stage1.json]
+    python bench/bench_stage1.py [--splits demo holdout] [--seeds 0 1 2] [--out bench/results/stage1.json]
 
-Generates the demo data if missing, runs (c) the box-supervised generator (MIL + CRF, no
-point retrieval) and (d) full EXITS with configs/demo.yaml from random init, evaluates
-(a) the extreme-point box and (b) GrabCut (box init, extreme points as sure FG) on the
-same objects, and writes mIoU over all / separated objects plus stage timings.
+Splits (generated if missing; their recipes are fixed, see SPLITS):
+  demo     data/demo:    `exits demo-data` (seed 0, the demo photographs): the split the
+                         configs were tuned on.
+  holdout  data/holdout: `exits demo-data --variant holdout --seed 1`: other photographs
+                         for objects, backgrounds and occluders; never tuned on.
+Per split: (a) the extreme-point box, (b) GrabCut (box init, extreme points sure FG),
+(c) a dense CRF (pydensecrf) over a box prior, extreme points sure FG
+(``exits.baselines.dense_crf_box_mask``), (d) full EXITS with ``--config`` from random init
+for every seed in ``--seeds`` (mean and sample sd), optionally (e) the box-supervised
+generator (MIL + CRF, ``--with-mil-crf``). Also per EXITS run: the share of objects with no
+retrieved point (they train on MIL alone) and stage timings.
+
+Runs live in ``--runs/<split>/<variant>_s<seed>``; with ``--reuse`` finished runs
+(run_summary.json) are read back, so several bench processes can fill in runs in parallel
+(``--splits``/``--seeds`` subsets) and a last ``--reuse`` call writes the table.
 """
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,15 +36,23 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exits.baselines import box_mask_full, grabcut_mask  # noqa: E402
+from exits.baselines import DENSE_PEER_PARAMS, box_mask_full, dense_crf_box_mask, grabcut_mask  # noqa: E402
 from exits.config import load_config  # noqa: E402
 from exits.data.instances_table import read_instances_table, table_windows  # noqa: E402
 from exits.demo import generate_demo_dataset  # noqa: E402
 from exits.io import write_json  # noqa: E402
 from exits.pipeline import run_pipeline  # noqa: E402
+from exits.stages.point_retrieval import read_points, retrieval_stats  # noqa: E402
 from exits.stages.prepare import prepare_instances  # noqa: E402
 from exits.stages.pseudo_labels import encode_rle  # noqa: E402
 from exits.stages.report import evaluate_masks  # noqa: E402
+
+# Split name -> (data folder under data/, generator arguments). Fixed before any tuning.
+SPLITS: dict[str, tuple[str, dict]] = {
+    "demo": ("demo", {"seed": 0, "variant": "demo"}),
+    "holdout": ("holdout", {"seed": 1, "variant": "holdout"}),
+}
+PEERS = ("box", "grabcut", "densecrf")
 
 
 def baseline_masks(workdir: Path, images: Path, kind: str) -> tuple[dict[int, dict], float]:
@@ -50,7 +70,7 @@ def baseline_masks(workdir: Path, images: Path, kind: str) -> tuple[dict[int, di
             name = cols["file_name"][i]
             if name not in cache:
                 cache = {name: np.array(Image.open(images / name).convert("RGB"))}
-            m = grabcut_mask(cache[name], pts, windows[i])
+            m = (grabcut_mask if kind == "grabcut" else dense_crf_box_mask)(cache[name], pts, windows[i])
         out[ann_id] = encode_rle(m)
     return out, (time.perf_counter() - t0) / max(1, len(out))
 
@@ -61,56 +81,104 @@ def summarize(summary: dict) -> dict:
             "objects": summary["all"]["count"], "separated_objects": summary["separated"]["count"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=ROOT / "data" / "demo")
-    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench_stage1")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage1.json")
-    ap.add_argument("--config", default="demo")
-    ap.add_argument("--set", action="append", default=[], help="config override for both trained variants")
-    ap.add_argument("--skip", action="append", default=[], help="variants to skip: mil_crf, exits")
-    ap.add_argument("--reuse", action="store_true", help="take finished variant runs (run_summary.json) as they are")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+def mean_sd(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 2), "sd": round(statistics.stdev(values), 2) if len(values) > 1 else None,
+            "n": len(values), "values": values}
 
-    if not (args.data / "instances.json").exists():
-        generate_demo_dataset(args.data)
-    images, ann = args.data / "images", args.data / "instances.json"
-    results: dict = {"config": args.config, "overrides": args.set, "threads": torch.get_num_threads(), "variants": {}}
 
-    variants = {"exits": [], "mil_crf": ["generator.use_retrieval=false"]}
+def ensure_split(split: str) -> Path:
+    folder, kwargs = SPLITS[split]
+    data = ROOT / "data" / folder
+    if not (data / "instances.json").exists():
+        generate_demo_dataset(data, **kwargs)
+    return data
+
+
+def trained_run(name: str, extra: list[str], seed: int, data: Path, runs: Path, args: argparse.Namespace) -> dict:
+    workdir = runs / f"{name}_s{seed}"
+    done = workdir / "run_summary.json"
+    if args.reuse and done.exists():
+        res = json.loads(done.read_text())
+        total = sum(res["seconds"].values())
+    elif args.collect_only:
+        return {}
+    else:
+        cfg = load_config(args.config, [*args.set, *extra, f"seed={seed}"])
+        t0 = time.perf_counter()
+        res = run_pipeline(data / "images", data / "instances.json", workdir, cfg, progress=False)
+        total = time.perf_counter() - t0
+    summary = json.loads((workdir / "report" / "summary.json").read_text())
+    out = {**summarize(summary), "seed": seed, "seconds_total": round(total, 1), "seconds": res["seconds"]}
+    if (workdir / "points.parquet").exists():
+        out["retrieval"] = {k: round(v, 4) for k, v in retrieval_stats(read_points(workdir / "points.parquet")).items()}
+    return out
+
+
+def bench_split(split: str, args: argparse.Namespace) -> dict:
+    data = ensure_split(split)
+    images, ann = data / "images", data / "instances.json"
+    runs = args.runs / split
+    result: dict = {"data": str(data.relative_to(ROOT)), "recipe": SPLITS[split][1], "variants": {}}
+    variants = {"exits": []}
+    if args.with_mil_crf:
+        variants["mil_crf"] = ["generator.use_retrieval=false"]
     for name, extra in variants.items():
-        if name in args.skip:
+        per_seed = [r for r in (trained_run(name, extra, s, data, runs, args) for s in args.seeds) if r]
+        if not per_seed:
             continue
-        done = args.runs / name / "run_summary.json"
-        if args.reuse and done.exists():
-            res = json.loads(done.read_text())
-            total = sum(res["seconds"].values())
-        else:
-            cfg = load_config(args.config, [*args.set, *extra])
-            t0 = time.perf_counter()
-            res = run_pipeline(images, ann, args.runs / name, cfg, progress=False)
-            total = time.perf_counter() - t0
-        summary = json.loads((args.runs / name / "report" / "summary.json").read_text())
-        results["variants"][name] = {**summarize(summary), "seconds_total": round(total, 1), "seconds": res["seconds"]}
+        agg = {k: mean_sd([r[k] for r in per_seed]) for k in ("miou_all", "miou_separated", "miou_non_separated", "seconds_total")}
+        if all("retrieval" in r for r in per_seed):
+            agg["share_no_retrieval"] = mean_sd([r["retrieval"]["share_no_retrieval"] for r in per_seed])
+        result["variants"][name] = {**agg, "objects": per_seed[0]["objects"], "separated_objects": per_seed[0]["separated_objects"],
+                                    "runs": per_seed}
 
-    workdir = args.runs / "baselines"
+    workdir = runs / "baselines"
     d = load_config(args.config, args.set).data
     prepare_instances(ann, images, workdir, crop_margin=d.crop_margin, crop_min_margin_px=d.crop_min_margin_px,
                       crop_size=d.crop_size, derive_missing_points=d.derive_missing_points,
                       point_tolerance_px=d.point_tolerance_px, check_images=d.check_images, progress=False)
-    for kind in ("box", "grabcut"):
+    for kind in PEERS:
         masks, per_obj = baseline_masks(workdir, images, kind)
         summary, _ = evaluate_masks(masks, ann)
-        results["variants"][kind] = {**summarize(summary), "ms_per_object": round(1000 * per_obj, 2)}
+        result["variants"][kind] = {**summarize(summary), "ms_per_object": round(1000 * per_obj, 2)}
+    result["variants"]["densecrf"]["params"] = DENSE_PEER_PARAMS
+    return result
+
+
+def print_table(results: dict) -> None:
+    print("| split | method | mIoU all | mIoU separated | mIoU non-separated |\n|---|---|---:|---:|---:|")
+    for split, res in results["splits"].items():
+        for k in (*PEERS, "mil_crf", "exits"):
+            v = res["variants"].get(k)
+            if v is None:
+                continue
+            if isinstance(v["miou_all"], dict):
+                cells = [f"{v[m]['mean']:.1f} ± {v[m]['sd'] or 0:.1f}" for m in ("miou_all", "miou_separated", "miou_non_separated")]
+                name = f"{k} ({v['miou_all']['n']} seeds)"
+            else:
+                cells = [f"{v[m]:.1f}" for m in ("miou_all", "miou_separated", "miou_non_separated")]
+                name = k
+            print(f"| {split} | {name} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench_stage1")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage1.json")
+    ap.add_argument("--config", default="demo")
+    ap.add_argument("--set", action="append", default=[], help="config override for the trained variants")
+    ap.add_argument("--with-mil-crf", action="store_true", help="also train the box-supervised generator")
+    ap.add_argument("--reuse", action="store_true", help="take finished runs (run_summary.json) as they are")
+    ap.add_argument("--collect-only", action="store_true", help="with --reuse: skip runs that are not finished")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    results = {"config": args.config, "overrides": args.set, "threads": torch.get_num_threads(), "seeds": args.seeds,
+               "splits": {split: bench_split(split, args) for split in args.splits}}
     write_json(args.out, results, indent=1)
-    order = ["box", "grabcut", "mil_crf", "exits"]
-    print("| method | mIoU all | mIoU separated | mIoU non-separated |\n|---|---:|---:|---:|")
-    for k in order:
-        if k in results["variants"]:
-            v = results["variants"][k]
-            print(f"| {k} | {v['miou_all']:.1f} | {v['miou_separated']:.1f} | {v['miou_non_separated']:.1f} |")
+    print_table(results)
 
 
 if __name__ == "__main__":

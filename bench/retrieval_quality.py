@@ -27,9 +27,11 @@ from exits.eval.rle import decode_rle  # noqa: E402
 from exits.stages.point_retrieval import read_points  # noqa: E402
 
 
-def patch_stats(run: Path, gt_path: Path, crop_size: int) -> dict:
+def patch_stats(run: Path, gt_path: Path, crop_size: int, points=None) -> dict:
+    """Patch-level precision/recall of the run's points.parquet (or of ``points``, a table
+    of the same schema in instances order)."""
     table = read_instances_table(run / "instances.parquet")
-    points = read_points(run / "points.parquet")
+    points = read_points(run / "points.parquet") if points is None else points
     windows = table_windows(table, crop_size)
     gt = load_gt_masks(gt_path)
     parts = count_parts(gt)

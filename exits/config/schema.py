@@ -107,7 +107,7 @@ class RetrievalConfig(Section):
     normalize: bool = Field(True, description="score (pi_f - pi_b) / (pi_f + pi_b); False = the paper's raw difference")
     raw_scale: Literal["uniform", "probability"] = Field("uniform", description="raw rule only: 'uniform' thresholds n (pi_f - pi_b) (tau in multiples of the uniform share 1/n, grid independent); 'probability' the unscaled difference (tau ~ 1/n)")
     min_mass: float = Field(0.0, ge=0.0, description="label only patches the walks reach: n (pi_f + pi_b) / 2 >= min_mass (1 = uniform share; 0 = off)")
-    neighbour_bg: Literal["off", "fallback", "always"] = Field("fallback", description="FG seeds of the image's other objects as BG seeds: only for objects with no patch outside their box (fallback), for all, or never")
+    neighbour_bg: Literal["none", "fallback", "always"] = Field("fallback", description="FG seeds of the image's other objects as BG seeds: only for objects with no patch outside their box (fallback), for all, or never (none)")
     batch_size: int = Field(32, ge=1)
 
     @model_validator(mode="after")

@@ -62,7 +62,7 @@ class RetrievalParams:
     appearance_sigma: float = 0.05
     raw_scale: str = "uniform"
     min_mass: float = 0.0
-    neighbour_bg: str = "fallback"   # off | fallback (only objects with no BG seed) | always
+    neighbour_bg: str = "fallback"   # none | fallback (only objects with no BG seed) | always
 
 
 @torch.no_grad()
@@ -74,7 +74,7 @@ def retrieve_dataset_points(model: torch.nn.Module, dataset: torch.utils.data.Da
     rows: dict[str, list] = {name: [] for name in POINTS_SCHEMA.names}
     ann_ids = getattr(dataset, "ann_ids")
     extra_all = None
-    if params.neighbour_bg != "off":
+    if params.neighbour_bg != "none":
         extra_all = neighbour_bg_seeds(dataset.file_names, dataset.windows, dataset.points_crop, dataset.boxes,
                                        params.grid, params.delta_px)
     for batch in tqdm(loader, desc="retrieving points", disable=not progress, unit="batch"):
