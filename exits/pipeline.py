@@ -19,14 +19,15 @@ import pyarrow as pa
 import torch
 
 from exits.config import ExitsConfig, dump_config
-from exits.data.instances_table import read_instances_table
+from exits.data.instances_table import read_instances_rows, read_instances_table
 from exits.engine import resolve_device
 from exits.io import write_json
 from exits.models import load_mask_model
 from exits.stages.common import model_from_config, train_settings
 from exits.stages.generator import GeneratorLoss, GeneratorTask, point_label_masks, train_generator
 from exits.stages.object_crops import ObjectCropDataset
-from exits.stages.point_retrieval import RetrievalParams, merge_points, read_points, retrieve_dataset_points
+from exits.stages.point_retrieval import (RetrievalParams, merge_points, read_points, read_points_rows,
+                                         retrieve_dataset_points)
 from exits.stages.prepare import prepare_instances
 from exits.run_folder import RunFolder
 from exits.stages.pseudo_labels import merge_pseudo_labels, predict_crop_probs, shard_pseudo_label_table
@@ -74,7 +75,7 @@ def retrieval_params(cfg: ExitsConfig) -> RetrievalParams:
 
 def shard_dataset(paths: RunFolder, images: Path, crop_size: int, start: int, stop: int) -> tuple[pa.Table, ObjectCropDataset]:
     """Rows ``[start, stop)`` of the instances table and their crops."""
-    table = read_instances_table(paths.instances).slice(start, stop - start)
+    table = read_instances_rows(paths.instances, start, stop)  # only the row groups holding the shard
     return table, ObjectCropDataset(table, images, crop_size)
 
 
@@ -123,7 +124,7 @@ def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, start: 
     probs = predict_crop_probs(generator, dataset, batch_size=p.batch_size, device=device,
                                crf_impl=p.crf_impl if p.crf_refine else None,
                                crf_params={"iters": crf.iters, **crf.params}, progress=progress)
-    points = read_points(paths.points).slice(start, stop - start) if paths.points.exists() else None
+    points = read_points_rows(paths.points, start, stop) if paths.points.exists() else None
     task = generator_task(cfg, dataset, points)
     target, labelled, _ = task.targets(torch.arange(len(dataset)), torch.device("cpu"))
     return write_shard(shard_pseudo_label_table(probs, table, dataset, labelled, target, p.threshold, progress), out, key)

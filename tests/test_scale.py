@@ -159,3 +159,41 @@ def test_scale_benchmark_at_one_thousandth(tmp_path):
     first = st["queue"]["first"]
     assert [scores[i] for i in first] == sorted(scores.values())[:len(first)]
     assert 0.5 < st["report"]["miou"] < 1.0 and st["report"]["evaluated"] == 860
+
+
+def test_read_rows_reads_only_the_row_groups_of_a_shard(tmp_path, monkeypatch):
+    from exits.stages import shards as shards_mod
+
+    table = pa.table({"a": list(range(1000)), "b": [str(i) for i in range(1000)]})
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path, row_group_size=64)
+    read = []
+    real = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: read.append(list(groups)) or real(self, groups, **kw))
+    for start, stop in ((0, 10), (60, 130), (999, 1000), (128, 192), (0, 1000), (500, 500)):
+        assert shards_mod.read_rows(path, start, stop).equals(table.slice(start, stop - start))
+    assert read[1] == [0, 1, 2] and read[3] == [2]
+    with pytest.raises(ValueError, match="t.parquet.*outside"):
+        shards_mod.read_rows(path, 990, 1001)
+
+
+def test_merge_points_streams_shards_into_row_groups(tmp_path):
+    from exits.stages.point_retrieval import POINTS_SCHEMA, merge_points, read_points, read_points_rows
+
+    rng = np.random.default_rng(0)
+    paths, tables = [], []
+    for i, n in enumerate((5000, 3, 7000, 0, 4500)):
+        t = pa.table({"ann_id": np.arange(n) + 10_000 * i, "grid": np.full(n, 12, np.int32),
+                      "seed_fg": [[1, 2]] * n, "num_seed_bg": rng.integers(0, 9, n).astype(np.int32),
+                      "pseudo_fg": [[int(rng.integers(144))]] * n, "pseudo_bg": [[]] * n,
+                      "num_box": np.full(n, 20, np.int32), "seed_bg_extra": [[]] * n, "valid": np.ones(n, bool)},
+                     schema=POINTS_SCHEMA)
+        paths.append(write_shard(t, tmp_path / f"points-{i:05d}.parquet", key="k"))
+        tables.append(t)
+    out = merge_points(paths, tmp_path / "points.parquet")
+    whole = pa.concat_tables(tables)
+    assert read_points(out).equals(whole)
+    md = pq.ParquetFile(out).metadata
+    assert [md.row_group(g).num_rows for g in range(md.num_row_groups)] == [8192, 8192, 16503 - 2 * 8192]
+    assert read_points_rows(out, 8000, 8300).equals(whole.slice(8000, 300))

@@ -15,6 +15,10 @@ from exits.data.crops import CropWindow, crop_window
 from exits.data.records import ObjectRecord, PointDataset
 from exits.io import atomic_path
 
+# Row-group size of the run's dataset-wide tables (instances.parquet, points.parquet): a shard
+# reads only the row groups that hold its rows (a few MB), never the whole table.
+ROW_GROUP_ROWS = 8192
+
 SCHEMA = pa.schema(
     [
         ("ann_id", pa.int64()),
@@ -54,13 +58,26 @@ def build_instances_table(dataset: PointDataset, *, margin: float, min_margin_px
 
 
 def write_instances_table(table: pa.Table, path: str | Path) -> Path:
+    """Atomically write the table in row groups of ``ROW_GROUP_ROWS`` (see :func:`read_instances_rows`)."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     return Path(path)
 
 
 def read_instances_table(path: str | Path) -> pa.Table:
-    table = pq.read_table(path)
+    """The whole instances table, cast to ``SCHEMA``."""
+    return _conform(pq.read_table(path), path)
+
+
+def read_instances_rows(path: str | Path, start: int, stop: int) -> pa.Table:
+    """Rows ``[start, stop)`` of the instances table (a shard), reading only the row groups
+    that hold them: memory and time independent of the table's length."""
+    from exits.stages.shards import read_rows
+
+    return _conform(read_rows(path, start, stop), path)
+
+
+def _conform(table: pa.Table, path: str | Path) -> pa.Table:
     if not table.schema.equals(SCHEMA):
         # Cast (not reject) so tables written by older versions with compatible types still load.
         missing = set(SCHEMA.names) - set(table.schema.names)

@@ -26,7 +26,15 @@ _CHUNK = 1 << 22  # characters per read
 
 
 class JsonStreamError(ValueError):
-    """The file is not a json object of the expected shape (names the file and the offset)."""
+    """The file is not a json object of the expected shape (names the file and the offset).
+
+    ``detail``: the message without the file name; ``top_level``: True when the text is
+    valid so far but its top level is not an object."""
+
+    def __init__(self, message: str, detail: str = "", top_level: bool = False):
+        super().__init__(message)
+        self.detail = detail or message
+        self.top_level = top_level
 
 
 class _Buffer:
@@ -52,8 +60,9 @@ class _Buffer:
         self.pos = 0
         return True
 
-    def error(self, message: str) -> JsonStreamError:
-        return JsonStreamError(f"{self.source}: {message} at character {self.offset + self.pos}")
+    def error(self, message: str, top_level: bool = False) -> JsonStreamError:
+        detail = f"{message} at character {self.offset + self.pos}"
+        return JsonStreamError(f"{self.source}: {detail}", detail, top_level)
 
     def peek(self) -> str:
         """Next non-whitespace character ('' at end of file), not consumed."""
@@ -112,7 +121,9 @@ def iter_top_level(fh: IO[str], stream: str = "annotations", source: str = "<jso
             json is malformed (message names ``source`` and the character offset).
     """
     buf = _Buffer(fh, source)
-    buf.expect("{")
+    if buf.peek() != "{":
+        raise buf.error("expected '{' (the top level must be an object)", top_level=bool(buf.peek()) and buf.peek() in '["0123456789-tfn')
+    buf.pos += 1
     if buf.peek() == "}":
         buf.pos += 1
         return

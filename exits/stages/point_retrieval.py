@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from exits.io import atomic_path
-from exits.stages.shards import read_shards
+from exits.stages.shards import ROW_GROUP_ROWS, iter_shards, read_rows, write_table_streaming
 from exits.models import similarity_matrix
 from exits.propagation import retrieve_points, seed_masks
 from exits.propagation.appearance import mix_similarity
@@ -128,7 +128,7 @@ def retrieval_stats(table: pa.Table) -> dict[str, float]:
 
 def write_points(table: pa.Table, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     return path
 
 
@@ -136,6 +136,13 @@ def read_points(path: Path) -> pa.Table:
     return pq.read_table(path, schema=POINTS_SCHEMA)
 
 
+def read_points_rows(path: Path, start: int, stop: int) -> pa.Table:
+    """Rows ``[start, stop)`` of ``points.parquet`` (a shard's), reading only their row groups."""
+    return read_rows(path, start, stop).select(POINTS_SCHEMA.names).cast(POINTS_SCHEMA)
+
+
 def merge_points(shards: list[Path], path: Path) -> Path:
-    """Concatenate point shards (in order) into ``points.parquet``, written atomically."""
-    return write_points(read_shards(shards, POINTS_SCHEMA), Path(path))
+    """Concatenate point shards (in order) into ``points.parquet``, written atomically, one
+    shard in memory at a time (row groups of ``ROW_GROUP_ROWS``)."""
+    write_table_streaming(iter_shards(shards, POINTS_SCHEMA), Path(path), POINTS_SCHEMA)
+    return Path(path)
