@@ -141,6 +141,17 @@ class PseudoLabelConfig(Section):
     batch_size: int = Field(64, ge=1)
     crf_refine: bool = Field(True, description="refine the generator's mask with the CRF before thresholding")
     crf_impl: Literal["meanfield", "dense"] = Field("dense", description="CRF for the final refinement (dense = pydensecrf reference, CPU)")
+    refine_at: Literal["crop", "image"] = Field("crop", description="crop: CRF on the S x S crop, then paste; image: box-constrained dense CRF on the crop window at image resolution with the generator's probability as a softened prior (exits.crf.image_refine; pydensecrf, CPU)")
+    image_crf: dict[str, float] = Field(default_factory=dict, description="refine_at=image: prior_bias, prior_weight, iters, sxy_gauss, compat_gauss, sxy_frac, srgb, compat_bilateral (defaults exits.crf.image_refine.DEFAULT_IMAGE_CRF)")
+
+    @field_validator("image_crf")
+    @classmethod
+    def _known_image_crf_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        known = {"prior_bias", "prior_weight", "iters", "sxy_gauss", "compat_gauss", "sxy_frac", "srgb", "compat_bilateral"}
+        unknown = set(v) - known
+        if unknown:
+            raise ValueError(f"unknown image_crf keys {sorted(unknown)}; known: {sorted(known)}")
+        return v
 
 
 class EvalConfig(Section):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -98,12 +98,19 @@ def mask_scores(probs: torch.Tensor, box_masks: torch.Tensor, labelled: torch.Te
 
 
 def paste_pseudo_masks(probs: torch.Tensor, dataset: Any, images: dict[int, Any], image_ids: list[int],
-                       threshold: float, progress: bool = True) -> list[dict]:
-    """Image-space RLE per object: {ann_id, image_id, rle, area}."""
+                       threshold: float, progress: bool = True,
+                       refine: Callable[[int, torch.Tensor], np.ndarray] | None = None) -> list[dict]:
+    """Image-space RLE per object: {ann_id, image_id, rle, area}.
+
+    ``refine(i, probs[i]) -> (H, W) bool`` replaces paste + threshold when given (the
+    image-resolution CRF of :func:`image_refiner`)."""
     rows = []
     for i in tqdm(range(len(dataset)), desc="pasting masks", disable=not progress, unit="obj"):
         img = images[image_ids[i]]
-        full = paste_mask(probs[i].float(), dataset.windows[i], img["height"], img["width"]) >= threshold
+        if refine is not None:
+            full = torch.from_numpy(refine(i, probs[i]))
+        else:
+            full = paste_mask(probs[i].float(), dataset.windows[i], img["height"], img["width"]) >= threshold
         # Resampling can spill past the box edge by a pixel; no object pixel lies outside it.
         m = full.numpy() & box_mask_full(dataset.points_image[i], img["height"], img["width"]).astype(bool)
         rows.append({"ann_id": int(dataset.ann_ids[i]), "rle": encode_rle(m), "area": int(m.sum())})
@@ -111,7 +118,8 @@ def paste_pseudo_masks(probs: torch.Tensor, dataset: Any, images: dict[int, Any]
 
 
 def shard_pseudo_label_table(probs: torch.Tensor, table: pa.Table, dataset: Any, labelled: torch.Tensor | None,
-                             target: torch.Tensor | None, threshold: float, progress: bool = False) -> pa.Table:
+                             target: torch.Tensor | None, threshold: float, progress: bool = False,
+                             refine: Callable[[int, torch.Tensor], np.ndarray] | None = None) -> pa.Table:
     """One shard's ``PSEUDO_SCHEMA`` table: scores (:func:`mask_scores`) and pasted RLEs.
 
     probs: (K, S, S) crop probabilities of the shard's K objects (:func:`predict_crop_probs`);
@@ -122,10 +130,31 @@ def shard_pseudo_label_table(probs: torch.Tensor, table: pa.Table, dataset: Any,
     certainty, agreement, score = mask_scores(probs, box_masks, labelled, target, threshold)
     cols = table.select(["image_id", "category_id", "height", "width"]).to_pydict()
     sizes = {i: {"height": h, "width": w} for i, h, w in zip(cols["image_id"], cols["height"], cols["width"])}
-    rows = paste_pseudo_masks(probs, dataset, sizes, cols["image_id"], threshold, progress=progress)
+    rows = paste_pseudo_masks(probs, dataset, sizes, cols["image_id"], threshold, progress=progress, refine=refine)
     scores = {r["ann_id"]: {"score": float(score[i]), "certainty": float(certainty[i]), "agreement": float(agreement[i])}
               for i, r in enumerate(rows)}
     return pseudo_label_table(rows, scores, cols["image_id"], cols["category_id"])
+
+
+def image_refiner(dataset: Any, params: Mapping[str, float]) -> Callable[[int, torch.Tensor], np.ndarray]:
+    """``refine(i, crop_prob) -> (H, W) bool``: the box-constrained dense CRF at image
+    resolution (``exits.crf.image_refine``) for object i of ``dataset`` (an
+    ``ObjectCropDataset``: its image folder, file names, windows, extreme points)."""
+    from PIL import Image
+
+    from exits.crf.image_refine import image_crf_refine
+
+    cache: dict[str, np.ndarray] = {}
+
+    def refine(i: int, crop_prob: torch.Tensor) -> np.ndarray:
+        name = dataset.file_names[i]
+        if name not in cache:
+            cache.clear()  # objects come image by image: keep one decoded image
+            with Image.open(dataset.image_dir / name) as im:
+                cache[name] = np.array(im.convert("RGB"), dtype=np.uint8)
+        return image_crf_refine(cache[name], crop_prob, dataset.windows[i], dataset.points_image[i], **params)
+
+    return refine
 
 
 def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float]], image_ids: Sequence[int],
