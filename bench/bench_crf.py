@@ -50,6 +50,34 @@ def iou_gain(size: int, impl: str) -> dict[str, float]:
     return {"iou_before": round(before, 4), "iou_after": round(after, 4), "iou_gain": round(after - before, 4)}
 
 
+# Ways to run the CRF on a 512 px crop (paper-scale configs), quality on the disk scene at
+# 512 px and time per object: issue 13 found the meanfield CRF weak there.
+VARIANTS_512: dict[str, tuple[str, dict]] = {
+    "dense, defaults (sxy_bilateral 20)": ("dense", {}),
+    "dense, sxy_bilateral 80 (scaled to 512)": ("dense", {"sxy_bilateral": 80.0}),
+    "meanfield, defaults": ("meanfield", {}),
+    "meanfield, coco.yaml before (sxy_bil 80, sxy_g 8, dilation 8)": ("meanfield", {"sxy_bilateral": 80.0, "sxy_gauss": 8.0, "dilation": 8}),
+    "meanfield, work_size 128": ("meanfield", {"work_size": 128}),
+    "meanfield, work_size 128, 20 iters": ("meanfield", {"work_size": 128, "iters": 20}),
+    "meanfield, work_size 256, 20 iters": ("meanfield", {"work_size": 256, "iters": 20}),
+}
+
+
+def variants_512(repeats: int) -> list[dict]:
+    """IoU after refinement and ms per object (batch 1, current thread setting) per variant."""
+    scene = make_disk_scene(512, seed=0)
+    before = mask_iou(scene.prob[0] > 0.5, scene.mask)
+    rows = []
+    for name, (impl, params) in VARIANTS_512.items():
+        q = crf_refine(scene.image[None], scene.prob[None], impl=impl, **params)
+        times = time_calls(lambda: crf_refine(scene.image[None], scene.prob[None], impl=impl, **params), repeats)
+        rows.append({"variant": name, "impl": impl, "params": params, "iou_before": round(before, 4),
+                     "iou_after": round(mask_iou(q[0, 0] > 0.5, scene.mask), 4),
+                     "ms_per_object_median": round(statistics.median(times) * 1e3, 1)})
+        print(f"  {name}: IoU {before:.3f} -> {rows[-1]['iou_after']:.3f}, {rows[-1]['ms_per_object_median']:.0f} ms", flush=True)
+    return rows
+
+
 def bench(sizes: list[int], batch: int, repeats: int, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
@@ -99,11 +127,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--variants-only", action="store_true", help="only the 512 px variants table (merged into --out)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "crf.json")
     args = parser.parse_args()
+    if args.variants_only:
+        import json
+
+        torch.set_num_threads(min(args.threads))
+        result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "crf"}
+        result["variants_512"] = {"threads": min(args.threads), "load_avg_1min": round(os.getloadavg()[0], 2),
+                                  "rows": variants_512(max(1, args.repeats // 2))}
+        write_json(args.out, result, indent=2)
+        return
     test_scene = {impl: iou_gain(TEST_SCENE_SIZE, impl) for impl in IMPLS}
     load_before = os.getloadavg()[0]
     rows = [row for t in args.threads for row in bench(args.sizes, args.batch, args.repeats, t)]
+    torch.set_num_threads(min(args.threads))
+    variants = variants_512(max(1, args.repeats // 2))
     result = {
         "benchmark": "crf",
         "device": "cpu",
@@ -118,6 +158,7 @@ def main() -> None:
         "meanfield_params": {"window": DEFAULT_WINDOW, "dilation": DEFAULT_DILATION},
         "results": rows,
         "test_scene_iou": {"size": TEST_SCENE_SIZE, **test_scene},
+        "variants_512": {"threads": min(args.threads), "rows": variants},
     }
     write_json(args.out, result, indent=2)
     print(markdown(rows, test_scene))

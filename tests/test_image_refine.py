@@ -59,3 +59,18 @@ def test_a_flat_half_prior_is_decided_by_colour_and_a_sure_prior_is_kept() -> No
     box = np.zeros_like(obj)
     box[int(pts[0, 1]):int(pts[2, 1]) + 1, int(pts[1, 0]):int(pts[3, 0]) + 1] = True
     assert (stuck == box).all()
+
+
+def test_meanfield_work_size_reaches_the_dense_crf_at_512_px() -> None:
+    from exits.crf import crf_refine
+    from exits.crf.synthetic import make_disk_scene, mask_iou
+
+    torch.manual_seed(0)
+    scene = make_disk_scene(512, seed=0)
+    img, prob = scene.image[None], scene.prob[None]
+    dense = mask_iou(crf_refine(img, prob, impl="dense")[0, 0] > 0.5, scene.mask)
+    full = mask_iou(crf_refine(img, prob, impl="meanfield")[0, 0] > 0.5, scene.mask)
+    small = crf_refine(img, prob, impl="meanfield", work_size=128, iters=20)
+    assert small.shape == prob.shape and 0 <= float(small.min()) and float(small.max()) <= 1
+    low = mask_iou(small[0, 0] > 0.5, scene.mask)
+    assert low > dense + 0.1 and low > full + 0.1
