@@ -197,3 +197,81 @@ def test_merge_points_streams_shards_into_row_groups(tmp_path):
     md = pq.ParquetFile(out).metadata
     assert [md.row_group(g).num_rows for g in range(md.num_row_groups)] == [8192, 8192, 16503 - 2 * 8192]
     assert read_points_rows(out, 8000, 8300).equals(whole.slice(8000, 300))
+
+
+@pytest.mark.parametrize("with_info", [True, False])
+def test_streaming_export_is_byte_identical_to_the_in_memory_merge(demo_json, tmp_path, with_info):
+    import copy
+    from dataclasses import asdict
+
+    from exits.io import file_digest
+    from exits.run_folder import FIXED_SOURCE_DIGEST, RunFolder
+    from exits.spotfix.export import merge_fixes, run_export
+    from exits.spotfix.store import FixesStore, FixRecord
+
+    shards = _gt_shards(demo_json, tmp_path / "shards", 7)
+    run = RunFolder(tmp_path / "run")
+    merge_pseudo_labels(shards, demo_json, run.root)
+    pseudo = json.loads(run.pseudo_json.read_text())
+    if not with_info:
+        del pseudo["info"]
+        run.pseudo_json.write_text(json.dumps(pseudo, indent=1))
+    anns = pseudo["annotations"]
+    store = FixesStore(run.root)
+    h, w = pseudo["images"][0]["height"], pseudo["images"][0]["width"]
+    assert all((im["height"], im["width"]) == (h, w) for im in pseudo["images"])
+    square = {"size": [h, w], "counts": _square_rle(h, w)}
+    for k, ann in enumerate(anns[:9]):
+        decision = "reject" if k % 3 == 0 else "accept"
+        rle = None if decision == "reject" else square
+        if k == 4:
+            rle = {"size": [3, 3], "counts": _square_rle(3, 3)}  # does not fit the image: invalid, unchanged
+        store.append(FixRecord(ann_id=ann["id"], decision=decision, user="t", clicks=[], rle=rle))
+    store.append(FixRecord(ann_id=10**9, decision="reject", user="t", clicks=[], rle=None))  # unknown id
+    result = run_export(run.root)
+    merged, counts = merge_fixes(copy.deepcopy(pseudo), store.latest(), n_records=len(store.records()))
+    merged.setdefault("info", {})["spotfix"] = {
+        "source": "pseudo_labels.json", FIXED_SOURCE_DIGEST: file_digest(run.pseudo_json, memo=False),
+        "counts": asdict(counts),
+        "rule": "latest decision per object wins; accepted masks replace pseudo masks; rejected objects removed"}
+    assert result.counts == counts and counts.rejected == 3 and counts.unknown_ids == 1 and counts.accepted == 5 and counts.invalid == 1
+    assert result.path.read_bytes() == json.dumps(merged).encode()
+
+
+def _square_rle(h: int, w: int) -> str:
+    import pycocotools.mask as mask_utils
+
+    m = np.zeros((h, w), np.uint8, order="F")
+    m[h // 4: h // 2 + 1, w // 4: w // 2 + 1] = 1
+    return mask_utils.encode(m)["counts"].decode()
+
+
+def test_catalog_from_parquet_columns_equals_the_json_catalog(demo_json, tmp_path, monkeypatch):
+    from exits.config import dump_config, load_config
+    from exits.pipeline import stage_prepare
+    from exits.run_folder import RunFolder
+    from exits.spotfix import catalog as catalog_mod
+    from exits.spotfix.catalog import QueueFilter, RunCatalog
+
+    cfg = load_config("demo", ["device=cpu"])
+    run = RunFolder(tmp_path / "run")
+    run.write_run_files(dump_config(cfg), demo_json.parent / "images", demo_json, None)
+    stage_prepare(cfg, demo_json, demo_json.parent / "images", run.root, progress=False)
+    merge_pseudo_labels(_gt_shards(demo_json, tmp_path / "shards", 9), demo_json, run.root)
+    columnar = RunCatalog.load(run.root)
+    assert columnar._columns is not None  # the Parquet path was taken
+    monkeypatch.setattr(catalog_mod, "_columns_from_parquet", lambda run: None)
+    from_json = RunCatalog.load(run.root)
+    assert from_json._columns is None
+    assert set(columnar.objects) == set(from_json.objects) and len(columnar.objects) > 20
+    assert columnar.categories == from_json.categories
+    for flt in (QueueFilter(), QueueFilter(separated=True), QueueFilter(category_id=2, min_score=0.3, max_score=0.8)):
+        assert list(columnar.queue(flt)) == list(from_json.queue(flt))
+    assert any(o.separated for o in columnar.queue())
+    q = columnar.queue()
+    assert q[:3] == list(from_json.queue())[:3] and q[-1] == from_json.queue()[-1]
+    for ann_id in list(from_json.objects)[:5]:
+        obj = columnar.objects[ann_id]
+        assert obj == from_json.objects[ann_id]
+        assert columnar.images[obj.image_id] == from_json.images[obj.image_id]
+        assert (columnar.pseudo_mask(ann_id) == from_json.pseudo_mask(ann_id)).all()

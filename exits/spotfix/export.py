@@ -18,9 +18,9 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from exits.io import file_digest, write_json
+from exits.io import atomic_open, file_digest
 from exits.run_folder import FIXED_JSON, FIXED_SOURCE_DIGEST, PSEUDO_JSON, RunFolder
 from exits.spotfix.masks import decode_rle, encode_rle, rle_area_bbox, rle_parts
 from exits.spotfix.store import FixesStore, FixRecord
@@ -94,19 +94,88 @@ def _apply_fix(ann: dict[str, Any], rec: FixRecord, size: tuple[int, int] | None
 
 
 def run_export(workdir: str | Path) -> ExportResult:
-    """Write ``WORKDIR/pseudo_labels_fixed.json`` (atomically) and return it with counts."""
+    """Write ``WORKDIR/pseudo_labels_fixed.json`` (atomically) and return it with counts.
+
+    Streaming: ``pseudo_labels.json`` is read key by key (:mod:`exits.data.json_stream`),
+    three times: the image sizes; the counts (:func:`merge_fixes`'s rule, annotation by
+    annotation); then the merged annotations are written one at a time. Memory holds the
+    other keys (images, categories) and the fixes, never the 860k annotations; the bytes are
+    those of ``json.dump`` of :func:`merge_fixes`'s dict (annotations moved last, as there).
+    """
+    from exits.data.json_stream import iter_top_level
+
     run = RunFolder(workdir)
     src = run.pseudo_json
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found: run stage 1 (`exits run`) first")
-    raw = src.read_bytes()
     digest = file_digest(src, memo=False)
     store = FixesStore(run.root)
     records = store.records()
-    merged, counts = merge_fixes(json.loads(raw), store.latest(), n_records=len(records))
-    merged.setdefault("info", {})["spotfix"] = {
+    latest = store.latest()
+    head: dict[str, Any] = {}
+    accepted = rejected = invalid = n_out = 0
+    seen: set[int] = set()
+
+    def merged_annotations(fh) -> Iterator[dict[str, Any]]:
+        """The output annotations in order (a pass over the file; ``head`` filled on the way)."""
+        nonlocal accepted, rejected, invalid
+        for key, value in iter_top_level(fh, stream="annotations", source=str(src)):
+            if key != "annotations":
+                head[key] = value
+                continue
+            for ann in value:
+                ann_id = int(ann["id"])
+                seen.add(ann_id)
+                rec = latest.get(ann_id)
+                if rec is None:
+                    yield ann
+                elif rec.decision == "reject":
+                    rejected += 1
+                else:
+                    fixed = _apply_fix(ann, rec, sizes.get(int(ann["image_id"])) if sizes is not None else None)
+                    if fixed is None:
+                        invalid += 1
+                        yield ann
+                    else:
+                        accepted += 1
+                        yield fixed
+
+    # pass 1: the keys other than annotations, the image sizes, and the counts (the counts go
+    # into "info", which comes before the annotations in the output)
+    sizes: dict[int, tuple[int, int]] | None = None
+    with open(src, encoding="utf-8") as fh:
+        for key, value in iter_top_level(fh, stream="annotations", source=str(src)):
+            if key == "images":
+                sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in value}
+            if key == "annotations":
+                for _ in value:
+                    pass
+    sizes = sizes or {}
+    with open(src, encoding="utf-8") as fh:
+        for _ in merged_annotations(fh):
+            n_out += 1
+    counts = MergeCounts(objects_in=len(seen), accepted=accepted, rejected=rejected,
+                         unchanged=len(seen) - accepted - rejected, objects_out=n_out,
+                         unknown_ids=sum(1 for ann_id in latest if ann_id not in seen), invalid=invalid,
+                         records=len(records))
+    info_last = "info" not in head  # merge_fixes' setdefault then appends it after the annotations
+    info = {} if info_last else head["info"]
+    info["spotfix"] = {
         "source": PSEUDO_JSON, FIXED_SOURCE_DIGEST: digest, "counts": asdict(counts),
         "rule": "latest decision per object wins; accepted masks replace pseudo masks; rejected objects removed",
     }
-    path = write_json(run.fixed_json, merged)
-    return ExportResult(path=path, counts=counts)
+    # pass 3: write; json.dump of merge_fixes' dict has every other key first (in file order),
+    # then the annotations, then "info" when the input had none
+    written = {k: json.dumps(v) for k, v in head.items()}
+    with atomic_open(run.fixed_json) as out, open(src, encoding="utf-8") as fh:
+        out.write("{")
+        for key, text in written.items():
+            out.write(json.dumps(key) + ": " + text + ", ")
+        out.write('"annotations": [')
+        for k, ann in enumerate(merged_annotations(fh)):
+            out.write((", " if k else "") + json.dumps(ann))
+        out.write("]")
+        if info_last:
+            out.write(', "info": ' + json.dumps(info))
+        out.write("}")
+    return ExportResult(path=run.fixed_json, counts=counts)
