@@ -275,3 +275,13 @@ def test_catalog_from_parquet_columns_equals_the_json_catalog(demo_json, tmp_pat
         assert obj == from_json.objects[ann_id]
         assert columnar.images[obj.image_id] == from_json.images[obj.image_id]
         assert (columnar.pseudo_mask(ann_id) == from_json.pseudo_mask(ann_id)).all()
+
+
+def test_report_reads_pseudo_masks_from_parquet_columns_with_the_json_values(demo_json, tmp_path):
+    from exits.report.evaluation import pseudo_label_rles
+
+    paths = merge_pseudo_labels(_gt_shards(demo_json, tmp_path / "shards", 9), demo_json, tmp_path / "run")
+    rles, scores = pseudo_label_rles(paths["json"])
+    data = json.loads(paths["json"].read_text())
+    assert rles == {a["id"]: a["segmentation"] for a in data["annotations"]}
+    assert scores == {a["id"]: a["score"] for a in data["annotations"]}
