@@ -120,10 +120,11 @@ def speed(workdir: Path, model_path: Path, repeats: int) -> list[dict]:
 
 
 def evaluate(workdir: Path, gt: Path, model_path: Path, out_json: Path, objects: int, *, grabcut: bool,
-             progressive: bool | None = None, constraint: str | None = None) -> dict:
+             progressive: bool | None = None, constraint: str | None = None,
+             protocols: tuple[str, ...] = PROTOCOLS) -> dict:
     t = time.perf_counter()
     result = run_eval_clicks(workdir, gt, out_path=out_json, model_path=model_path, num_objects=objects,
-                             progressive=progressive, with_grabcut=grabcut, protocols=PROTOCOLS, constraint=constraint)
+                             progressive=progressive, with_grabcut=grabcut, protocols=protocols, constraint=constraint)
     return {"protocols": result["protocols"], "ann_ids": result["ann_ids"], "eval_s": round(time.perf_counter() - t, 1),
             "seconds_per_click": result["seconds_per_click"]}
 
@@ -134,7 +135,7 @@ def train(workdir: Path, cfg: ClickModelConfig, path: Path) -> dict:
         _, payload = load_click_model(path)
         if payload["config"] == cfg.to_dict():
             return {"train": payload["extra"].get("train_summary"), "train_s": None, "reused": True}
-    _, summary = train_click_model(workdir, cfg, out_path=path, progress=False,
+    _, summary = train_click_model(workdir, cfg, out_path=path, progress=True,
                                    synthetic_dir=ROOT / "runs" / "click_synthetic")
     return {"train": summary, "train_s": round(time.perf_counter() - t, 1)}
 
@@ -154,6 +155,46 @@ def aggregate(rows: list[dict]) -> dict:
     return out
 
 
+def _fmt(stat: dict, key: str) -> str:
+    m, sd = stat[key]["mean"], stat[key]["sd"]
+    scale = 100 if key.startswith("mIoU") else 1
+    digits = 1 if key.startswith("mIoU") or key.startswith("NoF") else 2
+    return f"{m * scale:.{digits}f} ± {sd * scale:.{digits}f}"
+
+
+def tables(result: dict) -> str:
+    """Markdown tables of a result json (docs/benchmarks.md)."""
+    lines = []
+    cols = ("NoC@85", "NoC@90", "NoF@90", "mIoU@1", "mIoU@3", "mIoU@5", "mIoU@10", "mIoU@20")
+    lines.append("| protocol / method | " + " | ".join(cols) + " |")
+    lines.append("|---|" + "---:|" * len(cols))
+    summ = result.get("full_summary", {})
+    csum = result.get("constraint_summary", {})
+    for protocol in PROTOCOLS:
+        rows = [("click model (CRF constraint)", summ.get(protocol, {}).get("click_model")),
+                ("click model, disk constraint", csum.get("disk", {}).get(protocol, {}).get("click_model")),
+                ("click model, plain decoder", csum.get("none", {}).get(protocol, {}).get("click_model")),
+                ("GrabCut, same clicks", summ.get(protocol, {}).get("grabcut"))]
+        for name, stat in rows:
+            if stat:
+                lines.append(f"| {protocol}: {name} | " + " | ".join(_fmt(stat, k) for k in cols) + " |")
+    abl = result.get("ablation", {})
+    if abl:
+        lines.append("")
+        protos = result.get("ablation_settings", {}).get("protocols", ["pseudo"])
+        acols = ("NoC@85", "NoC@90", "NoF@90", "mIoU@1", "mIoU@5", "mIoU@20")
+        lines.append("| row | " + " | ".join(f"{p} {c}" for p in protos for c in acols) + " |")
+        lines.append("|---|" + "---:|" * (len(acols) * len(protos)))
+        for key, row in abl.items():
+            vals = []
+            for p in protos:
+                m = row["protocols"].get(p, {}).get("click_model", {})
+                vals += [f"{m[c] * 100:.1f}" if c.startswith("mIoU") else (f"{m[c]}" if c.startswith("NoF") else f"{m[c]:.2f}")
+                         for c in acols]
+            lines.append(f"| {key} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "clicks_base")
@@ -166,12 +207,27 @@ def main() -> None:
     ap.add_argument("--synthetic-objects", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--no-full", action="store_true", help="skip the per-seed full rows (ablation only)")
+    ap.add_argument("--ablation-iterations", type=int, default=None,
+                    help="training budget of the ablation rows (default --iterations); a 'full' row with the "
+                         "same budget is added as their reference")
+    ap.add_argument("--ablation-protocols", nargs="+", default=list(PROTOCOLS))
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="result files of other (parallel) calls whose full/constraint/ablation rows to merge in")
+    ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--only", nargs="*", default=None, help="ablation rows to run (default all)")
     ap.add_argument("--models-dir", type=Path, default=ROOT / "runs" / "bench_clicks")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "clicks.json")
     ap.add_argument("--speed-only", action="store_true",
                     help="only re-time clicks with MODELS_DIR/full_seed0.pt and update the speed rows of --out")
+    ap.add_argument("--tables", action="store_true", help="print the markdown tables of --out and exit")
     args = ap.parse_args()
+    if args.tables:
+        print(tables(json.loads(args.out.read_text())))
+        return
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     load_before = os.getloadavg()[0]
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     if result.get("benchmark") != "clicks_v2":
@@ -196,7 +252,11 @@ def main() -> None:
 
     full = result.setdefault("full", {})
     constraint_rows = result.setdefault("constraint", {})
-    for seed in args.seeds:
+    for other in args.merge:
+        data = json.loads(other.read_text())
+        for key in ("full", "constraint", "ablation"):
+            result.setdefault(key, {}).update(data.get(key, {}))
+    for seed in ([] if args.no_full else args.seeds):
         cfg = base.replace(seed=seed, synthetic_seed=1000 + seed)
         path = args.models_dir / f"full_seed{seed}.pt"
         if str(seed) not in full:
@@ -213,33 +273,39 @@ def main() -> None:
                 constraint_rows[key] = evaluate(args.workdir, args.gt, path, args.models_dir / f"{key}_eval.json",
                                                 args.objects, grabcut=False, constraint=constraint)
                 save()
+    full, constraint_rows = result["full"], result["constraint"]
     result["full_summary"] = aggregate([full[str(s)] for s in args.seeds if str(s) in full])
     result["constraint_summary"] = {c: aggregate([constraint_rows[f"{c}_seed{s}"] for s in args.seeds
                                                   if f"{c}_seed{s}" in constraint_rows]) for c in ("none", "disk")}
     save()
     if not args.no_ablation:
         abl = result.setdefault("ablation", {})
-        names = ["no_progressive"] + list(ABLATIONS) if args.only is None else args.only
+        names = ["full", "no_progressive"] + list(ABLATIONS) if args.only is None else args.only
+        its = args.ablation_iterations or args.iterations
+        protocols = tuple(args.ablation_protocols)
+        result["ablation_settings"] = {"iterations": its, "protocols": list(protocols), "seeds": args.ablation_seeds}
         for name in names:
             for seed in args.ablation_seeds:
                 key = f"{name}_seed{seed}"
                 if key in abl:
                     continue
-                full_path = args.models_dir / f"full_seed{seed}.pt"
+                ref = args.models_dir / (f"full_seed{seed}.pt" if its == args.iterations else f"full_it{its}_seed{seed}.pt")
                 if name == "no_progressive":
-                    row = evaluate(args.workdir, args.gt, full_path, args.models_dir / f"{key}_eval.json",
-                                   args.objects, grabcut=False, progressive=False)
+                    row = evaluate(args.workdir, args.gt, ref, args.models_dir / f"{key}_it{its}_eval.json",
+                                   args.objects, grabcut=False, progressive=False, protocols=protocols)
                 else:
-                    cfg = base.replace(seed=seed, synthetic_seed=1000 + seed, **ABLATIONS[name])
-                    path = args.models_dir / f"{key}.pt"
+                    cfg = base.replace(seed=seed, synthetic_seed=1000 + seed, iterations=its,
+                                       **ABLATIONS.get(name, {}))
+                    path = ref if name == "full" else args.models_dir / f"{key}_it{its}.pt"
                     row = train(args.workdir, cfg, path)
-                    row.update(evaluate(args.workdir, args.gt, path, args.models_dir / f"{key}_eval.json",
-                                        args.objects, grabcut=False))
+                    row.update(evaluate(args.workdir, args.gt, path, args.models_dir / f"{key}_it{its}_eval.json",
+                                        args.objects, grabcut=False, protocols=protocols))
                 abl[key] = row
                 print(key, json.dumps({p: {k: round(v, 3) for k, v in r["click_model"].items()}
                                        for p, r in row["protocols"].items()}), flush=True)
                 save()
-    result["speed"] = speed(args.workdir, args.models_dir / f"full_seed{args.seeds[0]}.pt", args.repeats)
+    if not args.no_speed:
+        result["speed"] = speed(args.workdir, args.models_dir / f"full_seed{args.seeds[0]}.pt", args.repeats)
     save()
     print(f"wrote {args.out}")
 

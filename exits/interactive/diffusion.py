@@ -80,18 +80,29 @@ class FeatureDiffusion(nn.Module):
         return x + self.out(torch.cat(ys, dim=-1))
 
 
-def _shifts(t: torch.Tensor, d: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, 9, H, W): the 3 x 3 neighbours at dilation d (borders replicate)."""
+def _shift_views(t: torch.Tensor, d: int) -> list[torch.Tensor]:
+    """The 9 neighbour views (each (B, C, H, W)) of ``t`` at dilation d, borders replicated;
+    views into one padded copy, so nothing is stacked."""
     h, w = t.shape[-2:]
     p = F.pad(t, (d,) * 4, mode="replicate")
-    return torch.stack([p[..., i * d:i * d + h, j * d:j * d + w] for i in range(3) for j in range(3)], dim=2)
+    return [p[..., i * d:i * d + h, j * d:j * d + w] for i in range(3) for j in range(3)]
 
 
 def neighbour_affinity(image: torch.Tensor, dilation: int, sigma: torch.Tensor) -> torch.Tensor:
     """(B, 9, Z, Z) weights w_ij of the 3 x 3 neighbours (dilation d) of each pixel:
     softmax over the 9 of -||I_i - I_j||^2 / sigma^2 (borders replicate)."""
-    diff = _shifts(image, dilation) - image[:, :, None]
-    return torch.softmax(-(diff * diff).sum(1) / (sigma * sigma), dim=1)
+    inv = 1.0 / (sigma * sigma)
+    logits = torch.cat([-((v - image) ** 2).sum(1, keepdim=True) * inv for v in _shift_views(image, dilation)], 1)
+    return torch.softmax(logits, dim=1)
+
+
+def _neighbour_mix(weights: torch.Tensor, l: torch.Tensor, d: int) -> torch.Tensor:
+    """sum_j w_ij l_j over the 9 neighbours: weights (B, 9, H, W), l (B, 1, H, W)."""
+    views = _shift_views(l, d)
+    out = weights[:, :1] * views[0]
+    for k in range(1, 9):
+        out = out + weights[:, k:k + 1] * views[k]
+    return out
 
 
 class PixelDiffusion(nn.Module):
@@ -117,7 +128,7 @@ class PixelDiffusion(nn.Module):
         l = l0
         for t in range(self.iterations):
             d = self.DILATIONS[t % len(self.DILATIONS)]
-            mixed = (weights[d] * _shifts(l, d)[:, 0]).sum(1, keepdim=True)
+            mixed = _neighbour_mix(weights[d], l, d)
             l = (1 - g) * l + g * mixed
             l = clicked * l0 + (1 - clicked) * l
         return l
