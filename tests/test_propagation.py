@@ -284,7 +284,9 @@ def test_retrieval_block_structured_separated_object() -> None:
     assert torch.equal(res.pseudo_fg[0], in_box & obj) and torch.equal(res.pseudo_bg[0], in_box & ~obj)
     assert res.score.min() >= -1.0 and res.score.max() <= 1.0
     torch.testing.assert_close(res.score, retrieval_score(res.pi_f, res.pi_b))
-    torch.testing.assert_close(res.pi_f.sum(-1), torch.ones(1), atol=1e-4, rtol=0)
+    # Sinkhorn stops at row sums within DEFAULT_SINKHORN_TOL (1e-3) of 1: alpha = 5 steps keep the walk's
+    # mass within alpha * tol of 1.
+    torch.testing.assert_close(res.pi_f.sum(-1), torch.ones(1), atol=5e-3, rtol=0)
 
 
 def test_retrieval_follows_similarity_not_geometry() -> None:

@@ -18,7 +18,7 @@ from exits.propagation.seeds import (
     patch_index_of_points,
     seed_masks,
 )
-from exits.propagation.sinkhorn import marginal_error, sinkhorn, transition_matrix
+from exits.propagation.sinkhorn import marginal_error, sinkhorn, sinkhorn_transition, transition_matrix
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -40,5 +40,6 @@ __all__ = [
     "seed_distribution",
     "seed_masks",
     "sinkhorn",
+    "sinkhorn_transition",
     "transition_matrix",
 ]

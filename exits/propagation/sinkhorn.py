@@ -22,13 +22,14 @@ def _check_similarity(S: Tensor) -> None:
         raise ValueError(f"S must be (n, n) or (B, n, n), got shape {tuple(S.shape)}")
     if not torch.is_floating_point(S):
         raise TypeError(f"S must be a floating-point tensor, got {S.dtype}")
-    # amin/amax propagate NaN, so two reductions catch NaN, +-inf and negatives.
-    lo, hi = S.detach().amin(), S.detach().amax()
+    # amin/amax propagate NaN, so the two reductions (one pass) catch NaN, +-inf and negatives.
+    lo, hi = torch.aminmax(S.detach())
     if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)) and float(lo) >= 0.0):
         raise ValueError("S must be finite and non-negative")
 
 
-def sinkhorn(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = None) -> Tensor:
+def sinkhorn(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = None,
+             omega: float = 1.0) -> Tensor:
     """Doubly stochastic matrix A = diag(u) K diag(v) closest to S (Sinkhorn-Knopp).
 
     Sinkhorn-Knopp alternates row and column normalisation of K = max(S, floor):
@@ -40,13 +41,27 @@ def sinkhorn(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = 
     (an attention matrix with exact zeros may lack total support, and then Sinkhorn never
     converges); eps=0 keeps S as is up to float32's smallest normal number.
 
+    Over-relaxation (``omega`` > 1, Thibault et al. 2017, "Overrelaxed Sinkhorn-Knopp"):
+
+        u <- u^(1 - omega) (1 / (K v))^omega,    v <- v^(1 - omega) (1 / (K^T u))^omega,
+
+    the same fixed point, reached in fewer iterations for omega in (1, 2) (on head-averaged
+    attention at n = 1024, omega = 1.5 reaches in 20 iterations the marginal error plain
+    Sinkhorn has after 50). Safeguard: a matrix whose row-marginal error grows above twice
+    the smallest it has had falls back to omega = 1 for the rest of the call (plain
+    Sinkhorn, which always converges on a positive K).
+
     Numerics (why not the textbook loop): attention holds values down to ~1e-30 and the
     scalings needed to balance such a matrix can exceed float32's range, so the scalings
     are kept in the log domain. The iteration is "log-stabilised" (Schmitzer 2019): K is
     stored as exp(log S + a_i + b_j) with log potentials a, b; the cheap linear-domain
     updates above run on it, and whenever u or v leaves [1e-4, 1e4] they are absorbed
     (a += log u, b += log v, u = v = 1, K recomputed). This is exactly the log-domain
-    Sinkhorn, but an iteration costs two batched mat-vecs instead of two n^2 logsumexps.
+    Sinkhorn, but an iteration costs two batched vector-matrix products instead of two n^2
+    logsumexps. Both products are row-vector times matrix, (B, 1, n) @ (B, n, n): K v is
+    taken as v^T K^T from a contiguous copy of K^T, because a matrix times a column vector,
+    (B, n, n) @ (B, n, 1), runs several times slower on CPU (a different BLAS path). The
+    loop is memory-bound: one iteration reads K twice (2 x 4 n^2 bytes in float32).
     A is invariant to scaling S by a constant; S with entries near float max is rescaled.
 
     Args:
@@ -54,7 +69,10 @@ def sinkhorn(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = 
         iters: maximal number of (row, column) normalisation pairs.
         eps: relative floor on S (fraction of the mean entry), see above.
         tol: if given, a matrix stops once all its row sums are within tol of 1 (checked
-            before each row update); the call returns when every matrix has stopped.
+            before each row update; its column sums are exactly 1 after every plain column
+            update; with over-relaxation the column error, known exactly from the same
+            products, must be within tol too); the call returns when every matrix has stopped.
+        omega: over-relaxation factor in [1, 2); 1 = plain Sinkhorn-Knopp.
     Returns:
         A with the shape of S: columns sum to 1 (to float rounding), rows to within the
         convergence error. With self-attention well below 1 that is < 1e-4 after 50
@@ -63,10 +81,42 @@ def sinkhorn(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = 
         result is independent of the rest of the batch. One host sync per iteration.
     """
     if S.dim() == 2:
-        return sinkhorn(S.unsqueeze(0), iters=iters, eps=eps, tol=tol).squeeze(0)
+        return sinkhorn(S.unsqueeze(0), iters=iters, eps=eps, tol=tol, omega=omega).squeeze(0)
+    K, _, u, v, out_dtype = _sinkhorn_scalings(S, iters, eps, tol, omega)
+    return (K * u.unsqueeze(-1) * v.unsqueeze(-2)).to(out_dtype)
+
+
+def sinkhorn_transition(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = None,
+                        omega: float = 1.0) -> Tensor:
+    """T = (A + A^T) / 2 with A = Sinkhorn(S) (:func:`sinkhorn`, same arguments), in one go.
+
+    With A = diag(u) K diag(v):  T_ij = (u_i K_ij v_j + v_i K_ji u_j) / 2, formed from K and
+    the contiguous copy of K^T the iteration keeps anyway, so no strided transpose of A is
+    read; under ``torch.no_grad`` K and K^T are scaled in place (no (B, n, n) allocations).
+    Equals ``transition_matrix(sinkhorn(S, ...))`` to float rounding.
+
+    Shapes: S (n, n) or (B, n, n) -> T of the same shape and dtype.
+    """
+    if S.dim() == 2:
+        return sinkhorn_transition(S.unsqueeze(0), iters=iters, eps=eps, tol=tol, omega=omega).squeeze(0)
+    K, KT, u, v, out_dtype = _sinkhorn_scalings(S, iters, eps, tol, omega)
+    half_u = 0.5 * u
+    if torch.is_grad_enabled() and (S.requires_grad or K.requires_grad):
+        T = K * half_u.unsqueeze(-1) * v.unsqueeze(-2) + KT * v.unsqueeze(-1) * half_u.unsqueeze(-2)
+    else:
+        T = K.mul_(half_u.unsqueeze(-1)).mul_(v.unsqueeze(-2))
+        T.add_(KT.mul_(v.unsqueeze(-1)).mul_(half_u.unsqueeze(-2)))
+    return T.to(out_dtype)
+
+
+def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
+                       omega: float) -> tuple[Tensor, Tensor, Tensor, Tensor, torch.dtype]:
+    """The iteration of :func:`sinkhorn`: (K, K^T contiguous, u, v, S's dtype), A = diag(u) K diag(v)."""
     _check_similarity(S)
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
+    if not 1.0 <= omega < 2.0:
+        raise ValueError(f"omega must be in [1, 2), got {omega}")
     out_dtype = S.dtype
     work = S if S.dtype in (torch.float32, torch.float64) else S.float()
     n = work.shape[-1]
@@ -83,22 +133,42 @@ def sinkhorn(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = 
     # log S' is only formed if scalings ever need absorbing (saves passes over B n^2).
     row_sum = K.sum(dim=-1)
     K = K / row_sum.unsqueeze(-1)
+    KT = K.transpose(-1, -2).contiguous()  # K v = v^T K^T on the fast (row-vector) path
     log_a = -row_sum.log()
     log_s: Tensor | None = None
     log_b = torch.zeros_like(log_a)
     u = torch.ones_like(log_a)
     v = torch.ones_like(log_a)
-    # Per-matrix bookkeeping (stopping, absorbing) so that a matrix's result does not
-    # depend on what else is in the batch.
+    # Per-matrix bookkeeping (stopping, absorbing, relaxation) so that a matrix's result
+    # does not depend on what else is in the batch.
     active = torch.ones(log_a.shape[0], dtype=torch.bool, device=K.device)
+    relaxed = omega != 1.0
+    w = torch.full_like(log_a[:, :1], omega)  # (B, 1) per-matrix relaxation factor
+    best_err = torch.full_like(log_a[:, 0], float("inf"))
+    col_err = torch.zeros_like(best_err)
     log_limit = math.log(_ABSORB_AT)
     for it in range(iters):
-        Kv = torch.matmul(K, v.unsqueeze(-1)).squeeze(-1)  # row sums of K diag(v)
-        if tol is not None and it > 0:
-            active = active & ((u * Kv - 1.0).abs().amax(dim=-1) > tol)
-        u = torch.where(active.unsqueeze(-1), 1.0 / Kv, u)
+        Kv = torch.matmul(v.unsqueeze(-2), KT).squeeze(-2)  # row sums of K diag(v)
+        if (tol is not None or relaxed) and it > 0:
+            # current row error (exact: u K v); relaxed, the columns are not exact either
+            err = (u * Kv - 1.0).abs().amax(dim=-1)
+            if relaxed:
+                err = torch.maximum(err, col_err)
+            if tol is not None:
+                active = active & (err > tol)
+            if relaxed:
+                w = torch.where((err > 2.0 * best_err).unsqueeze(-1), torch.ones_like(w), w)
+                best_err = torch.minimum(best_err, err)
+        if relaxed:
+            u_new = u * (u * Kv).reciprocal().pow(w)
+        else:
+            u_new = 1.0 / Kv
+        u = torch.where(active.unsqueeze(-1), u_new, u)
         Ktu = torch.matmul(u.unsqueeze(-2), K).squeeze(-2)  # K^T u
-        v = torch.where(active.unsqueeze(-1), 1.0 / Ktu, v)
+        v_new = v * (v * Ktu).reciprocal().pow(w) if relaxed else 1.0 / Ktu
+        v = torch.where(active.unsqueeze(-1), v_new, v)
+        if relaxed:  # column sums of the current A are v * K^T u (u unchanged since Ktu)
+            col_err = (v * Ktu - 1.0).abs().amax(dim=-1)
         spread = torch.maximum(u.log().abs().amax(dim=-1), v.log().abs().amax(dim=-1))
         absorb = active & (spread > log_limit)
         any_active, any_absorb = torch.stack([active.any(), absorb.any()]).tolist()
@@ -112,13 +182,14 @@ def sinkhorn(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = 
             log_b = torch.where(sel, log_b + v.log(), log_b)
             # Recomputed from log S rather than K * u * v: entries that underflowed on the
             # way keep their exact value and can come back if later scalings need them.
-            K = K.index_put((idx,), torch.exp(log_s[idx] + log_a[idx].unsqueeze(-1) + log_b[idx].unsqueeze(-2)))
+            K_idx = torch.exp(log_s[idx] + log_a[idx].unsqueeze(-1) + log_b[idx].unsqueeze(-2))
+            K = K.index_put((idx,), K_idx)
+            KT = KT.index_put((idx,), K_idx.transpose(-1, -2).contiguous())
             u = torch.where(sel, torch.ones_like(u), u)
             v = torch.where(sel, torch.ones_like(v), v)
         if not any_active:
             break
-    A = K * u.unsqueeze(-1) * v.unsqueeze(-2)
-    return A.to(out_dtype)
+    return K, KT, u, v, out_dtype
 
 
 def transition_matrix(A: Tensor) -> Tensor:
