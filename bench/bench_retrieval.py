@@ -10,6 +10,12 @@ N = 32 (n = 1024 patches) and the demo grid N = 12 (n = 144):
                         the mean of the seed rows (random_walk_scores_reference)
   * total / total_naive sinkhorn + walk  vs  sinkhorn + walk_matrix_power
   * retrieve_defaults   retrieve_points with library defaults (early-stopping Sinkhorn)
+  * before / after / naive (per object, one run, back to back): the full retrieval
+      before: the pre-issue-12 Sinkhorn (bench/reference/sinkhorn_before.py, 50 iterations,
+              column-vector products) + transition_matrix + the batched walk
+      after:  retrieve_points' path: sinkhorn_transition (tol 1e-3, omega 1.5) + the walk
+      naive:  textbook log-domain Sinkhorn (50 iterations) + matrix_power walk per object
+    with the label agreement of "after" vs "before" on the synthetic objects
 
 Run:  .venv/bin/python bench/bench_retrieval.py   (writes bench/results/retrieval.json)
 """
@@ -18,15 +24,23 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from exits.io import write_json
-from exits.propagation import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference.sinkhorn_before import sinkhorn as sinkhorn_before  # noqa: E402
+
+from exits.io import write_json  # noqa: E402
+from exits.propagation import (  # noqa: E402
     DEFAULT_ALPHA,
+    label_points,
+    marginal_error,
+    retrieval_score,
+    sinkhorn_transition,
     random_walk_scores,
     random_walk_scores_reference,
     retrieve_points,
@@ -34,6 +48,7 @@ from exits.propagation import (
     sinkhorn,
     transition_matrix,
 )
+from exits.propagation.retrieval import DEFAULT_SINKHORN_OMEGA, DEFAULT_SINKHORN_TOL  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "retrieval.json"
 
@@ -83,6 +98,11 @@ def time_ms(fn: Callable[[], object], reps: int) -> float:
     return min(samples)
 
 
+def _labels(pi: torch.Tensor, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    score = retrieval_score(pi[:, 0], pi[:, 1])
+    return label_points(score, seeds.box, 0.5, -0.5, seeds.fg.any(-1) & seeds.bg.any(-1))
+
+
 def bench_grid(N: int, crop: int, B: int, alpha: int, iters: int, reps: int) -> dict:
     S, seeds = synthetic_batch(B, N, crop, torch.Generator().manual_seed(N))
     stacked = torch.stack([seeds.fg, seeds.bg], 1)
@@ -99,6 +119,25 @@ def bench_grid(N: int, crop: int, B: int, alpha: int, iters: int, reps: int) -> 
         "walk_matrix_power": time_ms(walk_naive, max(1, reps // 3)) / B,
         "retrieve_defaults": time_ms(lambda: retrieve_points(S, seeds), reps) / B,
     }
+    def before() -> torch.Tensor:
+        return random_walk_scores(transition_matrix(sinkhorn_before(S, iters=iters)), stacked, alpha)
+
+    def after() -> torch.Tensor:
+        T = sinkhorn_transition(S, iters=iters, tol=DEFAULT_SINKHORN_TOL, omega=DEFAULT_SINKHORN_OMEGA)
+        return random_walk_scores(T, stacked, alpha)
+
+    def naive() -> None:
+        T_lse = transition_matrix(sinkhorn_logsumexp(S, iters))
+        for b in range(B):
+            random_walk_scores_reference(T_lse[b], stacked[b], alpha)
+
+    per_obj["before"] = time_ms(before, reps) / B
+    per_obj["after"] = time_ms(after, reps) / B
+    per_obj["naive"] = time_ms(naive, max(1, reps // 3)) / B
+    fg0, bg0 = _labels(before(), seeds)
+    fg1, bg1 = _labels(after(), seeds)
+    box = int(seeds.box.sum())
+    differ = int(((fg0 != fg1) | (bg0 != bg1)).sum())
     per_obj["total"] = per_obj["sinkhorn"] + per_obj["walk"]
     per_obj["total_naive"] = per_obj["sinkhorn"] + per_obj["walk_matrix_power"]
     # Agreement of the two walks, as a sanity check on what was timed.
@@ -112,18 +151,22 @@ def bench_grid(N: int, crop: int, B: int, alpha: int, iters: int, reps: int) -> 
         "ms_per_object": {k: round(v, 4) for k, v in per_obj.items()},
         "walk_speedup_vs_matrix_power": round(per_obj["walk_matrix_power"] / per_obj["walk"], 1),
         "max_abs_diff_walk_vs_reference": float(diff),
+        "after_vs_before": {"box_patches": box, "labels_differ": differ, "agreement": round(1 - differ / box, 5),
+                            "marginal_error_before": float(marginal_error(sinkhorn_before(S, iters=iters)).max()),
+                            "marginal_error_after": float(marginal_error(sinkhorn(S, iters=iters, tol=DEFAULT_SINKHORN_TOL,
+                                                                                  omega=DEFAULT_SINKHORN_OMEGA)).max())},
     }
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["sinkhorn", "sinkhorn_lse", "walk", "walk_matrix_power", "total", "total_naive", "retrieve_defaults"]
-    head = "| N | n | B | alpha | " + " | ".join(cols) + " | walk speed-up |"
-    sep = "|" + "---|" * (len(cols) + 5)
+    cols = ["before", "after", "naive", "sinkhorn", "sinkhorn_lse", "walk", "walk_matrix_power", "retrieve_defaults"]
+    head = "| N | n | B | alpha | " + " | ".join(cols) + " | walk speed-up | labels after = before |"
+    sep = "|" + "---|" * (len(cols) + 6)
     lines = [head, sep]
     for r in rows:
         ms = r["ms_per_object"]
         cells = " | ".join(f"{ms[c]:.3f}" for c in cols)
-        lines.append(f"| {r['grid']} | {r['n']} | {r['batch']} | {r['alpha']} | {cells} | {r['walk_speedup_vs_matrix_power']}x |")
+        lines.append(f"| {r['grid']} | {r['n']} | {r['batch']} | {r['alpha']} | {cells} | {r['walk_speedup_vs_matrix_power']}x | {100 * r['after_vs_before']['agreement']:.2f} % |")
     return "\n".join(lines)
 
 

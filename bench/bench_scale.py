@@ -95,13 +95,15 @@ def generate_dataset(out: Path, kind: str, scale: float, seed: int = 0) -> dict[
     rng = np.random.default_rng(seed)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    master = out / "blank.png"
-    Image.new("RGB", (IMAGE_W, IMAGE_H), (90, 120, 150)).save(master)
     names = [f"{i + 1:012d}.png" for i in range(n_img)]
-    for name in names:
-        dest = images_dir / name
-        if not dest.exists():
-            os.link(master, dest)
+    links_per_file = 50_000  # below the file systems' hard-link limits (ext4: 65,000)
+    for k in range(0, n_img, links_per_file):
+        master = out / f"blank-{k // links_per_file}.png"
+        Image.new("RGB", (IMAGE_W, IMAGE_H), (90, 120, 150)).save(master)
+        for name in names[k:k + links_per_file]:
+            dest = images_dir / name
+            if not dest.exists():
+                os.link(master, dest)
     image_of = np.sort(rng.integers(0, n_img, n_obj)) if kind == "lvis" else rng.integers(0, n_img, n_obj)
     cats = rng.integers(1, n_cat + 1, n_obj)
     boxes, pts, poly = _geometry(rng, n_obj)

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from exits.data.extreme_points import box_from_extreme_points
-from exits.data.json_stream import JsonStreamError, iter_top_level
+from exits.json_stream import JsonStreamError, iter_top_level
 from exits.data.point_labels import MaskToPoints
 from exits.data.records import CategoryRecord, ImageRecord, ObjectRecord, PointDataset, Rejection
 from exits.data.validation import (
@@ -71,7 +71,7 @@ def _dataset_error(path: Path, exc: JsonStreamError) -> DatasetError:
 
 class _StreamedJson:
     """An instances json read key by key: ``images``, ``categories`` (and every other key)
-    whole, ``annotations`` one at a time (:mod:`exits.data.json_stream`), so a COCO-sized file
+    whole, ``annotations`` one at a time (:mod:`exits.json_stream`), so a COCO-sized file
     never sits in memory as one dict. When ``annotations`` comes before ``images`` or
     ``categories`` in the file, the annotations are held as a list instead."""
 

@@ -96,13 +96,13 @@ def _apply_fix(ann: dict[str, Any], rec: FixRecord, size: tuple[int, int] | None
 def run_export(workdir: str | Path) -> ExportResult:
     """Write ``WORKDIR/pseudo_labels_fixed.json`` (atomically) and return it with counts.
 
-    Streaming: ``pseudo_labels.json`` is read key by key (:mod:`exits.data.json_stream`),
+    Streaming: ``pseudo_labels.json`` is read key by key (:mod:`exits.json_stream`),
     three times: the image sizes; the counts (:func:`merge_fixes`'s rule, annotation by
     annotation); then the merged annotations are written one at a time. Memory holds the
     other keys (images, categories) and the fixes, never the 860k annotations; the bytes are
     those of ``json.dump`` of :func:`merge_fixes`'s dict (annotations moved last, as there).
     """
-    from exits.data.json_stream import iter_top_level
+    from exits.json_stream import iter_top_level
 
     run = RunFolder(workdir)
     src = run.pseudo_json

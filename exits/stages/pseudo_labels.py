@@ -211,11 +211,11 @@ def write_pseudo_label_files(annotations_json: Path, table: pa.Table, workdir: P
     table.
 
     Streaming: the input json is read one top-level key, and one annotation, at a time
-    (:mod:`exits.data.json_stream`) and the output written as it goes, so memory holds the
+    (:mod:`exits.json_stream`) and the output written as it goes, so memory holds the
     table's columns and one annotation, never the whole json. The bytes are those of
     ``json.dump`` of the merged dict (:func:`merge_pseudo_labels_in_memory`, tested equal).
     """
-    from exits.data.json_stream import iter_top_level
+    from exits.json_stream import iter_top_level
 
     cols = _MergeColumns(table)
     run = RunFolder(workdir)
