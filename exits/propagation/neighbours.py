@@ -7,6 +7,10 @@ patches of j it trusts most; mapped into i's crop they are BG evidence for i, al
 i's box, and they exist even when i's box fills its crop (an object spanning the image,
 whose crop has no patch outside the box).
 
+Scope: the neighbours are the objects of the same dataset, i.e. of one retrieval shard
+(rows of the instances table, ordered by image): an image whose objects straddle a shard
+boundary gives each side only its own objects' seeds.
+
 Coordinates: j's seed points go crop_j -> image (``CropWindow.crop_to_image``) -> crop_i
 (``CropWindow.image_to_crop``); a point falling outside crop i's [0, S) square is dropped.
 """
