@@ -171,9 +171,10 @@ def tables(result: dict) -> str:
     summ = result.get("full_summary", {})
     csum = result.get("constraint_summary", {})
     for protocol in PROTOCOLS:
-        rows = [("click model (CRF constraint)", summ.get(protocol, {}).get("click_model")),
-                ("click model, disk constraint", csum.get("disk", {}).get(protocol, {}).get("click_model")),
-                ("click model, plain decoder", csum.get("none", {}).get(protocol, {}).get("click_model")),
+        rows = [("click model, progressive off (default)", result.get("noprog_summary", {}).get(protocol, {}).get("click_model")),
+                ("click model, progressive on", summ.get(protocol, {}).get("click_model")),
+                ("click model, progressive on, disk constraint", csum.get("disk", {}).get(protocol, {}).get("click_model")),
+                ("click model, progressive on, plain decoder", csum.get("none", {}).get(protocol, {}).get("click_model")),
                 ("GrabCut, same clicks", summ.get(protocol, {}).get("grabcut"))]
         for name, stat in rows:
             if stat:
@@ -215,6 +216,9 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="result files of other (parallel) calls whose full/constraint/ablation rows to merge in")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--progressive-off-rows", action="store_true",
+                    help="evaluate the per-seed full models with progressive mode off (click model only) into "
+                         "'full_noprog' (progressive is inference-only: same models)")
     ap.add_argument("--only", nargs="*", default=None, help="ablation rows to run (default all)")
     ap.add_argument("--models-dir", type=Path, default=ROOT / "runs" / "bench_clicks")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "clicks.json")
@@ -254,8 +258,19 @@ def main() -> None:
     constraint_rows = result.setdefault("constraint", {})
     for other in args.merge:
         data = json.loads(other.read_text())
-        for key in ("full", "constraint", "ablation"):
+        for key in ("full", "constraint", "ablation", "full_noprog"):
             result.setdefault(key, {}).update(data.get(key, {}))
+        if "ablation_settings" in data:
+            result["ablation_settings"] = data["ablation_settings"]
+    if args.progressive_off_rows:
+        noprog = result.setdefault("full_noprog", {})
+        for seed in args.seeds:
+            if str(seed) not in noprog:
+                path = args.models_dir / f"full_seed{seed}.pt"
+                noprog[str(seed)] = evaluate(args.workdir, args.gt, path, args.models_dir / f"noprog_seed{seed}_eval.json",
+                                             args.objects, grabcut=False, progressive=False)
+                save()
+        return
     for seed in ([] if args.no_full else args.seeds):
         cfg = base.replace(seed=seed, synthetic_seed=1000 + seed)
         path = args.models_dir / f"full_seed{seed}.pt"
@@ -275,6 +290,9 @@ def main() -> None:
                 save()
     full, constraint_rows = result["full"], result["constraint"]
     result["full_summary"] = aggregate([full[str(s)] for s in args.seeds if str(s) in full])
+    if result.get("full_noprog"):
+        result["noprog_summary"] = aggregate([result["full_noprog"][str(s)] for s in args.seeds
+                                              if str(s) in result["full_noprog"]])
     result["constraint_summary"] = {c: aggregate([constraint_rows[f"{c}_seed{s}"] for s in args.seeds
                                                   if f"{c}_seed{s}" in constraint_rows]) for c in ("none", "disk")}
     save()

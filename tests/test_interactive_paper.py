@@ -129,7 +129,7 @@ class _IgnoresClicks(ClickDecoder):
 @pytest.mark.parametrize("constraint", ["crf", "disk", "none"])
 def test_clicked_disk_keeps_its_label_with_a_decoder_that_ignores_clicks(tiny_run: Path, constraint):  # noqa: F811
     from exits.interactive.predictor import read_objects
-    from exits.models.checkpoint import load_mask_model
+    from exits.models.factory import load_mask_model
 
     cfg = ClickModelConfig(**SMALL, constraint=constraint, progressive=False)
     encoder = load_mask_model(tiny_run / "generator" / "model.pt")
