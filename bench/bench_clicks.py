@@ -159,6 +159,8 @@ def _fmt(stat: dict, key: str) -> str:
     m, sd = stat[key]["mean"], stat[key]["sd"]
     scale = 100 if key.startswith("mIoU") else 1
     digits = 1 if key.startswith("mIoU") or key.startswith("NoF") else 2
+    if stat[key]["n"] == 1:
+        return f"{m * scale:.{digits}f}"
     return f"{m * scale:.{digits}f} ± {sd * scale:.{digits}f}"
 
 
@@ -178,7 +180,9 @@ def tables(result: dict) -> str:
                 ("GrabCut, same clicks", summ.get(protocol, {}).get("grabcut"))]
         for name, stat in rows:
             if stat:
-                lines.append(f"| {protocol}: {name} | " + " | ".join(_fmt(stat, k) for k in cols) + " |")
+                n = stat[cols[0]]["n"]
+                label = f"{name} ({n} seed{'s' if n > 1 else ''})"
+                lines.append(f"| {protocol}: {label} | " + " | ".join(_fmt(stat, k) for k in cols) + " |")
     abl = result.get("ablation", {})
     if abl:
         lines.append("")
