@@ -81,6 +81,11 @@ def build_report(workdir: str | Path, gt: str | Path | None = None, separated_id
               "separated_ids": str(separated_ids) if separated_ids else None}
     summary = report_summary(ev.summary, table, calibration_of(table), n_predicted=len(rles), inputs=inputs,
                              worst_ann_ids=worst_ids)
+    if run.points.is_file():
+        # Objects the generator trained on MIL alone (no seed set / nothing retrieved), issue 13.
+        from exits.stages.point_retrieval import read_points, retrieval_stats
+
+        summary["retrieval"] = {k: round(v, 4) for k, v in retrieval_stats(read_points(run.points)).items()}
 
     out = run.report_dir
     # only the gallery's rows as dicts: the table itself may hold a million objects

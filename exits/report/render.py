@@ -58,6 +58,12 @@ def key_facts(summary: Mapping[str, Any]) -> list[str]:
         f"objects; {pct(cal['worst_decile_overlap'])} % of the 10 % lowest-scored masks are among the 10 % "
         f"lowest-IoU ones",
     ]
+    ret = summary.get("retrieval")
+    if ret:
+        facts.append(f"Point retrieval: {pct(ret['share_no_retrieval'])} % of objects retrieved nothing and trained "
+                     f"on MIL alone ({pct(ret['share_invalid'])} % had no FG or BG seed set, "
+                     f"{pct(ret['share_no_box_bg_seed'])} % no patch outside the box); "
+                     f"{ret['fg_per_object']:.1f} FG / {ret['bg_per_object']:.1f} BG points per object")
     return facts
 
 
