@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from exits.data.crops import CropWindow
+from exits.grabcut import ensure_background, is_foreground, run_grabcut
 from exits.interactive.clicks import Click, disk_index
 
 __all__ = ["grabcut_from_clicks"]
@@ -42,20 +43,10 @@ def grabcut_from_clicks(image_rgb: np.ndarray, clicks: Sequence[Click], window: 
     for x, y, positive in clicks:
         rows, cols, disk = disk_index(float(x) - x0, float(y) - y0, radius, wh, ww)
         init[rows, cols][disk] = cv2.GC_FGD if positive else cv2.GC_BGD
-    fg_label = (init == cv2.GC_FGD) | (init == cv2.GC_PR_FGD)
-    if not fg_label.any():
+    if not is_foreground(init).any():
         return prev.copy()
-    if fg_label.all():
-        border = np.zeros_like(fg_label)
-        border[[0, -1], :] = border[:, [0, -1]] = True
-        init[border & (init == cv2.GC_PR_FGD)] = cv2.GC_PR_BGD
-    sub = np.ascontiguousarray(image_rgb[y0:y0 + wh, x0:x0 + ww, ::-1])  # OpenCV wants BGR
-    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    try:
-        cv2.grabCut(sub, init, None, bgd, fgd, iters, cv2.GC_INIT_WITH_MASK)
-    except cv2.error:
-        # Degenerate colour statistics (one colour in a class): keep the initial labels.
-        pass
+    # A failed GrabCut (one colour in a class) leaves the initial labels: they are the answer.
+    run_grabcut(image_rgb, ensure_background(init), x0, y0, iters=iters)
     out = prev.copy()
-    out[y0:y0 + wh, x0:x0 + ww] = (init == cv2.GC_FGD) | (init == cv2.GC_PR_FGD)
+    out[y0:y0 + wh, x0:x0 + ww] = is_foreground(init)
     return out

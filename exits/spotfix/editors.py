@@ -19,6 +19,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import cv2
 import numpy as np
 
+from exits.grabcut import ensure_background, is_foreground, run_grabcut
 from exits.spotfix.catalog import RunCatalog
 
 Click = tuple[float, float, bool]
@@ -94,16 +95,13 @@ class GrabCutEditor:
             cv2.circle(seeds, (int(round(x)), int(round(y))), self.click_radius,
                        int(cv2.GC_FGD if positive else cv2.GC_BGD), -1)
         sub_seeds = np.ascontiguousarray(seeds[y0:y1, x0:x1])
-        sub = np.ascontiguousarray(image[y0:y1, x0:x1, ::-1])  # OpenCV wants BGR
-        sub_seeds = _ensure_both_classes(sub_seeds)
-        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        cv2.setRNGSeed(0)  # GrabCut's k-means init draws from OpenCV's RNG: same clicks, same mask
-        try:
-            cv2.grabCut(sub, sub_seeds, None, bgd, fgd, self.iters, cv2.GC_INIT_WITH_MASK)
-        except cv2.error:
-            pass  # degenerate colour statistics (flat crop): keep the seeds as they are
+        if not is_foreground(sub_seeds).any():
+            # nothing to grow from (every click negative): give GrabCut the centre to start
+            sub_seeds[sub_seeds.shape[0] // 2, sub_seeds.shape[1] // 2] = cv2.GC_PR_FGD
+        # A failed GrabCut (flat crop) leaves the seeds as they are: they are the answer.
+        run_grabcut(image, ensure_background(sub_seeds), x0, y0, iters=self.iters)
         out = np.zeros((h, w), bool)
-        out[y0:y1, x0:x1] = (sub_seeds == cv2.GC_FGD) | (sub_seeds == cv2.GC_PR_FGD)
+        out[y0:y1, x0:x1] = is_foreground(sub_seeds)
         return out
 
     def _window(self, crop_box: Sequence[int], clicks: list[Click], prev_mask: np.ndarray | None,
@@ -132,21 +130,6 @@ class GrabCutEditor:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return image
-
-
-def _ensure_both_classes(seeds: np.ndarray) -> np.ndarray:
-    """GrabCut fits one colour model per class and fails without samples of both: give it
-    the window border as probable background, or the centre as probable foreground."""
-    is_fg = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
-    if is_fg.all():
-        border = np.zeros_like(is_fg)
-        border[[0, -1], :] = True
-        border[:, [0, -1]] = True
-        seeds[border & (seeds == cv2.GC_PR_FGD)] = cv2.GC_PR_BGD
-    elif not is_fg.any():
-        hh, ww = seeds.shape
-        seeds[hh // 2, ww // 2] = cv2.GC_PR_FGD
-    return seeds
 
 
 class EditorRunner:
