@@ -77,3 +77,18 @@ def test_startup_hint_only_for_the_startup_error():
     assert prefect_startup_hint(RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server."))
     assert prefect_startup_hint(RuntimeError("CUDA out of memory")) is None
     assert PREFECT_STARTUP_TIMEOUT_S >= 120  # the first start migrates a new database: give it minutes
+
+
+def test_click_commands_fail_with_a_reason(tmp_path):
+    """Errors a user can fix end with status 2 and the reason, not a traceback."""
+    from typer.testing import CliRunner
+
+    from exits.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["train-clicks", "-w", str(tmp_path), "--set", "iterations=0"])
+    assert bad.exit_code == 2 and "iterations" in bad.output
+    missing = runner.invoke(app, ["train-clicks", "-w", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "error:" in missing.output
+    no_gt = runner.invoke(app, ["eval-clicks", "-w", str(tmp_path), "--gt", str(tmp_path / "gt.json")])
+    assert no_gt.exit_code == 2 and "gt.json" in no_gt.output

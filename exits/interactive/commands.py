@@ -13,23 +13,21 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from exits.cli_support import fail, run_config
+from exits.config import ConfigError
 from exits.interactive.config import ClickModelConfig
 
 __all__ = ["train_clicks_command", "eval_clicks_command", "load_click_config"]
 
 
 def load_click_config(workdir: Path, config: str | Path | None, overrides: list[str] | None) -> ClickModelConfig:
-    """The validated ``click_model`` settings for a run folder (+ overrides)."""
-    from exits.config import ConfigError, load_config
+    """The validated ``click_model`` settings for a run folder (+ overrides, ``click_model.``
+    optional). Raises :class:`exits.config.ConfigError` naming the key."""
+    return run_config(workdir, config, overrides or [], prefix="click_model").click_model
 
-    source = config if config is not None else Path(workdir) / "config.yaml"
-    if config is None and not Path(source).is_file():
-        source = None  # a run folder made by hand: defaults
-    prefixed = [o if o.startswith("click_model.") else f"click_model.{o}" for o in overrides or []]
-    try:
-        return load_config(str(source) if source is not None else None, prefixed).click_model
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+
+# What a user can fix (bad setting, missing run file, bad json): exit 2 with the reason.
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError)
 
 
 def train_clicks_command(
@@ -47,10 +45,13 @@ def train_clicks_command(
     a COCO json you name (--train-json) or a generated labelled set (--synthetic N)."""
     from exits.interactive.train import train_click_model  # torch & co. only when the command runs
 
-    cfg = load_click_config(workdir, config, set_)
-    changes: dict[str, Any] = {}
     if train_json is not None and synthetic is not None:
-        raise typer.BadParameter("give --train-json or --synthetic, not both")
+        fail("give --train-json or --synthetic, not both")
+    try:
+        cfg = load_click_config(workdir, config, set_)
+    except ConfigError as exc:
+        fail(str(exc))
+    changes: dict[str, Any] = {}
     if train_json is not None:
         changes.update(train_source="coco", train_json=str(train_json))
     if synthetic is not None:
@@ -59,8 +60,11 @@ def train_clicks_command(
         changes["iterations"] = iterations
     if device is not None:
         changes["device"] = device
-    cfg = cfg.replace(**changes) if changes else cfg
-    path, summary = train_click_model(workdir, cfg, out_path=out)
+    try:
+        cfg = cfg.replace(**changes) if changes else cfg
+        path, summary = train_click_model(workdir, cfg, out_path=out)
+    except USER_ERRORS as exc:
+        fail(str(exc))
     typer.echo(f"wrote {path}: {json.dumps(summary)}")
 
 
@@ -79,9 +83,14 @@ def eval_clicks_command(
     """NoC@85/90, NoF@90 and mIoU@k of the click model (and GrabCut) with the robot user."""
     from exits.interactive.evaluate import DEFAULT_PROTOCOLS, run_eval_clicks  # torch & co. only when the command runs
 
-    result = run_eval_clicks(workdir, gt, out_path=out, model_path=model, num_objects=num_objects or None,
-                             max_clicks=max_clicks, protocols=tuple(protocol or DEFAULT_PROTOCOLS), progressive=progressive,
-                             with_grabcut=grabcut, device=device)
+    if not gt.is_file():
+        fail(f"GT json not found: {gt}")
+    try:
+        result = run_eval_clicks(workdir, gt, out_path=out, model_path=model, num_objects=num_objects or None,
+                                 max_clicks=max_clicks, protocols=tuple(protocol or DEFAULT_PROTOCOLS),
+                                 progressive=progressive, with_grabcut=grabcut, device=device)
+    except USER_ERRORS as exc:
+        fail(str(exc))
     for name, methods in result["protocols"].items():
         for method, m in methods.items():
             typer.echo(f"{name:8s} {method:12s} NoC@85 {m['NoC@85']:.2f}  NoC@90 {m['NoC@90']:.2f}  "

@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import yaml
 from pycocotools import mask as mask_utils
 
 from exits.data.crops import CropWindow, crop_images, crop_mask, crop_window
 from exits.data.extreme_points import derive_extreme_points
 from exits.eval.rle import segmentation_to_rle
+from exits.run_folder import RunFolder
 from exits.stages.object_crops import load_image_tensor
 
-__all__ = ["ClickTrainingSet", "run_images_dir", "run_crop_margins", "pseudo_masks_by_score", "read_windows",
+__all__ = ["ClickTrainingSet", "run_crop_margins", "pseudo_masks_by_score", "read_windows",
            "build_training_set", "decode_segmentation"]
 
 MIN_TARGET_PIXELS = 16  # crops whose mask covers fewer crop pixels teach nothing about clicks
@@ -46,23 +46,10 @@ class ClickTrainingSet:
         return len(self.ann_ids)
 
 
-def run_images_dir(workdir: Path) -> Path:
-    """The run's image folder as recorded in ``run.json`` (``{"images": ...}``)."""
-    meta_path = Path(workdir) / "run.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: is {workdir} a finished stage-1 run?")
-    images = json.loads(meta_path.read_text(encoding="utf-8")).get("images")
-    if not images:
-        raise FileNotFoundError(f"{meta_path} names no image folder")
-    return Path(images)
-
-
 def run_crop_margins(workdir: Path) -> tuple[float, int]:
-    """(crop_margin, crop_min_margin_px) of the run's ``config.yaml`` (defaults 0.15, 4)."""
-    path = Path(workdir) / "config.yaml"
-    data: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    section = (data or {}).get("data") or {}
-    return float(section.get("crop_margin", 0.15)), int(section.get("crop_min_margin_px", 4))
+    """(crop_margin, crop_min_margin_px) of the run's validated config (defaults without one)."""
+    data = RunFolder(workdir).load_config().data
+    return data.crop_margin, data.crop_min_margin_px
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray | None:
@@ -74,7 +61,7 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
 def pseudo_masks_by_score(workdir: Path, top_fraction: float, max_objects: int,
                           exclude: set[int] | None = None) -> list[dict[str, Any]]:
     """The best-scoring pseudo-label annotations of the run, best first."""
-    data = json.loads((Path(workdir) / "pseudo_labels.json").read_text(encoding="utf-8"))
+    data = json.loads(RunFolder(workdir).pseudo_json.read_text(encoding="utf-8"))
     anns = [a for a in data["annotations"] if a.get("segmentation") and int(a["id"]) not in (exclude or set())]
     anns.sort(key=lambda a: (-float(a.get("score", 0.0)), int(a["id"])))
     keep = min(max_objects, max(1, int(round(top_fraction * len(anns)))))
@@ -83,7 +70,7 @@ def pseudo_masks_by_score(workdir: Path, top_fraction: float, max_objects: int,
 
 def read_windows(workdir: Path, crop_size: int) -> dict[int, tuple[str, CropWindow, tuple[int, int]]]:
     """ann_id -> (file_name, crop window at ``crop_size``, (H, W)) from ``instances.parquet``."""
-    table = pq.read_table(Path(workdir) / "instances.parquet", columns=["ann_id", "file_name", "crop_box", "width", "height"])
+    table = pq.read_table(RunFolder(workdir).instances, columns=["ann_id", "file_name", "crop_box", "width", "height"])
     out = {}
     for row in table.to_pylist():
         out[int(row["ann_id"])] = (str(row["file_name"]), CropWindow(*map(int, row["crop_box"]), size=crop_size),
@@ -167,21 +154,21 @@ def build_training_set(workdir: Path, crop_size: int, *, source: str = "pseudo",
         raise ValueError(f"unknown training source {source!r}")
     sets = []
     if "pseudo" in parts:
-        images = Path(images_dir) if images_dir is not None else run_images_dir(workdir)
+        images = Path(images_dir) if images_dir is not None else RunFolder(workdir).images_dir()
         items = _pseudo_items(workdir, crop_size, top_fraction, max_objects, exclude)
         if items:
             sets.append(_crop_objects(items, images, crop_size))
     if "coco" in parts:
         if train_json is None:
             raise ValueError("source 'coco' needs train_json")
-        images = Path(images_dir) if images_dir is not None else run_images_dir(workdir)
+        images = Path(images_dir) if images_dir is not None else RunFolder(workdir).images_dir()
         items = _coco_items(train_json, workdir, crop_size, max_objects, exclude, None)
         if items:
             sets.append(_crop_objects(items, images, crop_size))
     if "synthetic" in parts:
         from exits.interactive.synthetic import synthetic_training_json
 
-        cache = Path(synthetic_dir) if synthetic_dir is not None else workdir / "click_model" / "synthetic"
+        cache = Path(synthetic_dir) if synthetic_dir is not None else RunFolder(workdir).click_model_dir / "synthetic"
         json_path, images = synthetic_training_json(cache, synthetic_objects, synthetic_seed)
         items = _coco_items(json_path, workdir, crop_size, synthetic_objects, set(), 0)
         if items:

@@ -35,6 +35,7 @@ from exits.interactive.data import decode_segmentation
 from exits.interactive.grabcut import grabcut_from_clicks
 from exits.interactive.metrics import mask_iou, summarize_curves
 from exits.interactive.model_io import CLICK_MODEL_PATH, load_click_model
+from exits.run_folder import RunFolder
 from exits.interactive.predictor import ClickPredictor
 from exits.interactive.robot import next_click
 from exits.io import write_json
@@ -104,7 +105,7 @@ def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str |
         predictor.constraint = str(constraint)
     _, payload = load_click_model(model_path)
     trained = set(int(a) for a in payload.get("extra", {}).get("train_ann_ids", [])) if exclude_trained else set()
-    pseudo_json = json.loads((workdir / "pseudo_labels.json").read_text(encoding="utf-8"))
+    pseudo_json = json.loads(RunFolder(workdir).pseudo_json.read_text(encoding="utf-8"))
     pseudo = {int(a["id"]): a for a in pseudo_json["annotations"]}
     gt = load_gt_masks(gt_json, set(predictor.objects))
     ids = _select_objects(predictor, pseudo, set(gt), trained, ann_ids, num_objects)
@@ -160,5 +161,5 @@ def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str |
     }
     if keep_curves:
         result["curves"] = curves
-    write_json(out_path if out_path is not None else workdir / "click_model" / "eval_clicks.json", result, indent=2)
+    write_json(out_path if out_path is not None else RunFolder(workdir).click_model_dir / "eval_clicks.json", result, indent=2)
     return result

@@ -15,11 +15,14 @@ import torch
 from exits.interactive.config import ClickModelConfig
 from exits.interactive.decoder import ClickDecoder
 from exits.io import atomic_path
+from exits.run_folder import RunFolder
 
 __all__ = ["CLICK_MODEL_PATH", "GENERATOR_PATH", "save_click_model", "load_click_model"]
 
-CLICK_MODEL_PATH = Path("click_model") / "model.pt"
-GENERATOR_PATH = Path("generator") / "model.pt"
+# Relative to the run folder (the model file stores the encoder's path this way, so a run
+# folder can be moved).
+CLICK_MODEL_PATH = RunFolder(".").click_model.relative_to(".")
+GENERATOR_PATH = RunFolder(".").generator.relative_to(".")
 FORMAT_VERSION = 2  # 2: 8 input map channels (previous mask), coarse + zoom passes, new parts
 
 

@@ -32,11 +32,11 @@ import torch
 from exits.data.crops import CropWindow, crop_mask, paste_mask
 from exits.interactive.clicks import Click, disk_index, state_map, update_with_prediction
 from exits.interactive.constrain import constrain_clicks
-from exits.interactive.data import run_images_dir
 from exits.interactive.decoder import ClickDecoder
 from exits.interactive.features import FeatureCache, ObjectFeatures, object_features
 from exits.interactive.inference import decode_probs
 from exits.interactive.model_io import CLICK_MODEL_PATH, load_click_model
+from exits.run_folder import RunFolder
 from exits.interactive.progressive import progressive_update
 from exits.interactive.session import ClickSessions
 from exits.models.factory import load_mask_model
@@ -55,7 +55,7 @@ class ObjectInfo:
 
 def read_objects(workdir: Path, crop_size: int) -> dict[int, ObjectInfo]:
     """ann_id -> :class:`ObjectInfo` from the run's ``instances.parquet``."""
-    table = pq.read_table(Path(workdir) / "instances.parquet",
+    table = pq.read_table(RunFolder(workdir).instances,
                           columns=["ann_id", "file_name", "crop_box", "width", "height", "extreme_points"])
     return {
         int(r["ann_id"]): ObjectInfo(str(r["file_name"]), CropWindow(*map(int, r["crop_box"]), size=crop_size),
@@ -91,7 +91,7 @@ class ClickPredictor:
         if int(encoder.img_size) != int(payload["crop_size"]):
             raise ValueError(f"encoder crop size {encoder.img_size} != click model's {payload['crop_size']}")
         objects = read_objects(workdir, int(encoder.img_size))
-        return cls(decoder, encoder, objects, run_images_dir(workdir), device)
+        return cls(decoder, encoder, objects, RunFolder(workdir).images_dir(), device)
 
     def _info(self, ann_id: int) -> ObjectInfo:
         try:

@@ -20,10 +20,10 @@ import cv2
 import numpy as np
 
 from exits.grabcut import ensure_background, is_foreground, run_grabcut
+from exits.run_folder import RunFolder
 from exits.spotfix.catalog import RunCatalog
 
 Click = tuple[float, float, bool]
-CLICK_MODEL_DIR = "click_model"
 EDITORS = ("auto", "clicks", "grabcut")
 # The editor that wins the click counts from the pseudo mask (NoC@85, NoC@90, NoF@90; mean of 3 seeds) in
 # bench/bench_clicks.py on the demo run. Issue 11: the click model wins NoC@85 (5.15 vs 6.45) and
@@ -168,8 +168,8 @@ def resolve_editor(kind: str, workdir: str | Path) -> tuple[str, str]:
     winner is the click model and WORKDIR has none; other kinds as given."""
     if kind != "auto":
         return kind, "chosen with --editor"
-    if BENCHMARK_WINNER == "clicks" and not (Path(workdir) / CLICK_MODEL_DIR / "model.pt").is_file():
-        return "grabcut", (f"the benchmark winner is the click model, but {Path(workdir) / CLICK_MODEL_DIR} has none "
+    if BENCHMARK_WINNER == "clicks" and not RunFolder(workdir).click_model.is_file():
+        return "grabcut", (f"the benchmark winner is the click model, but {RunFolder(workdir).click_model_dir} has none "
                            f"(run `exits train-clicks --workdir {workdir}`)")
     return BENCHMARK_WINNER, "the winner of bench/bench_clicks.py, see docs/benchmarks.md; --editor clicks for the click model"
 
@@ -188,8 +188,8 @@ def load_editor(kind: str, workdir: str | Path, catalog: RunCatalog, device: str
         return GrabCutEditor(catalog)
     if kind != "clicks":
         raise EditorUnavailable(f"unknown editor {kind!r}: choose auto, clicks or grabcut")
-    missing = f"no click model in {workdir / CLICK_MODEL_DIR}; run `exits train-clicks --workdir {workdir}`"
-    if not (workdir / CLICK_MODEL_DIR).exists():
+    missing = f"no click model in {RunFolder(workdir).click_model_dir}; run `exits train-clicks --workdir {workdir}`"
+    if not RunFolder(workdir).click_model_dir.exists():
         raise EditorUnavailable(missing + " (or use --editor grabcut)")
     try:
         from exits.interactive.predictor import ClickPredictor
