@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from exits.run_folder import RunFolder  # noqa: E402
 from exits.config import load_config  # noqa: E402
 from exits.data.instances_table import read_instances_table  # noqa: E402
 from exits.io import write_json  # noqa: E402
@@ -53,16 +54,16 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="names of GRID to run (default all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    run_info = json.loads((args.run / "run.json").read_text())
-    base = load_config(str(args.run / "config.yaml"))
+    run_info = json.loads(RunFolder(args.run).run_meta.read_text())
+    base = load_config(str(RunFolder(args.run).config))
     images, gt = Path(run_info["images"]), Path(run_info["annotations"])
-    dataset = ObjectCropDataset(read_instances_table(args.run / "instances.parquet"), images, base.data.crop_size)
-    model = load_mask_model(args.run / "similarity" / "model.pt")
+    dataset = ObjectCropDataset(read_instances_table(RunFolder(args.run).instances), images, base.data.crop_size)
+    model = load_mask_model(RunFolder(args.run).similarity)
     results = {}
     for name, overrides in GRID.items():
         if args.only and name not in args.only:
             continue
-        cfg = load_config(str(args.run / "config.yaml"), overrides)
+        cfg = load_config(str(RunFolder(args.run).config), overrides)
         table = retrieve_dataset_points(model, dataset, retrieval_params(cfg), torch.device("cpu"), progress=False)
         stats = patch_stats(args.run, gt, base.data.crop_size, points=table)
         results[name] = {"overrides": overrides, **stats, "counts": {k: round(v, 4) for k, v in retrieval_stats(table).items()}}

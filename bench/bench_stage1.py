@@ -39,6 +39,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from exits.run_folder import RunFolder  # noqa: E402
 from exits.baselines import DENSE_PEER_PARAMS, box_mask_full, dense_crf_box_mask, grabcut_mask  # noqa: E402
 from exits.config import load_config  # noqa: E402
 from exits.data.instances_table import read_instances_table, table_windows  # noqa: E402
@@ -59,7 +60,7 @@ PEERS = ("box", "grabcut", "densecrf")
 
 
 def baseline_masks(workdir: Path, images: Path, kind: str) -> tuple[dict[int, dict], float]:
-    table = read_instances_table(workdir / "instances.parquet")
+    table = read_instances_table(RunFolder(workdir).instances)
     cols = table.to_pydict()
     windows = table_windows(table, 96)
     out, cache = {}, {}
@@ -99,7 +100,7 @@ def ensure_split(split: str) -> Path:
 
 def trained_run(name: str, extra: list[str], seed: int, data: Path, runs: Path, args: argparse.Namespace) -> dict:
     workdir = runs / f"{name}_s{seed}"
-    done = workdir / "run_summary.json"
+    done = RunFolder(workdir).run_summary
     first = workdir / "run_summary_first.json"  # timings of the run that trained the models
     if args.refresh_pseudo and done.exists():
         # Trained stages resume from their finished checkpoints (no training); retrieval,
@@ -126,10 +127,10 @@ def trained_run(name: str, extra: list[str], seed: int, data: Path, runs: Path, 
         t0 = time.perf_counter()
         res = run_pipeline(data / "images", data / "instances.json", workdir, cfg, progress=False)
         total = time.perf_counter() - t0
-    summary = json.loads((workdir / "report" / "summary.json").read_text())
+    summary = json.loads((RunFolder(workdir).report_dir / "summary.json").read_text())
     out = {**summarize(summary), "seed": seed, "seconds_total": round(total, 1), "seconds": res["seconds"]}
-    if (workdir / "points.parquet").exists():
-        out["retrieval"] = {k: round(v, 4) for k, v in retrieval_stats(read_points(workdir / "points.parquet")).items()}
+    if RunFolder(workdir).points.exists():
+        out["retrieval"] = {k: round(v, 4) for k, v in retrieval_stats(read_points(RunFolder(workdir).points)).items()}
     return out
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from exits.run_folder import RunFolder  # noqa: E402
 from exits.data.crops import crop_mask  # noqa: E402
 from exits.data.instances_table import read_instances_table, table_windows  # noqa: E402
 from exits.eval import count_parts, load_gt_masks  # noqa: E402
@@ -30,8 +31,8 @@ from exits.stages.point_retrieval import read_points  # noqa: E402
 def patch_stats(run: Path, gt_path: Path, crop_size: int, points=None) -> dict:
     """Patch-level precision/recall of the run's points.parquet (or of ``points``, a table
     of the same schema in instances order)."""
-    table = read_instances_table(run / "instances.parquet")
-    points = read_points(run / "points.parquet") if points is None else points
+    table = read_instances_table(RunFolder(run).instances)
+    points = read_points(RunFolder(run).points) if points is None else points
     windows = table_windows(table, crop_size)
     gt = load_gt_masks(gt_path)
     parts = count_parts(gt)
@@ -71,7 +72,7 @@ def main() -> None:
     ap.add_argument("--gt", type=Path)
     ap.add_argument("--crop-size", type=int, default=96)
     args = ap.parse_args()
-    gt = args.gt or Path(json.loads((args.run / "run.json").read_text())["annotations"])
+    gt = args.gt or RunFolder(args.run).read_meta().annotations
     print(json.dumps(patch_stats(args.run, gt, args.crop_size), indent=1))
 
 

@@ -20,6 +20,7 @@ from prefect import flow
 from exits.config import ExitsConfig
 from exits.io import write_json
 from exits.pipeline import write_run_files
+from exits.run_folder import RunFolder
 from flows.detector import train_detector_flow
 from flows.generator import train_generator_flow
 from flows.prepare import prepare_instances_flow
@@ -86,7 +87,7 @@ def exits_pipeline(images: str, annotations: str, workdir: str, config: dict[str
             result["detector"] = detector["metrics"]
     result["tasks"] = count_states(tasks)
     result["task_states"] = tasks
-    write_json(Path(workdir) / "run_summary.json", result, indent=1)
+    write_json(RunFolder(workdir).run_summary, result, indent=1)
     return result
 
 
