@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 from exits.data.crops import CropWindow, crop_window
 from exits.data.records import ObjectRecord, PointDataset
 from exits.io import atomic_path
+from exits.parquet_rows import ROW_GROUP_ROWS, read_rows
 
 # Row-group size of the run's dataset-wide tables (instances.parquet, points.parquet): a shard
 # reads only the row groups that hold its rows (a few MB), never the whole table.
-ROW_GROUP_ROWS = 8192
 
 SCHEMA = pa.schema(
     [
@@ -72,8 +72,6 @@ def read_instances_table(path: str | Path) -> pa.Table:
 def read_instances_rows(path: str | Path, start: int, stop: int) -> pa.Table:
     """Rows ``[start, stop)`` of the instances table (a shard), reading only the row groups
     that hold them: memory and time independent of the table's length."""
-    from exits.stages.shards import read_rows
-
     return _conform(read_rows(path, start, stop), path)
 
 

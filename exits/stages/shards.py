@@ -14,20 +14,20 @@ file left by a run with other inputs or settings is never taken for a current on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from exits.io import atomic_path
+from exits.parquet_rows import ROW_GROUP_ROWS, read_rows, write_table_streaming
 from exits.run_folder import SHARDS_DIR as SHARD_DIR
 from exits.run_folder import RunFolder
+
 KEY_METADATA = b"exits_shard_key"
 
 __all__ = ["SHARD_DIR", "ROW_GROUP_ROWS", "shard_ranges", "shard_path", "write_shard", "shard_key", "read_shards",
            "read_rows", "write_table_streaming"]
-
-from exits.data.instances_table import ROW_GROUP_ROWS  # noqa: E402 - one constant for both tables
 
 
 def shard_ranges(num_rows: int, shard_size: int) -> list[tuple[int, int]]:
@@ -83,54 +83,6 @@ def read_shards(paths: Sequence[str | Path], schema: pa.Schema, optional: Sequen
                 t = t.append_column(name, pa.nulls(t.num_rows, schema.field(name).type))
         tables.append(t.replace_schema_metadata(None).select(schema.names).cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def read_rows(path: str | Path, start: int, stop: int, columns: Sequence[str] | None = None) -> pa.Table:
-    """Rows ``[start, stop)`` of a Parquet file, reading only the row groups that hold them.
-
-    Memory and time are those of the touched row groups (``ROW_GROUP_ROWS`` rows each in the
-    files this project writes), independent of the table's length.
-
-    Raises:
-        ValueError: the range is not inside the table (names the file).
-    """
-    pf = pq.ParquetFile(path)
-    md = pf.metadata
-    if not 0 <= start <= stop <= md.num_rows:
-        raise ValueError(f"{path}: rows [{start}, {stop}) are outside its {md.num_rows} rows")
-    groups, first, offset = [], None, 0
-    for g in range(md.num_row_groups):
-        n = md.row_group(g).num_rows
-        if offset < stop and offset + n > start:
-            groups.append(g)
-            first = offset if first is None else first
-        offset += n
-    if not groups:
-        return pf.schema_arrow.empty_table() if columns is None else pf.schema_arrow.empty_table().select(list(columns))
-    table = pf.read_row_groups(groups, columns=list(columns) if columns is not None else None)
-    return table.slice(start - first, stop - start)
-
-
-def write_table_streaming(tables: Iterable[pa.Table], path: str | Path, schema: pa.Schema,
-                          row_group_rows: int = ROW_GROUP_ROWS) -> int:
-    """Write tables one after another into one Parquet file (atomically), in row groups of
-    ``row_group_rows``; holds at most about one row group in memory. Returns the row count."""
-    rows = 0
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        pending: list[pa.Table] = []
-        held = 0
-        for t in tables:
-            pending.append(t.cast(schema))
-            held += t.num_rows
-            if held >= row_group_rows:
-                batch = pa.concat_tables(pending)
-                cut = (held // row_group_rows) * row_group_rows
-                writer.write_table(batch.slice(0, cut), row_group_size=row_group_rows)
-                pending, held = [batch.slice(cut)], held - cut
-            rows += t.num_rows
-        if held:
-            writer.write_table(pa.concat_tables(pending), row_group_size=row_group_rows)
-    return rows
 
 
 def iter_shards(paths: Sequence[str | Path], schema: pa.Schema, optional: Sequence[str] = ()) -> Iterator[pa.Table]:
