@@ -11,7 +11,7 @@ N = 32 (n = 1024 patches) and the demo grid N = 12 (n = 144):
   * total / total_naive sinkhorn + walk  vs  sinkhorn + walk_matrix_power
   * retrieve_defaults   retrieve_points with library defaults (early-stopping Sinkhorn)
   * before / after / naive (per object, one run, back to back): the full retrieval
-      before: the pre-issue-12 Sinkhorn (bench/reference/sinkhorn_before.py, 50 iterations,
+      before: the pre-issue-12 Sinkhorn (from git history, BEFORE_REV, 50 iterations,
               column-vector products) + transition_matrix + the batched walk
       after:  retrieve_points' path: sinkhorn_transition (tol 1e-3, omega 1.5) + the walk
       naive:  textbook log-domain Sinkhorn (50 iterations) + matrix_power walk per object
@@ -31,8 +31,29 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference.sinkhorn_before import sinkhorn as sinkhorn_before  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# "before": the Sinkhorn of exits/propagation/sinkhorn.py before issue 12 (column-vector
+# products, no over-relaxation), taken from git history rather than kept as a second copy.
+BEFORE_REV = "0315ab6^"
+
+
+def load_sinkhorn_before() -> Callable:
+    """``sinkhorn`` of ``exits/propagation/sinkhorn.py`` at ``BEFORE_REV`` (needs the git history)."""
+    import subprocess
+    import types
+
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{BEFORE_REV}:exits/propagation/sinkhorn.py"],
+                            capture_output=True, text=True)
+    if source.returncode != 0:
+        raise SystemExit(f"bench_retrieval: the 'before' column needs git history ({BEFORE_REV}): "
+                         f"{source.stderr.strip()} (a shallow clone? run `git fetch --unshallow`)")
+    module = types.ModuleType("sinkhorn_before")
+    exec(compile(source.stdout, f"{BEFORE_REV}:exits/propagation/sinkhorn.py", "exec"), module.__dict__)
+    return module.sinkhorn
+
+
+sinkhorn_before = load_sinkhorn_before()
 
 from exits.io import write_json  # noqa: E402
 from exits.propagation import (  # noqa: E402
