@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from detectors import DetectorConfig, get_backend  # noqa: E402
 from detectors.evaluation import evaluate  # noqa: E402
+from exits.run_folder import RunFolder  # noqa: E402
 from exits.baselines import box_mask_full  # noqa: E402
 from exits.demo import generate_demo_dataset  # noqa: E402
 from exits.io import write_json  # noqa: E402
@@ -107,7 +108,7 @@ def run_variant(variant: str, args: argparse.Namespace, cfg: DetectorConfig) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "demo")
-    ap.add_argument("--pseudo", type=Path, default=ROOT / "runs" / "bench_stage1" / "exits" / "pseudo_labels.json")
+    ap.add_argument("--pseudo", type=Path, default=RunFolder(ROOT / "runs" / "bench_stage1" / "exits").pseudo_json)
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_detector_ap")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "detector_ap.json")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
