@@ -122,6 +122,36 @@ def test_streaming_merge_is_byte_identical_to_in_memory_merge_on_demo_data(demo_
     assert json.loads(out.schema.metadata[b"exits_categories"]) == {str(c["id"]): c["name"] for c in data["categories"]}
 
 
+def test_streaming_merge_of_reordered_shards_and_repeated_ids_matches_reference(demo_json, tmp_path, monkeypatch):
+    """Shards out of json order take the fallback Parquet path; a repeated id keeps its last
+    row (dict semantics of the reference); small row groups are written across shards."""
+    from exits.stages import pseudo_label_files
+
+    monkeypatch.setattr(pseudo_label_files, "ROW_GROUP_ROWS", 7)
+    shards = _gt_shards(demo_json, tmp_path / "shards", 4)
+    table = pa.concat_tables([pq.read_table(p) for p in shards])
+    expected = _old_merge_bytes(demo_json, table)
+    in_order = merge_pseudo_labels(shards, demo_json, tmp_path / "a")
+    assert in_order["json"].read_bytes() == expected
+    meta = pq.ParquetFile(in_order["parquet"]).metadata
+    groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    assert groups[:-1] == [7] * (len(groups) - 1) and 1 <= groups[-1] <= 7 and sum(groups) == table.num_rows
+    reordered = merge_pseudo_labels(shards[::-1], demo_json, tmp_path / "b")
+    assert reordered["json"].read_bytes() == expected
+    a, b = pq.read_table(in_order["parquet"]), pq.read_table(reordered["parquet"])
+    assert b.column("ann_id").to_pylist() == a.column("ann_id").to_pylist()
+    assert b.column("rle_counts").to_pylist() == a.column("rle_counts").to_pylist()
+    # the first shard again, with other scores, after the rest: its rows win
+    first = pq.read_table(shards[0])
+    dup = write_shard(first.set_column(first.column_names.index("score"), "score",
+                                       pa.array(np.full(first.num_rows, 0.25, np.float32))),
+                      tmp_path / "shards" / "dup.parquet", key="k")
+    merged = json.loads(merge_pseudo_labels([*shards, dup], demo_json, tmp_path / "c")["json"].read_bytes())
+    ids = set(first.column("ann_id").to_pylist())
+    assert {a["score"] for a in merged["annotations"] if a["id"] in ids} == {0.25}
+    assert len(merged["annotations"]) == len(json.loads(expected)["annotations"])
+
+
 def test_streaming_merge_handles_info_absent_pretty_input_and_unicode(tmp_path, tiny_coco):
     data = json.loads(tiny_coco.read_text())
     data["categories"][0]["name"] = "caf\u00e9 \u2603"

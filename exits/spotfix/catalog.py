@@ -263,7 +263,7 @@ def _columns_from_parquet(run: RunFolder) -> tuple[dict[int, ImageInfo], _Object
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from exits.stages.pseudo_labels import CATEGORIES_METADATA
+    from exits.stages.pseudo_label_files import CATEGORIES_METADATA
 
     pseudo_path, inst_path = run.pseudo_parquet, run.instances
     if not (pseudo_path.is_file() and inst_path.is_file()):

@@ -21,8 +21,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -33,9 +31,8 @@ from exits.eval.rle import encode_rle_json as encode_rle
 from exits.eval.separated import count_parts_rle
 from exits.crf import crf_refine
 from exits.data.crops import paste_mask
-from exits.io import atomic_open, atomic_path
-from exits.run_folder import RunFolder
-from exits.stages.shards import read_shards
+from exits.stages.pseudo_label_files import write_pseudo_label_files
+from exits.stages.shards import ShardTables
 
 log = logging.getLogger(__name__)
 
@@ -175,100 +172,6 @@ def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float
     return pa.table(cols, schema=PSEUDO_SCHEMA)
 
 
-PSEUDO_INFO = "EXITS pseudo masks (segmentation replaced; score = mask confidence)"
-# Key of pseudo_labels.parquet's schema metadata: the input json's {category id: name}, so the
-# spot-fix catalog and the report never have to parse the json for them.
-CATEGORIES_METADATA = b"exits_categories"
-
-
-class _MergeColumns:
-    """The per-object columns the json needs, held as numpy arrays + one list of RLE strings
-    (about 0.3 KB per object instead of a Python dict per row)."""
-
-    def __init__(self, table: pa.Table):
-        self.row_of = {int(a): i for i, a in enumerate(table.column("ann_id").to_numpy())}
-        self.height = table.column("height").to_numpy()
-        self.width = table.column("width").to_numpy()
-        self.area = table.column("area").to_numpy()
-        self.score = table.column("score").to_numpy()
-        self.counts = table.column("rle_counts").to_pylist()
-        self.parts = (pc.fill_null(table.column("num_parts"), -1).to_numpy(zero_copy_only=False)
-                      if "num_parts" in table.column_names else None)
-
-    def annotation(self, ann: dict, i: int) -> dict:
-        rle = {"size": [int(self.height[i]), int(self.width[i])], "counts": self.counts[i]}
-        # num_parts is recounted on the pseudo mask (in the shard, or here for shards written
-        # before it was stored): an input json may carry a count made from its GT masks (the
-        # demo data does), which must not travel with pseudo labels.
-        parts = int(self.parts[i]) if self.parts is not None and self.parts[i] >= 0 else count_parts_rle(rle)
-        return dict(ann, segmentation=rle, area=float(self.area[i]), score=round(float(self.score[i]), 5), num_parts=parts)
-
-
-def write_pseudo_label_files(annotations_json: Path, table: pa.Table, workdir: Path) -> dict[str, Path]:
-    """``pseudo_labels.json`` (input json, segmentation -> pseudo RLE, + score, num_parts of the
-    pseudo mask; objects with no pseudo mask, i.e. rejected records, are left out) and
-    ``pseudo_labels.parquet`` (the same objects, in the json's order) from a ``PSEUDO_SCHEMA``
-    table.
-
-    Streaming: the input json is read one top-level key, and one annotation, at a time
-    (:mod:`exits.json_stream`) and the output written as it goes, so memory holds the
-    table's columns and one annotation, never the whole json. The bytes are those of
-    ``json.dump`` of the merged dict (:func:`merge_pseudo_labels_in_memory`, tested equal).
-    """
-    from exits.json_stream import iter_top_level
-
-    cols = _MergeColumns(table)
-    run = RunFolder(workdir)
-    order: list[int] = []
-    categories: dict[int, str] = {}
-    with open(annotations_json, encoding="utf-8") as src, atomic_open(run.pseudo_json) as out:
-        out.write("{")
-        first, saw_info = True, False
-        for key, value in iter_top_level(src, stream="annotations", source=str(annotations_json)):
-            out.write(("" if first else ", ") + json.dumps(key) + ": ")
-            first = False
-            if key == "annotations":
-                out.write("[")
-                n = 0
-                for ann in value:
-                    i = cols.row_of.get(ann.get("id")) if isinstance(ann, dict) else None
-                    if i is None:
-                        continue
-                    out.write((", " if n else "") + json.dumps(cols.annotation(ann, i)))
-                    order.append(i)
-                    n += 1
-                out.write("]")
-                continue
-            if key == "info":
-                value["pseudo_labels"] = PSEUDO_INFO
-                saw_info = True
-            elif key == "categories" and isinstance(value, list):
-                categories = {int(c["id"]): str(c.get("name", c["id"])) for c in value if isinstance(c, dict) and "id" in c}
-            out.write(json.dumps(value))
-        if not saw_info:
-            out.write(("" if first else ", ") + '"info": ' + json.dumps({"pseudo_labels": PSEUDO_INFO}))
-        out.write("}")
-    json_path = run.pseudo_json
-    pq_path = run.pseudo_parquet
-    meta = {CATEGORIES_METADATA: json.dumps(categories).encode()}
-    with atomic_path(pq_path) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta).take(order), tmp)
-    log.info("pseudo labels: %d objects -> %s", len(order), json_path)
-    return {"json": json_path, "parquet": pq_path}
-
-
-def merge_pseudo_labels_in_memory(annotations_json: Path, table: pa.Table) -> dict[str, Any]:
-    """Reference merge: the whole input json as a dict, annotations replaced (what
-    :func:`write_pseudo_label_files` streams; kept for tests and small inputs)."""
-    with open(annotations_json, encoding="utf-8") as fh:
-        data = json.load(fh)
-    cols = _MergeColumns(table)
-    data["annotations"] = [cols.annotation(ann, cols.row_of[ann.get("id")]) for ann in data["annotations"]
-                           if cols.row_of.get(ann.get("id")) is not None]
-    data.setdefault("info", {})["pseudo_labels"] = PSEUDO_INFO
-    return data
-
-
 def write_pseudo_labels(annotations_json: Path, rows: list[dict], scores: dict[int, dict[str, float]],
                         workdir: Path) -> dict[str, Path]:
     """:func:`write_pseudo_label_files` from pasted rows and scores (ids/categories from the json)."""
@@ -276,10 +179,10 @@ def write_pseudo_labels(annotations_json: Path, rows: list[dict], scores: dict[i
         meta = {a["id"]: (a["image_id"], a["category_id"]) for a in json.load(fh)["annotations"] if "id" in a}
     rows = [r for r in rows if r["ann_id"] in meta]
     table = pseudo_label_table(rows, scores, [meta[r["ann_id"]][0] for r in rows], [meta[r["ann_id"]][1] for r in rows])
-    return write_pseudo_label_files(annotations_json, table, workdir)
+    return write_pseudo_label_files(annotations_json, [table], workdir, PSEUDO_SCHEMA)
 
 
 def merge_pseudo_labels(shards: list[Path], annotations_json: Path, workdir: Path) -> dict[str, Path]:
-    """Concatenate pseudo-label shards (in order) and write the run's pseudo_labels.json / .parquet."""
-    return write_pseudo_label_files(annotations_json, read_shards(shards, PSEUDO_SCHEMA, optional=OPTIONAL_COLUMNS),
-                                    workdir)
+    """Pseudo-label shards (in order, read one at a time) -> the run's pseudo_labels.json / .parquet."""
+    return write_pseudo_label_files(annotations_json, ShardTables(shards, PSEUDO_SCHEMA, optional=OPTIONAL_COLUMNS),
+                                    workdir, PSEUDO_SCHEMA)

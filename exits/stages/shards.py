@@ -85,6 +85,20 @@ def read_shards(paths: Sequence[str | Path], schema: pa.Schema, optional: Sequen
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
+class ShardTables:
+    """Shard files as a re-iterable sequence of tables: each pass reads them again, one at a
+    time (:func:`iter_shards`), so a consumer that needs two passes never holds them all."""
+
+    def __init__(self, paths: Sequence[str | Path], schema: pa.Schema, optional: Sequence[str] = ()):
+        self.paths, self.schema, self.optional = list(paths), schema, tuple(optional)
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        return iter_shards(self.paths, self.schema, self.optional)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
 def iter_shards(paths: Sequence[str | Path], schema: pa.Schema, optional: Sequence[str] = ()) -> Iterator[pa.Table]:
     """:func:`read_shards`, one shard at a time."""
     for p in paths:
