@@ -1,5 +1,10 @@
 """EXITS stage 1b: point retrieval by random walks on a Sinkhorn-normalised attention graph."""
-from exits.propagation.random_walk import random_walk_scores, random_walk_scores_reference, seed_distribution
+from exits.propagation.random_walk import (
+    factored_walk_scores,
+    random_walk_scores,
+    random_walk_scores_reference,
+    seed_distribution,
+)
 from exits.propagation.retrieval import (
     DEFAULT_ALPHA,
     DEFAULT_SINKHORN_ITERS,
@@ -18,7 +23,14 @@ from exits.propagation.seeds import (
     patch_index_of_points,
     seed_masks,
 )
-from exits.propagation.sinkhorn import marginal_error, sinkhorn, sinkhorn_transition, transition_matrix
+from exits.propagation.sinkhorn import (
+    SinkhornScaling,
+    marginal_error,
+    sinkhorn,
+    sinkhorn_scaling,
+    sinkhorn_transition,
+    transition_matrix,
+)
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -27,7 +39,9 @@ __all__ = [
     "DEFAULT_TAU_FG",
     "Retrieval",
     "SeedMasks",
+    "SinkhornScaling",
     "box_overlap_mask",
+    "factored_walk_scores",
     "label_points",
     "marginal_error",
     "move_points_inwards",
@@ -40,6 +54,7 @@ __all__ = [
     "seed_distribution",
     "seed_masks",
     "sinkhorn",
+    "sinkhorn_scaling",
     "sinkhorn_transition",
     "transition_matrix",
 ]

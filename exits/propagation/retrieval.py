@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from exits.propagation.random_walk import random_walk_scores
+from exits.propagation.random_walk import factored_walk_scores
 from exits.propagation.seeds import SeedMasks
-from exits.propagation.sinkhorn import sinkhorn_transition
+from exits.propagation.sinkhorn import sinkhorn_scaling
 
 # Defaults (see docs in retrieve_points).
 DEFAULT_ALPHA = 5
@@ -91,14 +91,15 @@ def propagation_scores(
 ) -> tuple[Tensor, Tensor]:
     """pi_f, pi_b (each (B, n)) from similarity S (B, n, n) and seed masks fg, bg (B, n).
 
-    T = (A + A^T)/2 with A = Sinkhorn(S); both walks run in one batched matmul per step.
+    T = (A + A^T)/2 with A = Sinkhorn(S) = diag(u) K diag(v); the walks run on K, u, v
+    (``factored_walk_scores``), T is never formed.
     """
     if S.dim() != 3:
         raise ValueError(f"S must be (B, n, n), got shape {tuple(S.shape)}")
     if fg.shape != S.shape[:2] or bg.shape != S.shape[:2]:
         raise ValueError(f"seed masks {tuple(fg.shape)}, {tuple(bg.shape)} do not fit S {tuple(S.shape)}")
-    T = sinkhorn_transition(S, iters=sinkhorn_iters, eps=sinkhorn_eps, tol=sinkhorn_tol, omega=DEFAULT_SINKHORN_OMEGA)
-    pi = random_walk_scores(T, torch.stack([fg, bg], dim=1).to(S.device), alpha)  # (B, 2, n)
+    scaling = sinkhorn_scaling(S, iters=sinkhorn_iters, eps=sinkhorn_eps, tol=sinkhorn_tol, omega=DEFAULT_SINKHORN_OMEGA)
+    pi = factored_walk_scores(scaling, torch.stack([fg, bg], dim=1).to(S.device), alpha)  # (B, 2, n)
     return pi[:, 0], pi[:, 1]
 
 

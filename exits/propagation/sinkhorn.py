@@ -8,6 +8,7 @@ symmetric, doubly stochastic transition matrix for the random walk:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -58,10 +59,12 @@ def sinkhorn(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = 
     updates above run on it, and whenever u or v leaves [1e-4, 1e4] they are absorbed
     (a += log u, b += log v, u = v = 1, K recomputed). This is exactly the log-domain
     Sinkhorn, but an iteration costs two batched vector-matrix products instead of two n^2
-    logsumexps. Both products are row-vector times matrix, (B, 1, n) @ (B, n, n): K v is
-    taken as v^T K^T from a contiguous copy of K^T, because a matrix times a column vector,
-    (B, n, n) @ (B, n, 1), runs several times slower on CPU (a different BLAS path). The
-    loop is memory-bound: one iteration reads K twice (2 x 4 n^2 bytes in float32).
+    logsumexps. On CPU K^T u is the row-vector product u^T K, (B, 1, n) @ (B, n, n), and K v
+    one gemv per matrix (:func:`batched_matvec`): the batched column-vector product
+    (B, n, n) @ (B, n, 1) runs ~2x slower there, and a contiguous copy of K^T (the earlier
+    way to put K v on the row-vector path) cost ~15 products' time (a strided transpose of
+    B n^2 floats). The loop is memory-bound: one iteration reads K twice (2 x 4 n^2 bytes in
+    float32), and K is the only (B, n, n) tensor it allocates.
     A is invariant to scaling S by a constant; S with entries near float max is rescaled.
 
     Args:
@@ -82,42 +85,69 @@ def sinkhorn(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = 
     """
     if S.dim() == 2:
         return sinkhorn(S.unsqueeze(0), iters=iters, eps=eps, tol=tol, omega=omega).squeeze(0)
-    K, _, u, v, out_dtype = _sinkhorn_scalings(S, iters, eps, tol, omega)
-    return (K * u.unsqueeze(-1) * v.unsqueeze(-2)).to(out_dtype)
+    sc = sinkhorn_scaling(S, iters=iters, eps=eps, tol=tol, omega=omega)
+    return sc.matrix().to(S.dtype)
 
 
 def sinkhorn_transition(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = None,
                         omega: float = 1.0) -> Tensor:
-    """T = (A + A^T) / 2 with A = Sinkhorn(S) (:func:`sinkhorn`, same arguments), in one go.
+    """T = (A + A^T) / 2 with A = Sinkhorn(S) (:func:`sinkhorn`, same arguments), formed.
 
-    With A = diag(u) K diag(v):  T_ij = (u_i K_ij v_j + v_i K_ji u_j) / 2, formed from K and
-    the contiguous copy of K^T the iteration keeps anyway, so no strided transpose of A is
-    read; under ``torch.no_grad`` K and K^T are scaled in place (no (B, n, n) allocations).
-    Equals ``transition_matrix(sinkhorn(S, ...))`` to float rounding.
-
+    Point retrieval never forms T (``exits.propagation.random_walk.factored_walk_scores``
+    walks on K, u, v); this is the reference and the API for callers that need T itself.
     Shapes: S (n, n) or (B, n, n) -> T of the same shape and dtype.
     """
     if S.dim() == 2:
         return sinkhorn_transition(S.unsqueeze(0), iters=iters, eps=eps, tol=tol, omega=omega).squeeze(0)
-    K, KT, u, v, out_dtype = _sinkhorn_scalings(S, iters, eps, tol, omega)
-    half_u = 0.5 * u
-    if torch.is_grad_enabled() and (S.requires_grad or K.requires_grad):
-        T = K * half_u.unsqueeze(-1) * v.unsqueeze(-2) + KT * v.unsqueeze(-1) * half_u.unsqueeze(-2)
-    else:
-        T = K.mul_(half_u.unsqueeze(-1)).mul_(v.unsqueeze(-2))
-        T.add_(KT.mul_(v.unsqueeze(-1)).mul_(half_u.unsqueeze(-2)))
-    return T.to(out_dtype)
+    return transition_matrix(sinkhorn_scaling(S, iters=iters, eps=eps, tol=tol, omega=omega).matrix()).to(S.dtype)
+
+
+@dataclass(frozen=True)
+class SinkhornScaling:
+    """The doubly stochastic A = diag(u) K diag(v) as its factors (A itself never formed).
+
+    K: (B, n, n) positive (S floored and rescaled by the log potentials, see :func:`sinkhorn`);
+    u, v: (B, n) row and column scalings; all float32 or float64.
+    """
+
+    K: Tensor
+    u: Tensor
+    v: Tensor
+
+    def matrix(self) -> Tensor:
+        """A = diag(u) K diag(v), (B, n, n)."""
+        return self.K * self.u.unsqueeze(-1) * self.v.unsqueeze(-2)
+
+
+def batched_matvec(K: Tensor, x: Tensor) -> Tensor:
+    """K x per matrix: K (B, n, n), x (B, n) -> (B, n).
+
+    On CPU one ``torch.mv`` (BLAS gemv) per matrix: ~2x faster there than the batched
+    (B, n, n) @ (B, n, 1) product, which goes through a generic bmm path; elsewhere the
+    batched product (one kernel launch instead of B).
+    """
+    if K.device.type == "cpu":
+        return torch.stack([torch.mv(K[b], x[b]) for b in range(K.shape[0])]) if K.shape[0] else x.clone()
+    return torch.matmul(K, x.unsqueeze(-1)).squeeze(-1)
+
+
+def sinkhorn_scaling(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = None,
+                     omega: float = 1.0) -> SinkhornScaling:
+    """The iteration of :func:`sinkhorn` (same arguments), S (B, n, n): its factors K, u, v."""
+    if S.dim() != 3:
+        raise ValueError(f"S must be (B, n, n), got shape {tuple(S.shape)}")
+    K, u, v = _sinkhorn_scalings(S, iters, eps, tol, omega)
+    return SinkhornScaling(K, u, v)
 
 
 def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
-                       omega: float) -> tuple[Tensor, Tensor, Tensor, Tensor, torch.dtype]:
-    """The iteration of :func:`sinkhorn`: (K, K^T contiguous, u, v, S's dtype), A = diag(u) K diag(v)."""
+                       omega: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(K, u, v) with A = diag(u) K diag(v); see :func:`sinkhorn`."""
     _check_similarity(S)
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     if not 1.0 <= omega < 2.0:
         raise ValueError(f"omega must be in [1, 2), got {omega}")
-    out_dtype = S.dtype
     work = S if S.dtype in (torch.float32, torch.float64) else S.float()
     n = work.shape[-1]
     total = work.sum(dim=(-2, -1))
@@ -129,12 +159,11 @@ def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
     floor = (total * (eps / (n * n))).clamp_min(tiny)[:, None, None]
     K = torch.maximum(work, floor)
     # K == exp(log S' + a_i + b_j) throughout, S' = max(S, floor), a and b the row and
-    # column log potentials. The first row normalisation is done in the linear domain;
-    # log S' is only formed if scalings ever need absorbing (saves passes over B n^2).
-    row_sum = K.sum(dim=-1)
-    K = K / row_sum.unsqueeze(-1)
-    KT = K.transpose(-1, -2).contiguous()  # K v = v^T K^T on the fast (row-vector) path
-    log_a = -row_sum.log()
+    # column log potentials (0 until scalings are absorbed). log S' is only formed if
+    # scalings ever need absorbing (saves passes over B n^2). The first row update is
+    # plain (u = 1 / row sums, omega not applied): the row normalisation of S, kept in u
+    # instead of a pass that rewrites K.
+    log_a = torch.zeros(work.shape[:2], dtype=work.dtype, device=work.device)
     log_s: Tensor | None = None
     log_b = torch.zeros_like(log_a)
     u = torch.ones_like(log_a)
@@ -148,7 +177,7 @@ def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
     col_err = torch.zeros_like(best_err)
     log_limit = math.log(_ABSORB_AT)
     for it in range(iters):
-        Kv = torch.matmul(v.unsqueeze(-2), KT).squeeze(-2)  # row sums of K diag(v)
+        Kv = batched_matvec(K, v)  # row sums of K diag(v)
         if (tol is not None or relaxed) and it > 0:
             # current row error (exact: u K v); relaxed, the columns are not exact either
             err = (u * Kv - 1.0).abs().amax(dim=-1)
@@ -159,12 +188,12 @@ def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
             if relaxed:
                 w = torch.where((err > 2.0 * best_err).unsqueeze(-1), torch.ones_like(w), w)
                 best_err = torch.minimum(best_err, err)
-        if relaxed:
+        if relaxed and it > 0:
             u_new = u * (u * Kv).reciprocal().pow(w)
         else:
             u_new = 1.0 / Kv
         u = torch.where(active.unsqueeze(-1), u_new, u)
-        Ktu = torch.matmul(u.unsqueeze(-2), K).squeeze(-2)  # K^T u
+        Ktu = torch.matmul(u.unsqueeze(-2), K).squeeze(-2)  # K^T u, row-vector product
         v_new = v * (v * Ktu).reciprocal().pow(w) if relaxed else 1.0 / Ktu
         v = torch.where(active.unsqueeze(-1), v_new, v)
         if relaxed:  # column sums of the current A are v * K^T u (u unchanged since Ktu)
@@ -182,14 +211,12 @@ def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
             log_b = torch.where(sel, log_b + v.log(), log_b)
             # Recomputed from log S rather than K * u * v: entries that underflowed on the
             # way keep their exact value and can come back if later scalings need them.
-            K_idx = torch.exp(log_s[idx] + log_a[idx].unsqueeze(-1) + log_b[idx].unsqueeze(-2))
-            K = K.index_put((idx,), K_idx)
-            KT = KT.index_put((idx,), K_idx.transpose(-1, -2).contiguous())
+            K = K.index_put((idx,), torch.exp(log_s[idx] + log_a[idx].unsqueeze(-1) + log_b[idx].unsqueeze(-2)))
             u = torch.where(sel, torch.ones_like(u), u)
             v = torch.where(sel, torch.ones_like(v), v)
         if not any_active:
             break
-    return K, KT, u, v, out_dtype
+    return K, u, v
 
 
 def transition_matrix(A: Tensor) -> Tensor:
