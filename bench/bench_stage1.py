@@ -38,6 +38,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from exits.run_folder import RunFolder  # noqa: E402
 from exits.baselines import DENSE_PEER_PARAMS, box_mask_full, dense_crf_box_mask, grabcut_mask  # noqa: E402
@@ -50,6 +51,7 @@ from exits.stages.point_retrieval import read_points, retrieval_stats  # noqa: E
 from exits.stages.prepare import prepare_instances  # noqa: E402
 from exits.stages.pseudo_labels import encode_rle  # noqa: E402
 from exits.stages.report import evaluate_masks  # noqa: E402
+from retrieval_quality import patch_stats  # noqa: E402
 
 # Split name -> (data folder under data/, generator arguments). Fixed before any tuning.
 SPLITS: dict[str, tuple[str, dict]] = {
@@ -131,6 +133,10 @@ def trained_run(name: str, extra: list[str], seed: int, data: Path, runs: Path, 
     out = {**summarize(summary), "seed": seed, "seconds_total": round(total, 1), "seconds": res["seconds"]}
     if RunFolder(workdir).points.exists():
         out["retrieval"] = {k: round(v, 4) for k, v in retrieval_stats(read_points(RunFolder(workdir).points)).items()}
+        # evaluation side: the retrieved patches against GT (bench/retrieval_quality.py)
+        q = patch_stats(workdir, data / "instances.json", load_config(args.config, args.set).data.crop_size)
+        out["retrieval_quality"] = {f"{part}_{k}": q[part][k] for part in ("all", "separated")
+                                    for k in ("fg_precision", "fg_recall", "bg_precision")}
     return out
 
 
@@ -142,6 +148,7 @@ def bench_split(split: str, args: argparse.Namespace) -> dict:
     variants = {"exits": []}
     if args.with_mil_crf:
         variants["mil_crf"] = ["generator.use_retrieval=false"]
+    variants.update(args.variant)
     for name, extra in variants.items():
         per_seed = [r for r in (trained_run(name, extra, s, data, runs, args) for s in args.seeds) if r]
         if not per_seed:
@@ -149,6 +156,9 @@ def bench_split(split: str, args: argparse.Namespace) -> dict:
         agg = {k: mean_sd([r[k] for r in per_seed]) for k in ("miou_all", "miou_separated", "miou_non_separated", "seconds_total")}
         if all("retrieval" in r for r in per_seed):
             agg["share_no_retrieval"] = mean_sd([r["retrieval"]["share_no_retrieval"] for r in per_seed])
+        if all("retrieval_quality" in r for r in per_seed):
+            agg["retrieval_quality"] = {k: mean_sd([round(100 * r["retrieval_quality"][k], 2) for r in per_seed])
+                                        for k in per_seed[0]["retrieval_quality"]}
         result["variants"][name] = {**agg, "objects": per_seed[0]["objects"], "separated_objects": per_seed[0]["separated_objects"],
                                     "runs": per_seed}
 
@@ -165,10 +175,17 @@ def bench_split(split: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def _variant(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition("=")
+    if not sep or not name or name in (*PEERS, "exits", "mil_crf") or "=" not in overrides:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=key=value[,key=value], NAME not a peer")
+    return name, overrides.split(",")
+
+
 def print_table(results: dict) -> None:
     print("| split | method | mIoU all | mIoU separated | mIoU non-separated |\n|---|---|---:|---:|---:|")
     for split, res in results["splits"].items():
-        for k in (*PEERS, "mil_crf", "exits"):
+        for k in (*PEERS, "mil_crf", "exits", *[n for n in res["variants"] if n not in (*PEERS, "mil_crf", "exits")]):
             v = res["variants"].get(k)
             if v is None:
                 continue
@@ -189,6 +206,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage1.json")
     ap.add_argument("--config", default="demo")
     ap.add_argument("--set", action="append", default=[], help="config override for the trained variants")
+    ap.add_argument("--variant", action="append", default=[], type=_variant, metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                    help="one more trained variant: its name and config overrides (over --set), e.g. "
+                         "warm=similarity.warm_start.method=simmim")
     ap.add_argument("--with-mil-crf", action="store_true", help="also train the box-supervised generator")
     ap.add_argument("--reuse", action="store_true", help="take finished runs (run_summary.json) as they are")
     ap.add_argument("--collect-only", action="store_true", help="with --reuse: skip runs that are not finished")
