@@ -6,6 +6,8 @@ import torch
 
 from exits.propagation import (
     SeedMasks,
+    SinkhornScaling,
+    factored_walk_scores,
     marginal_error,
     move_points_inwards,
     random_walk_scores,
@@ -14,6 +16,7 @@ from exits.propagation import (
     retrieve_points,
     seed_masks,
     sinkhorn,
+    sinkhorn_scaling,
     transition_matrix,
 )
 
@@ -175,6 +178,44 @@ def test_random_walk_stacked_sets_weights_and_empty() -> None:
     torch.testing.assert_close(random_walk_scores(T, w, 4), mix)
     # Unbatched.
     torch.testing.assert_close(random_walk_scores(T[0], fg[0], 4), both[0, 0])
+
+
+@pytest.mark.parametrize("alpha", [0, 1, 2, 5, 9])
+def test_factored_walk_equals_walk_on_formed_T(alpha: int) -> None:
+    # Retrieval walks on K, u, v without forming T = (A + A^T)/2: the result must be the
+    # walk on the formed T, also for u, v far from 1 (a non-symmetric A) and K far from S.
+    g = _gen(21)
+    K = torch.rand(3, 40, 40, generator=g, dtype=torch.float64) + 0.01
+    u = torch.exp(torch.randn(3, 40, generator=g, dtype=torch.float64))
+    v = torch.exp(torch.randn(3, 40, generator=g, dtype=torch.float64))
+    scaling = SinkhornScaling(K, u, v)
+    A = scaling.matrix()
+    torch.testing.assert_close(A, K * u[:, :, None] * v[:, None, :])
+    T = transition_matrix(A)
+    fg = torch.rand(3, 40, generator=g) < 0.2
+    bg = torch.rand(3, 40, generator=g) < 0.3
+    bg[2] = False  # an empty set walks to zeros on both paths
+    seeds = torch.stack([fg, bg], 1)
+    got = factored_walk_scores(scaling, seeds, alpha)
+    assert got.shape == (3, 2, 40)
+    torch.testing.assert_close(got, random_walk_scores(T, seeds, alpha), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(factored_walk_scores(scaling, fg, alpha), random_walk_scores(T, fg, alpha),
+                               atol=1e-12, rtol=1e-10)
+    assert torch.equal(got[2, 1], torch.zeros(40, dtype=torch.float64))
+
+
+def test_factored_walk_on_sinkhorn_scaling_matches_sinkhorn_transition() -> None:
+    S = _softmax_attention(2, 64, sharpness=3.0, g=_gen(22))
+    scaling = sinkhorn_scaling(S, iters=200)
+    T = transition_matrix(sinkhorn(S, iters=200))
+    seeds = torch.rand(2, 64, generator=_gen(23)) < 0.15
+    got = factored_walk_scores(scaling, seeds, 5)
+    torch.testing.assert_close(got, random_walk_scores(T, seeds, 5), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(got.sum(-1), torch.ones(2), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="alpha"):
+        factored_walk_scores(scaling, seeds, -1)
+    with pytest.raises(ValueError, match="does not fit"):
+        factored_walk_scores(scaling, seeds[:, :10], 2)
 
 
 # --------------------------------------------------------------------------- seed sets

@@ -55,6 +55,8 @@ DEFAULT_SINKHORN_ITERS = 50
 # smaller marginal error than 50 plain iterations had (bench/bench_retrieval.py).
 DEFAULT_SINKHORN_TOL = 1e-3
 DEFAULT_SINKHORN_OMEGA = 1.5
+# CPU block size for propagation_scores (see _cache_block).
+_CACHE_BLOCK_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,32 @@ def propagation_scores(
         raise ValueError(f"S must be (B, n, n), got shape {tuple(S.shape)}")
     if fg.shape != S.shape[:2] or bg.shape != S.shape[:2]:
         raise ValueError(f"seed masks {tuple(fg.shape)}, {tuple(bg.shape)} do not fit S {tuple(S.shape)}")
-    scaling = sinkhorn_scaling(S, iters=sinkhorn_iters, eps=sinkhorn_eps, tol=sinkhorn_tol, omega=DEFAULT_SINKHORN_OMEGA)
-    pi = factored_walk_scores(scaling, torch.stack([fg, bg], dim=1).to(S.device), alpha)  # (B, 2, n)
+    seeds = torch.stack([fg, bg], dim=1).to(S.device)
+    chunk = _cache_block(S)
+    parts = []
+    for a in range(0, S.shape[0], chunk):
+        scaling = sinkhorn_scaling(S[a:a + chunk], iters=sinkhorn_iters, eps=sinkhorn_eps, tol=sinkhorn_tol,
+                                   omega=DEFAULT_SINKHORN_OMEGA)
+        parts.append(factored_walk_scores(scaling, seeds[a:a + chunk], alpha))  # (b, 2, n)
+    pi = torch.cat(parts) if len(parts) > 1 else parts[0]
     return pi[:, 0], pi[:, 1]
+
+
+def _cache_block(S: Tensor) -> int:
+    """Matrices per Sinkhorn + walk call: on CPU as many as keep K within ~32 MB.
+
+    Each Sinkhorn iteration and walk step reads all of K (memory-bound, ~2 reads per
+    iteration); a block of K that stays in the last-level cache between the passes makes them
+    cache reads. At n = 1024 (4 MB per matrix, float32), batch 32, ms per object for blocks
+    of 4 / 8 / 16 / 32 / 64 / 128 MB: 10.1 / 7.6 / 7.4 / 6.6 / 9.2 / 8.4 (2 cores, 105 MB
+    L3; tiny blocks pay the per-call overhead, large ones fall out of cache). Each
+    matrix's result does not depend on the batch, so blocking changes no value.
+    On GPU the whole batch goes in one call.
+    """
+    if S.device.type != "cpu" or S.shape[0] == 0:
+        return max(1, S.shape[0])
+    per_matrix = S.shape[-1] * S.shape[-1] * 4
+    return max(1, min(S.shape[0], _CACHE_BLOCK_BYTES // per_matrix))
 
 
 def retrieval_score(pi_f: Tensor, pi_b: Tensor, normalize: bool = True, raw_scale: str = "probability") -> Tensor:
