@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override for the trained variants")
     ap.add_argument("--variant", action="append", default=[], type=_variant, metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                     help="one more trained variant: its name and config overrides (over --set), e.g. "
-                         "warm=similarity.warm_start.method=simmim")
+                         "walk10=retrieval.alpha=10")
     ap.add_argument("--with-mil-crf", action="store_true", help="also train the box-supervised generator")
     ap.add_argument("--reuse", action="store_true", help="take finished runs (run_summary.json) as they are")
     ap.add_argument("--collect-only", action="store_true", help="with --reuse: skip runs that are not finished")

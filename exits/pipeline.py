@@ -58,13 +58,9 @@ def stage_similarity(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: RunFol
                      checkpoint_dir: Path | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg.backbone)
-    checkpoint_dir = checkpoint_dir or paths.checkpoints(paths.similarity)
-    settings = train_settings(cfg.similarity.optim, seed=cfg.seed, device=device, amp=cfg.amp, checkpoint_dir=checkpoint_dir)
-    ws = cfg.similarity.warm_start
-    warm = None if ws.method == "none" else train_settings(ws.optim, seed=cfg.seed, device=device, amp=cfg.amp,
-                                                            checkpoint_dir=checkpoint_dir)
-    return train_similarity_extractor(model, dataset, settings, paths.similarity, progress=progress, warm_start=warm,
-                                      mask_ratio=ws.mask_ratio, mask_block=ws.mask_block)
+    settings = train_settings(cfg.similarity.optim, seed=cfg.seed, device=device, amp=cfg.amp,
+                              checkpoint_dir=checkpoint_dir or paths.checkpoints(paths.similarity))
+    return train_similarity_extractor(model, dataset, settings, paths.similarity, progress=progress)
 
 
 def retrieval_params(cfg: ExitsConfig) -> RetrievalParams:

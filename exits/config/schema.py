@@ -82,22 +82,10 @@ def _reject_moved_keys(section: str, data: object) -> object:
     return data
 
 
-class WarmStartConfig(Section):
-    """Stage 1a, optional: self-supervised pre-training of the extractor's ViT on the run's
-    own crops before the MIL epochs (for users with no pretrained weights). No label of any
-    kind is read: the crops only. See ``exits.models.masked_image_modeling``."""
-
-    method: Literal["none", "simmim"] = Field("none", description="none | simmim (masked-image modelling, Xie et al. 2022)")
-    optim: OptimConfig = OptimConfig(epochs=30, batch_size=32, lr=1e-3, warmup_epochs=2)
-    mask_ratio: float = Field(0.6, gt=0.0, lt=1.0, description="share of patch blocks masked per crop")
-    mask_block: int = Field(2, ge=1, description="side of a masked block, in patches")
-
-
 class SimilarityConfig(Section):
     """Stage 1a: the MIL-trained similarity extractor (its training only)."""
 
     optim: OptimConfig = OptimConfig(epochs=8)
-    warm_start: WarmStartConfig = WarmStartConfig()
 
     @model_validator(mode="before")
     @classmethod
