@@ -2,9 +2,11 @@
 
     python bench/bench_throughput.py [--objects-demo 64] [--objects-paper 4]
 
-Times the generator forward, the final CRF refinement and pasting/RLE-encoding into the
-image, on demo-data objects, with a random-init model of each config (weights do not
-change the cost). Writes bench/results/throughput.json.
+Times stage 1d the way the config runs it (``exits.pipeline.stage_pseudo_shard``): crops,
+the generator forward at the config's batch size, the final CRF (on the crop inside the
+forward, or at image resolution while pasting: ``pseudo.refine_at``), paste + RLE, on
+demo-data objects, warm, with a random-init model of each config (weights do not change
+the cost). Writes bench/results/throughput.json.
 """
 from __future__ import annotations
 
@@ -25,35 +27,49 @@ from exits.demo import generate_demo_dataset  # noqa: E402
 from exits.io import write_json  # noqa: E402
 from exits.stages.common import model_from_config  # noqa: E402
 from exits.stages.object_crops import ObjectCropDataset  # noqa: E402
-from exits.stages.pseudo_labels import paste_pseudo_masks, predict_crop_probs  # noqa: E402
+from exits.stages.pseudo_labels import image_refiner, paste_pseudo_masks, predict_crop_probs  # noqa: E402
+
+
+def _timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
 
 
 def measure(config: str, n_objects: int, data: Path) -> dict:
+    """Stage 1d as ``exits.pipeline.stage_pseudo_shard`` runs it for ``config`` (its batch size,
+    its CRF: on crops inside the forward, or at image resolution while pasting), warm: the
+    model, the thread pool and the CRF run once on a few objects before the timed pass."""
     cfg = load_config(config, ["device=cpu"])
     ds = load_point_dataset(data / "instances.json", data / "images")
     ds.objects = ds.objects[:n_objects]
     d = cfg.data
     table = build_instances_table(ds, margin=d.crop_margin, min_margin_px=d.crop_min_margin_px, crop_size=d.crop_size)
-    t0 = time.perf_counter()
-    crops = ObjectCropDataset(table, data / "images", d.crop_size)
-    t_crop = time.perf_counter() - t0
+    crops, t_crop = _timed(ObjectCropDataset, table, data / "images", d.crop_size)
     model = model_from_config(cfg.backbone).eval()
     p, crf = cfg.pseudo, cfg.generator.crf
-    t0 = time.perf_counter()
-    predict_crop_probs(model, crops, batch_size=min(p.batch_size, 16), device=torch.device("cpu"), progress=False)
-    t_model = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    probs = predict_crop_probs(model, crops, batch_size=min(p.batch_size, 16), device=torch.device("cpu"),
-                               crf_impl=p.crf_impl, crf_params={"iters": crf.iters, **crf.params}, progress=False)
-    t_model_crf = time.perf_counter() - t0
+    at_image = p.crf_refine and p.refine_at == "image"
+    crop_crf = p.crf_impl if p.crf_refine and not at_image else None
+    crf_params = {"iters": crf.iters, **crf.params}
     images = {im.image_id: {"height": im.height, "width": im.width} for im in ds.images.values()}
-    t0 = time.perf_counter()
-    paste_pseudo_masks(probs, crops, images, table.column("image_id").to_pylist(), p.threshold, progress=False)
-    t_paste = time.perf_counter() - t0
+    image_ids = table.column("image_id").to_pylist()
+    cpu = torch.device("cpu")
+    warm = torch.utils.data.Subset(crops, range(min(2, len(crops))))
+    predict_crop_probs(model, warm, batch_size=p.batch_size, device=cpu, crf_impl=crop_crf, crf_params=crf_params,
+                       progress=False)
+    _, t_model = _timed(predict_crop_probs, model, crops, batch_size=p.batch_size, device=cpu, progress=False)
+    probs, t_model_crf = _timed(predict_crop_probs, model, crops, batch_size=p.batch_size, device=cpu,
+                                crf_impl=crop_crf, crf_params=crf_params, progress=False)
+    refine = image_refiner(crops, p.image_crf) if at_image else None
+    if refine is not None:
+        refine(0, probs[0])  # warm-up
+    _, t_paste = _timed(paste_pseudo_masks, probs, crops, images, image_ids, p.threshold, progress=False, refine=refine)
     total = t_crop + t_model_crf + t_paste
     return {"config": config, "objects": n_objects, "crop_size": d.crop_size, "vit": cfg.backbone.vit_name,
-            "crf": p.crf_impl, "ms_per_object": {"crop": 1000 * t_crop / n_objects, "model": 1000 * t_model / n_objects,
-            "crf": 1000 * (t_model_crf - t_model) / n_objects, "paste_rle": 1000 * t_paste / n_objects},
+            "batch_size": p.batch_size, "crf": f"{p.crf_impl} at {'image' if at_image else 'crop'}" if p.crf_refine else "none",
+            "ms_per_object": {"crop": 1000 * t_crop / n_objects, "model": 1000 * t_model / n_objects,
+                              "crf_in_forward": 1000 * (t_model_crf - t_model) / n_objects,
+                              "paste_rle": 1000 * t_paste / n_objects},
             "objects_per_second": n_objects / total}
 
 
@@ -69,11 +85,12 @@ def main() -> None:
         generate_demo_dataset(args.data)
     rows = [measure("demo", args.objects_demo, args.data), measure("coco", args.objects_paper, args.data)]
     write_json(args.out, {"device": "cpu", "threads": 2, "rows": rows}, indent=1)
-    print("| config | crop | ViT | CRF | crop ms | model ms | CRF ms | paste+RLE ms | objects/s |\n|---|---|---|---|---:|---:|---:|---:|---:|")
+    print("| config | crop | ViT | batch | CRF | crop ms | model ms | CRF in forward ms | paste (+ image CRF) + RLE ms | objects/s |\n"
+          "|---|---|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         m = r["ms_per_object"]
-        print(f"| {r['config']} | {r['crop_size']} | {r['vit']} | {r['crf']} | {m['crop']:.1f} | {m['model']:.1f} | "
-              f"{m['crf']:.1f} | {m['paste_rle']:.1f} | {r['objects_per_second']:.2f} |")
+        print(f"| {r['config']} | {r['crop_size']} | {r['vit']} | {r['batch_size']} | {r['crf']} | {m['crop']:.1f} | "
+              f"{m['model']:.1f} | {m['crf_in_forward']:.1f} | {m['paste_rle']:.1f} | {r['objects_per_second']:.2f} |")
 
 
 if __name__ == "__main__":
