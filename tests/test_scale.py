@@ -152,6 +152,21 @@ def test_streaming_merge_of_reordered_shards_and_repeated_ids_matches_reference(
     assert len(merged["annotations"]) == len(json.loads(expected)["annotations"])
 
 
+def test_merge_columns_lookup_matches_an_int_keyed_dict() -> None:
+    # The searchsorted lookup replaced {int(id): row}: it must match what that dict matched
+    # (the reader accepts int(id), so 5.0 is object 5), the last row of a repeated id included.
+    from exits.stages.pseudo_label_files import MergeColumns
+
+    ids = [7, 5, 9, 5, 2**62]
+    table = pa.table({"ann_id": pa.array(ids, pa.int64()), "height": [4] * 5, "width": [4] * 5,
+                      "area": [1] * 5, "score": [0.5] * 5, "rle_counts": ["04"] * 5})
+    cols = MergeColumns([table])
+    reference = {a: i for i, a in enumerate(ids)}
+    for key in (7, 5, 9, 2**62, 5.0, 9.0, True, 3, 5.5, "5", None, [5], 2**70, -1):
+        expected = reference.get(key) if isinstance(key, (int, float)) else None
+        assert cols.row(key) == expected, key
+
+
 def test_streaming_merge_handles_info_absent_pretty_input_and_unicode(tmp_path, tiny_coco):
     data = json.loads(tiny_coco.read_text())
     data["categories"][0]["name"] = "caf\u00e9 \u2603"

@@ -74,7 +74,13 @@ class MergeColumns:
         self._sorted = ids[self._order]
 
     def row(self, ann_id: Any) -> int | None:
-        if type(ann_id) is not int or not -_INT64_MAX <= ann_id <= _INT64_MAX:  # json ids: exact ints only
+        # Same matches as the {int id: row} dict it replaces: the reader takes int(id), so a
+        # json id 5.0 (or True) is object 5 (1); other types and non-integral floats match nothing.
+        if isinstance(ann_id, float):
+            if not ann_id.is_integer():
+                return None
+            ann_id = int(ann_id)
+        if not isinstance(ann_id, int) or not -_INT64_MAX <= ann_id <= _INT64_MAX:
             return None
         j = int(np.searchsorted(self._sorted, ann_id, side="right")) - 1
         if j < 0 or self._sorted[j] != ann_id:
