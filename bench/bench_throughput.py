@@ -27,7 +27,8 @@ from exits.demo import generate_demo_dataset  # noqa: E402
 from exits.io import write_json  # noqa: E402
 from exits.stages.common import model_from_config  # noqa: E402
 from exits.stages.object_crops import ObjectCropDataset  # noqa: E402
-from exits.stages.pseudo_labels import image_refiner, paste_pseudo_masks, predict_crop_probs  # noqa: E402
+from exits.stages.image_crf_pool import ImageCRFRefiner, resolve_crf_workers  # noqa: E402
+from exits.stages.pseudo_labels import paste_pseudo_masks, predict_crop_probs  # noqa: E402
 
 
 def _timed(fn, *args, **kwargs):
@@ -36,7 +37,7 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def measure(config: str, n_objects: int, data: Path) -> dict:
+def measure(config: str, n_objects: int, data: Path, crf_workers: int | None = None) -> dict:
     """Stage 1d as ``exits.pipeline.stage_pseudo_shard`` runs it for ``config`` (its batch size,
     its CRF: on crops inside the forward, or at image resolution while pasting), warm: the
     model, the thread pool and the CRF run once on a few objects before the timed pass."""
@@ -60,17 +61,43 @@ def measure(config: str, n_objects: int, data: Path) -> dict:
     _, t_model = _timed(predict_crop_probs, model, crops, batch_size=p.batch_size, device=cpu, progress=False)
     probs, t_model_crf = _timed(predict_crop_probs, model, crops, batch_size=p.batch_size, device=cpu,
                                 crf_impl=crop_crf, crf_params=crf_params, progress=False)
-    refine = image_refiner(crops, p.image_crf) if at_image else None
-    if refine is not None:
-        refine(0, probs[0])  # warm-up
-    _, t_paste = _timed(paste_pseudo_masks, probs, crops, images, image_ids, p.threshold, progress=False, refine=refine)
-    total = t_crop + t_model_crf + t_paste
-    return {"config": config, "objects": n_objects, "crop_size": d.crop_size, "vit": cfg.backbone.vit_name,
-            "batch_size": p.batch_size, "crf": f"{p.crf_impl} at {'image' if at_image else 'crop'}" if p.crf_refine else "none",
-            "ms_per_object": {"crop": 1000 * t_crop / n_objects, "model": 1000 * t_model / n_objects,
-                              "crf_in_forward": 1000 * (t_model_crf - t_model) / n_objects,
-                              "paste_rle": 1000 * t_paste / n_objects},
-            "objects_per_second": n_objects / total}
+    t_paste = t_overlap = 0.0
+    workers = resolve_crf_workers(p.crf_workers if crf_workers is None else crf_workers)
+    if at_image:
+        serial = ImageCRFRefiner(crops, p.image_crf, workers=0)
+        serial(0, probs[0])  # warm-up
+        _, t_paste = _timed(paste_pseudo_masks, probs, crops, images, image_ids, p.threshold, progress=False,
+                            refine=serial)
+        if workers:
+            # As stage_pseudo_shard runs it: CRFs of each batch start in the workers while the
+            # next batch's forward runs here. Warm: the pool exists before the timed pass.
+            pooled = ImageCRFRefiner(crops, p.image_crf, workers=workers)
+            pooled.submit(0, probs[:1])
+            pooled(0, probs[0])
+
+            def overlapped():
+                out = predict_crop_probs(model, crops, batch_size=p.batch_size, device=cpu, progress=False,
+                                         on_batch=pooled.submit)
+                return paste_pseudo_masks(out, crops, images, image_ids, p.threshold, progress=False, refine=pooled)
+
+            rows_pool, t_overlap = _timed(overlapped)
+            rows_serial = paste_pseudo_masks(probs, crops, images, image_ids, p.threshold, progress=False, refine=serial)
+            same = sum(a["rle"] == b["rle"] for a, b in zip(rows_pool, rows_serial))
+    else:
+        _, t_paste = _timed(paste_pseudo_masks, probs, crops, images, image_ids, p.threshold, progress=False)
+    total = t_crop + (t_overlap if t_overlap else t_model_crf + t_paste)
+    row = {"config": config, "objects": n_objects, "crop_size": d.crop_size, "vit": cfg.backbone.vit_name,
+           "batch_size": p.batch_size, "crf_workers": workers if at_image else 0,
+           "crf": f"{p.crf_impl} at {'image' if at_image else 'crop'}" if p.crf_refine else "none",
+           "ms_per_object": {"crop": 1000 * t_crop / n_objects, "model": 1000 * t_model / n_objects,
+                             "crf_in_forward": 1000 * (t_model_crf - t_model) / n_objects,
+                             "paste_rle": 1000 * t_paste / n_objects,
+                             "forward_and_paste_overlapped": 1000 * t_overlap / n_objects},
+           "serial_objects_per_second": n_objects / (t_crop + t_model_crf + t_paste),
+           "objects_per_second": n_objects / total}
+    if t_overlap:
+        row["masks_equal_to_serial"] = f"{same}/{n_objects}"
+    return row
 
 
 def main() -> None:
@@ -79,18 +106,24 @@ def main() -> None:
     ap.add_argument("--objects-demo", type=int, default=64)
     ap.add_argument("--objects-paper", type=int, default=4)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
+    ap.add_argument("--crf-workers", type=int, default=None,
+                    help="image-level CRF processes (default: the config's pseudo.crf_workers)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if not (args.data / "instances.json").exists():
         generate_demo_dataset(args.data)
-    rows = [measure("demo", args.objects_demo, args.data), measure("coco", args.objects_paper, args.data)]
+    rows = [measure("demo", args.objects_demo, args.data, args.crf_workers),
+            measure("coco", args.objects_paper, args.data, args.crf_workers)]
     write_json(args.out, {"device": "cpu", "threads": 2, "rows": rows}, indent=1)
-    print("| config | crop | ViT | batch | CRF | crop ms | model ms | CRF in forward ms | paste (+ image CRF) + RLE ms | objects/s |\n"
-          "|---|---|---|---:|---|---:|---:|---:|---:|---:|")
+    print("| config | crop | ViT | batch | CRF | CRF workers | crop ms | model ms | CRF in forward ms | "
+          "paste (+ image CRF) + RLE ms | forward + paste overlapped ms | objects/s serial | objects/s | "
+          "masks = serial |\n|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         m = r["ms_per_object"]
-        print(f"| {r['config']} | {r['crop_size']} | {r['vit']} | {r['batch_size']} | {r['crf']} | {m['crop']:.1f} | "
-              f"{m['model']:.1f} | {m['crf_in_forward']:.1f} | {m['paste_rle']:.1f} | {r['objects_per_second']:.2f} |")
+        print(f"| {r['config']} | {r['crop_size']} | {r['vit']} | {r['batch_size']} | {r['crf']} | {r['crf_workers']} | "
+              f"{m['crop']:.1f} | {m['model']:.1f} | {m['crf_in_forward']:.1f} | {m['paste_rle']:.1f} | "
+              f"{m['forward_and_paste_overlapped']:.1f} | {r['serial_objects_per_second']:.2f} | "
+              f"{r['objects_per_second']:.2f} | {r.get('masks_equal_to_serial', '-')} |")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 from exits.config import ExitsConfig, dump_config
 from exits.data.instances_table import read_instances_rows, read_instances_table
 from exits.engine import resolve_device
+from exits.engine.device import amp_dtype
 from exits.io import write_json
 from exits.models import load_mask_model
 from exits.stages.common import model_from_config, train_settings
@@ -30,7 +31,8 @@ from exits.stages.point_retrieval import (RetrievalParams, merge_points, read_po
                                          retrieve_dataset_points)
 from exits.stages.prepare import prepare_instances
 from exits.run_folder import RunFolder
-from exits.stages.pseudo_labels import image_refiner, merge_pseudo_labels, predict_crop_probs, shard_pseudo_label_table
+from exits.stages.image_crf_pool import ImageCRFRefiner, resolve_crf_workers
+from exits.stages.pseudo_labels import merge_pseudo_labels, predict_crop_probs, shard_pseudo_label_table
 from exits.stages.report import write_report
 from exits.stages.shards import shard_ranges, write_shard
 from exits.stages.similarity import train_similarity_extractor
@@ -121,15 +123,22 @@ def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, start: 
     generator = load_mask_model(paths.generator)
     p = cfg.pseudo
     crf = cfg.generator.crf
-    refine = image_refiner(dataset, p.image_crf) if p.crf_refine and p.refine_at == "image" else None
-    probs = predict_crop_probs(generator, dataset, batch_size=p.batch_size, device=device,
-                               crf_impl=p.crf_impl if p.crf_refine and refine is None else None,
-                               crf_params={"iters": crf.iters, **crf.params}, progress=progress)
-    points = read_points_rows(paths.points, start, stop) if paths.points.exists() else None
-    task = generator_task(cfg, dataset, points)
-    target, labelled, _ = task.targets(torch.arange(len(dataset)), torch.device("cpu"))
-    return write_shard(shard_pseudo_label_table(probs, table, dataset, labelled, target, p.threshold, progress,
-                                                refine=refine), out, key)
+    refine = ImageCRFRefiner(dataset, p.image_crf, resolve_crf_workers(p.crf_workers)) \
+        if p.crf_refine and p.refine_at == "image" else None
+    try:
+        probs = predict_crop_probs(generator, dataset, batch_size=p.batch_size, device=device,
+                                   crf_impl=p.crf_impl if p.crf_refine and refine is None else None,
+                                   crf_params={"iters": crf.iters, **crf.params}, progress=progress,
+                                   autocast_dtype=amp_dtype(device, cfg.amp),
+                                   on_batch=refine.submit if refine is not None else None)
+        points = read_points_rows(paths.points, start, stop) if paths.points.exists() else None
+        task = generator_task(cfg, dataset, points)
+        target, labelled, _ = task.targets(torch.arange(len(dataset)), torch.device("cpu"))
+        return write_shard(shard_pseudo_label_table(probs, table, dataset, labelled, target, p.threshold, progress,
+                                                    refine=refine), out, key)
+    finally:
+        if refine is not None:
+            refine.close()
 
 
 def stage_report(cfg: ExitsConfig, workdir: Path, gt: Path | None) -> dict[str, Any] | None:

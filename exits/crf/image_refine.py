@@ -37,6 +37,8 @@ About 60 ms per object on one CPU thread (pydensecrf), under load.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import cv2
 import numpy as np
 import torch
@@ -63,9 +65,30 @@ def box_prior_crf(image_rgb: np.ndarray, window: CropWindow, points: np.ndarray,
     Returns:
         (H, W) bool mask, False outside the box.
     """
+    fg = box_prior_crf_window(image_rgb, window, points, inside_prob, point_radius=point_radius, iters=iters,
+                              sxy_gauss=sxy_gauss, compat_gauss=compat_gauss, sxy_frac=sxy_frac, srgb=srgb,
+                              compat_bilateral=compat_bilateral)
+    return paste_window_mask(fg, window, image_rgb.shape[0], image_rgb.shape[1])
+
+
+def paste_window_mask(window_mask: np.ndarray, window: CropWindow, height: int, width: int) -> np.ndarray:
+    """(window.height, window.width) bool -> (height, width) bool, False outside the window."""
+    out = np.zeros((height, width), bool)
+    out[window.y0:window.y0 + window.height, window.x0:window.x0 + window.width] = window_mask
+    return out
+
+
+def box_prior_crf_window(image_rgb: np.ndarray, window: CropWindow, points: np.ndarray,
+                         inside_prob: np.ndarray | float, *, point_radius: int = 2, iters: int = 10,
+                         sxy_gauss: float = 3.0, compat_gauss: float = 3.0, sxy_frac: float = 0.2, srgb: float = 13.0,
+                         compat_bilateral: float = 10.0) -> np.ndarray:
+    """:func:`box_prior_crf` on the window only: (window.height, window.width) bool.
+
+    What the CRF worker processes of ``exits.stages.image_crf_pool`` run: the window
+    mask is all they send back.
+    """
     import pydensecrf.densecrf as dcrf
 
-    h, w = image_rgb.shape[:2]
     x0, y0, ww, wh = window.as_list()
     # pydensecrf reads raw buffers: uint8 C-contiguous HxWx3 image, float32 C-contiguous unaries.
     sub = np.ascontiguousarray(image_rgb[y0:y0 + wh, x0:x0 + ww], dtype=np.uint8)
@@ -86,23 +109,35 @@ def box_prior_crf(image_rgb: np.ndarray, window: CropWindow, points: np.ndarray,
     fg = np.asarray(crf.inference(int(iters)), dtype=np.float32).reshape(2, wh, ww)[1] > 0.5
     inside = np.zeros((wh, ww), bool)
     inside[box] = True
-    out = np.zeros((h, w), bool)
-    out[y0:y0 + wh, x0:x0 + ww] = fg & inside
-    return out
+    return fg & inside
 
 
-def image_crf_refine(image_rgb: np.ndarray, crop_prob: torch.Tensor, window: CropWindow, points: np.ndarray, *,
-                     prior_bias: float = DEFAULT_IMAGE_CRF["prior_bias"],
-                     prior_weight: float = DEFAULT_IMAGE_CRF["prior_weight"], **crf: float) -> np.ndarray:
-    """(H, W) bool pseudo mask from an (S, S) crop probability (module docstring's formula).
-
-    ``crf``: iters, sxy_gauss, compat_gauss, sxy_frac, srgb, compat_bilateral of
-    :func:`box_prior_crf` (defaults ``DEFAULT_IMAGE_CRF``).
-    """
+def image_crf_prior(crop_prob: torch.Tensor, window: CropWindow, *, prior_bias: float = DEFAULT_IMAGE_CRF["prior_bias"],
+                    prior_weight: float = DEFAULT_IMAGE_CRF["prior_weight"]) -> np.ndarray:
+    """(window.height, window.width) float32 prior clip(b + w (p~ - 1/2), 0, 1) from an (S, S)
+    crop probability p, with p~ its bilinear resampling to the window (module docstring)."""
     local = F.interpolate(crop_prob[None, None].float(), size=(window.height, window.width), mode="bilinear",
                           align_corners=False)[0, 0].numpy()
-    inside = np.clip(prior_bias + prior_weight * (local - 0.5), 0.0, 1.0).astype(np.float32)
-    params = {k: v for k, v in DEFAULT_IMAGE_CRF.items() if k not in ("prior_bias", "prior_weight")}
-    params.update(crf)
-    params["iters"] = int(params["iters"])
-    return box_prior_crf(image_rgb, window, points, inside, **params)
+    return np.clip(prior_bias + prior_weight * (local - 0.5), 0.0, 1.0).astype(np.float32)
+
+
+def split_image_crf_params(params: Mapping[str, float]) -> tuple[dict[str, float], dict[str, Any]]:
+    """User ``image_crf`` settings -> (prior_bias / prior_weight, :func:`box_prior_crf` keywords),
+    defaults from ``DEFAULT_IMAGE_CRF``."""
+    merged = {**DEFAULT_IMAGE_CRF, **params}
+    prior = {k: merged.pop(k) for k in ("prior_bias", "prior_weight")}
+    crf: dict[str, Any] = dict(merged)
+    crf["iters"] = int(crf["iters"])
+    return prior, crf
+
+
+def image_crf_refine(image_rgb: np.ndarray, crop_prob: torch.Tensor, window: CropWindow, points: np.ndarray,
+                     **params: float) -> np.ndarray:
+    """(H, W) bool pseudo mask from an (S, S) crop probability (module docstring's formula).
+
+    ``params``: prior_bias, prior_weight (:func:`image_crf_prior`) and iters, sxy_gauss,
+    compat_gauss, sxy_frac, srgb, compat_bilateral of :func:`box_prior_crf` (defaults
+    ``DEFAULT_IMAGE_CRF``).
+    """
+    prior, crf = split_image_crf_params(params)
+    return box_prior_crf(image_rgb, window, points, image_crf_prior(crop_prob, window, **prior), **crf)

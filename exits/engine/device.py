@@ -50,7 +50,7 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """Autocast dtype for training: bf16 on CUDA when supported, else fp16; None = no AMP.
+    """Autocast dtype for training and stage-1d inference: bf16 on CUDA when supported, else fp16; None = no AMP.
 
     AMP is CUDA-only here: CPU autocast (bf16) is slow on most CPUs and changes numerics of
     the CPU tests. fp16 needs a ``GradScaler`` (its range underflows small gradients);

@@ -30,6 +30,7 @@ from exits.baselines import box_mask_full
 from exits.eval.rle import encode_rle_json as encode_rle
 from exits.eval.separated import count_parts_rle
 from exits.crf import crf_refine
+from exits.crf.image_refine import paste_window_mask
 from exits.data.crops import paste_mask
 from exits.stages.pseudo_label_files import write_pseudo_label_files
 from exits.stages.shards import ShardTables
@@ -58,18 +59,31 @@ OPTIONAL_COLUMNS = ("num_parts",)
 @torch.no_grad()
 def predict_crop_probs(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, batch_size: int,
                        device: torch.device, crf_impl: str | None = None, crf_params: dict | None = None,
-                       progress: bool = True) -> torch.Tensor:
-    """(K, S, S) float16 foreground probability per object crop, zero outside its box."""
+                       progress: bool = True, autocast_dtype: torch.dtype | None = None,
+                       on_batch: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """(K, S, S) float16 foreground probability per object crop, zero outside its box.
+
+    ``autocast_dtype``: the forward pass under autocast (``exits.engine.device.amp_dtype``);
+    the sigmoid, the CRF and the box mask run in float32. ``on_batch(start, probs)`` is called
+    with each batch's (B, S, S) result as soon as it exists (``ImageCRFRefiner.submit``: the
+    image-level CRF of earlier batches runs in other processes while later batches run here).
+    """
     model = model.to(device).eval()
     out = []
+    start = 0
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False), desc="pseudo masks",
                       disable=not progress, unit="batch"):
         images = batch["image"].to(device)
-        prob = torch.sigmoid(model(images).float())
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(images)
+        prob = torch.sigmoid(logits.float())
         if crf_impl:
             prob = crf_refine(images, prob, impl=crf_impl, **(crf_params or {}))
-        prob = prob[:, 0] * batch["box_mask"].to(device)
-        out.append(prob.half().cpu())
+        prob = (prob[:, 0] * batch["box_mask"].to(device)).half().cpu()
+        if on_batch is not None:
+            on_batch(start, prob)
+        start += len(prob)
+        out.append(prob)
     return torch.cat(out) if out else torch.zeros((0, 1, 1), dtype=torch.float16)
 
 
@@ -99,17 +113,17 @@ def paste_pseudo_masks(probs: torch.Tensor, dataset: Any, images: dict[int, Any]
                        refine: Callable[[int, torch.Tensor], np.ndarray] | None = None) -> list[dict]:
     """Image-space RLE per object: {ann_id, image_id, rle, area}.
 
-    ``refine(i, probs[i]) -> (H, W) bool`` replaces paste + threshold when given (the
-    image-resolution CRF of :func:`image_refiner`)."""
+    ``refine(i, probs[i]) -> (window.height, window.width) bool`` replaces paste + threshold
+    when given (the image-resolution CRF: ``exits.stages.image_crf_pool.ImageCRFRefiner``)."""
     rows = []
     for i in tqdm(range(len(dataset)), desc="pasting masks", disable=not progress, unit="obj"):
         img = images[image_ids[i]]
         if refine is not None:
-            full = torch.from_numpy(refine(i, probs[i]))
+            full = paste_window_mask(refine(i, probs[i]), dataset.windows[i], img["height"], img["width"])
         else:
-            full = paste_mask(probs[i].float(), dataset.windows[i], img["height"], img["width"]) >= threshold
+            full = (paste_mask(probs[i].float(), dataset.windows[i], img["height"], img["width"]) >= threshold).numpy()
         # Resampling can spill past the box edge by a pixel; no object pixel lies outside it.
-        m = full.numpy() & box_mask_full(dataset.points_image[i], img["height"], img["width"]).astype(bool)
+        m = full & box_mask_full(dataset.points_image[i], img["height"], img["width"]).astype(bool)
         rows.append({"ann_id": int(dataset.ann_ids[i]), "rle": encode_rle(m), "area": int(m.sum())})
     return rows
 
@@ -131,27 +145,6 @@ def shard_pseudo_label_table(probs: torch.Tensor, table: pa.Table, dataset: Any,
     scores = {r["ann_id"]: {"score": float(score[i]), "certainty": float(certainty[i]), "agreement": float(agreement[i])}
               for i, r in enumerate(rows)}
     return pseudo_label_table(rows, scores, cols["image_id"], cols["category_id"])
-
-
-def image_refiner(dataset: Any, params: Mapping[str, float]) -> Callable[[int, torch.Tensor], np.ndarray]:
-    """``refine(i, crop_prob) -> (H, W) bool``: the box-constrained dense CRF at image
-    resolution (``exits.crf.image_refine``) for object i of ``dataset`` (an
-    ``ObjectCropDataset``: its image folder, file names, windows, extreme points)."""
-    from PIL import Image
-
-    from exits.crf.image_refine import image_crf_refine
-
-    cache: dict[str, np.ndarray] = {}
-
-    def refine(i: int, crop_prob: torch.Tensor) -> np.ndarray:
-        name = dataset.file_names[i]
-        if name not in cache:
-            cache.clear()  # objects come image by image: keep one decoded image
-            with Image.open(dataset.image_dir / name) as im:
-                cache[name] = np.array(im.convert("RGB"), dtype=np.uint8)
-        return image_crf_refine(cache[name], crop_prob, dataset.windows[i], dataset.points_image[i], **params)
-
-    return refine
 
 
 def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float]], image_ids: Sequence[int],
