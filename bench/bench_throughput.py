@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,10 +39,13 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def measure(config: str, n_objects: int, data: Path, crf_workers: int | None = None) -> dict:
+def measure(config: str, n_objects: int, data: Path, crf_workers: int | None = None, cpu_bf16: bool = False) -> dict:
     """Stage 1d as ``exits.pipeline.stage_pseudo_shard`` runs it for ``config`` (its batch size,
     its CRF: on crops inside the forward, or at image resolution while pasting), warm: the
-    model, the thread pool and the CRF run once on a few objects before the timed pass."""
+    model, the thread pool and the CRF run once on a few objects before the timed pass.
+
+    With CRF workers the overlapped pass is the one that counts; ``cpu_bf16`` runs its forward
+    under bfloat16 autocast (``pseudo.cpu_bf16``) and compares its masks with the float32 ones."""
     cfg = load_config(config, ["device=cpu"])
     ds = load_point_dataset(data / "instances.json", data / "images")
     ds.objects = ds.objects[:n_objects]
@@ -74,20 +79,24 @@ def measure(config: str, n_objects: int, data: Path, crf_workers: int | None = N
             pooled = ImageCRFRefiner(crops, p.image_crf, workers=workers)
             pooled.submit(0, probs[:1])
             pooled(0, probs[0])
+            dtype = torch.bfloat16 if cpu_bf16 else None
+            predict_crop_probs(model, warm, batch_size=p.batch_size, device=cpu, progress=False, autocast_dtype=dtype)
 
             def overlapped():
                 out = predict_crop_probs(model, crops, batch_size=p.batch_size, device=cpu, progress=False,
-                                         on_batch=pooled.submit)
+                                         on_batch=pooled.submit, autocast_dtype=dtype)
                 return paste_pseudo_masks(out, crops, images, image_ids, p.threshold, progress=False, refine=pooled)
 
             rows_pool, t_overlap = _timed(overlapped)
             rows_serial = paste_pseudo_masks(probs, crops, images, image_ids, p.threshold, progress=False, refine=serial)
             same = sum(a["rle"] == b["rle"] for a, b in zip(rows_pool, rows_serial))
+            ious = [mask_utils.iou([a["rle"]], [b["rle"]], [0])[0, 0] if a["area"] or b["area"] else 1.0
+                    for a, b in zip(rows_pool, rows_serial)]
     else:
         _, t_paste = _timed(paste_pseudo_masks, probs, crops, images, image_ids, p.threshold, progress=False)
     total = t_crop + (t_overlap if t_overlap else t_model_crf + t_paste)
     row = {"config": config, "objects": n_objects, "crop_size": d.crop_size, "vit": cfg.backbone.vit_name,
-           "batch_size": p.batch_size, "crf_workers": workers if at_image else 0,
+           "batch_size": p.batch_size, "crf_workers": workers if at_image else 0, "cpu_bf16": cpu_bf16,
            "crf": f"{p.crf_impl} at {'image' if at_image else 'crop'}" if p.crf_refine else "none",
            "ms_per_object": {"crop": 1000 * t_crop / n_objects, "model": 1000 * t_model / n_objects,
                              "crf_in_forward": 1000 * (t_model_crf - t_model) / n_objects,
@@ -97,13 +106,14 @@ def measure(config: str, n_objects: int, data: Path, crf_workers: int | None = N
            "objects_per_second": n_objects / total}
     if t_overlap:
         row["masks_equal_to_serial"] = f"{same}/{n_objects}"
+        row["mask_iou_to_serial"] = {"mean": float(np.mean(ious)), "min": float(np.min(ious))}
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "demo")
-    ap.add_argument("--objects-demo", type=int, default=64)
+    ap.add_argument("--objects-demo", type=int, default=192)  # 3 batches: the overlap in steady state
     ap.add_argument("--objects-paper", type=int, default=4)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
     ap.add_argument("--crf-workers", type=int, default=None,
@@ -113,6 +123,7 @@ def main() -> None:
     if not (args.data / "instances.json").exists():
         generate_demo_dataset(args.data)
     rows = [measure("demo", args.objects_demo, args.data, args.crf_workers),
+            measure("demo", args.objects_demo, args.data, args.crf_workers, cpu_bf16=True),
             measure("coco", args.objects_paper, args.data, args.crf_workers)]
     write_json(args.out, {"device": "cpu", "threads": 2, "rows": rows}, indent=1)
     print("| config | crop | ViT | batch | CRF | CRF workers | crop ms | model ms | CRF in forward ms | "
@@ -120,7 +131,7 @@ def main() -> None:
           "masks = serial |\n|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         m = r["ms_per_object"]
-        print(f"| {r['config']} | {r['crop_size']} | {r['vit']} | {r['batch_size']} | {r['crf']} | {r['crf_workers']} | "
+        print(f"| {r['config']}{' + cpu_bf16' if r['cpu_bf16'] else ''} | {r['crop_size']} | {r['vit']} | {r['batch_size']} | {r['crf']} | {r['crf_workers']} | "
               f"{m['crop']:.1f} | {m['model']:.1f} | {m['crf_in_forward']:.1f} | {m['paste_rle']:.1f} | "
               f"{m['forward_and_paste_overlapped']:.1f} | {r['serial_objects_per_second']:.2f} | "
               f"{r['objects_per_second']:.2f} | {r.get('masks_equal_to_serial', '-')} |")

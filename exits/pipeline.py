@@ -116,6 +116,13 @@ def stage_generator(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: RunFold
     return train_generator(model, dataset, task, settings, paths.generator, progress=progress)
 
 
+def pseudo_autocast_dtype(device: torch.device, amp: bool, cpu_bf16: bool) -> torch.dtype | None:
+    """Stage 1d's forward precision: CUDA follows ``amp``; CPU is float32 unless ``pseudo.cpu_bf16``."""
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16 else None
+    return amp_dtype(device, amp)
+
+
 def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, start: int, stop: int, out: Path,
                        device: torch.device, key: str | None = None, progress: bool = False) -> Path:
     """Stage 1d for instances rows ``[start, stop)``: one ``PSEUDO_SCHEMA`` shard (RLEs + scores) at ``out``."""
@@ -129,7 +136,7 @@ def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, start: 
         probs = predict_crop_probs(generator, dataset, batch_size=p.batch_size, device=device,
                                    crf_impl=p.crf_impl if p.crf_refine and refine is None else None,
                                    crf_params={"iters": crf.iters, **crf.params}, progress=progress,
-                                   autocast_dtype=amp_dtype(device, cfg.amp),
+                                   autocast_dtype=pseudo_autocast_dtype(device, cfg.amp, p.cpu_bf16),
                                    on_batch=refine.submit if refine is not None else None)
         points = read_points_rows(paths.points, start, stop) if paths.points.exists() else None
         task = generator_task(cfg, dataset, points)

@@ -109,3 +109,18 @@ def test_predict_crop_probs_hands_every_batch_to_on_batch(batch_size: int) -> No
     assert out.dtype == torch.float16 and out.shape == (7, 8, 8)
     expected = (torch.sigmoid(images[:, 0] * 4 - 2) * box).half()
     assert torch.equal(out, expected)
+
+
+def test_stage_1d_forward_precision() -> None:
+    from exits.pipeline import pseudo_autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert pseudo_autocast_dtype(cpu, True, False) is None  # amp is CUDA's switch
+    assert pseudo_autocast_dtype(cpu, False, True) is torch.bfloat16
+    images = torch.rand(4, 3, 8, 8)
+    ds = [{"image": images[i], "box_mask": torch.ones(8, 8)} for i in range(4)]
+    lin = torch.nn.Conv2d(3, 1, 1)
+    fp32 = predict_crop_probs(lin, ds, batch_size=4, device=cpu, progress=False)
+    bf16 = predict_crop_probs(lin, ds, batch_size=4, device=cpu, progress=False, autocast_dtype=torch.bfloat16)
+    diff = (fp32.float() - bf16.float()).abs().max()
+    assert 0 < diff < 0.02  # bf16 ran (results differ) and stayed close
