@@ -107,3 +107,30 @@ def test_default_retrieval_retrieves_the_points_of_fifty_plain_iterations_on_dem
         assert (res.score - score).abs().max() < 2e-2
     A = sinkhorn(S, iters=50, tol=DEFAULT_SINKHORN_TOL, omega=DEFAULT_SINKHORN_OMEGA)
     assert float(marginal_error(A).max()) <= DEFAULT_SINKHORN_TOL * 1.01
+
+
+def test_stopped_matrices_cost_no_products_and_keep_their_result():
+    # n >= 256 takes the per-matrix CPU path, where a stopped matrix is skipped: a batch of a
+    # fast (flat) and slow (peaked) matrix must give each one's result alone (to float
+    # rounding: batched and single row-vector products round differently).
+    from exits.propagation.sinkhorn import batched_matvec, batched_vecmat, sinkhorn_scaling
+
+    flat = _attention(1, 256, 5) * 0.1 + 0.9 / 256
+    peaked = torch.softmax(2 * _attention(1, 256, 6).log(), dim=-1)
+    S = torch.cat([flat, peaked, flat.flip(-1)])
+    both = sinkhorn_scaling(S, iters=200, tol=1e-4, omega=1.5)
+    for b in range(3):
+        alone = sinkhorn_scaling(S[b:b + 1], iters=200, tol=1e-4, omega=1.5)
+        torch.testing.assert_close(both.u[b], alone.u[0], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(both.v[b], alone.v[0], atol=1e-6, rtol=1e-4)
+        err = float(marginal_error(alone.matrix()).max())
+        # the flat ones stop early; the peaked one runs all 200 iterations beside them
+        assert err <= 1e-4 * 1.01 if b != 1 else err > 1e-4
+    K, x = torch.rand(3, 256, 256), torch.rand(3, 256)
+    full_mv, full_vm = batched_matvec(K, x), batched_vecmat(x, K)
+    part_mv, part_vm = batched_matvec(K, x, [0, 2]), batched_vecmat(x, K, [2])
+    torch.testing.assert_close(full_mv, torch.einsum("bij,bj->bi", K, x))
+    torch.testing.assert_close(full_vm, torch.einsum("bij,bi->bj", K, x))
+    assert torch.equal(part_mv[[0, 2]], full_mv[[0, 2]]) and torch.equal(part_mv[1], torch.ones(256))
+    torch.testing.assert_close(part_vm[2], full_vm[2])
+    assert torch.equal(part_vm[:2], torch.ones(2, 256))

@@ -66,7 +66,10 @@ def sinkhorn(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = 
     (B, n, n) @ (B, n, 1) runs ~2x slower there, and a contiguous copy of K^T (the earlier
     way to put K v on the row-vector path) cost ~15 products' time (a strided transpose of
     B n^2 floats). The loop is memory-bound: one iteration reads K twice (2 x 4 n^2 bytes in
-    float32), and K is the only (B, n, n) tensor it allocates.
+    float32), and K is the only (B, n, n) tensor it allocates (none with ``out``). With
+    ``tol``, a matrix that has stopped costs no more products on the per-matrix CPU path
+    (:func:`batched_matvec`, :func:`batched_vecmat` with ``only``), and the loop ends before
+    the column update once every matrix has stopped.
     A is invariant to scaling S by a constant; S with entries near float max is rescaled.
 
     Args:
@@ -121,7 +124,7 @@ class SinkhornScaling:
         return self.K * self.u.unsqueeze(-1) * self.v.unsqueeze(-2)
 
 
-def batched_matvec(K: Tensor, x: Tensor) -> Tensor:
+def batched_matvec(K: Tensor, x: Tensor, only: list[int] | None = None) -> Tensor:
     """K x per matrix: K (B, n, n), x (B, n) -> (B, n).
 
     On CPU, for n >= 256, one ``torch.mv`` (BLAS gemv) per matrix: ~1.4-2x faster there
@@ -129,23 +132,52 @@ def batched_matvec(K: Tensor, x: Tensor) -> Tensor:
     below that (the demo grid, n = 144) the per-call overhead of B gemvs costs more than it
     saves (0.89 vs 0.72 ms per object at B = 16, bench/bench_retrieval.py's synthetic S).
     Elsewhere the batched product (one kernel launch instead of B).
+
+    ``only``: on the per-matrix path, compute only these matrices (the rest of the result is
+    1): Sinkhorn skips the matrices that have stopped.
     """
     if K.device.type == "cpu" and K.shape[-1] >= _MATVEC_LOOP_MIN_N:
-        return torch.stack([torch.mv(K[b], x[b]) for b in range(K.shape[0])]) if K.shape[0] else x.clone()
+        if only is None:
+            return torch.stack([torch.mv(K[b], x[b]) for b in range(K.shape[0])]) if K.shape[0] else x.clone()
+        out = torch.ones_like(x)
+        for b in only:
+            out[b] = torch.mv(K[b], x[b])
+        return out
     return torch.matmul(K, x.unsqueeze(-1)).squeeze(-1)
 
 
+def batched_vecmat(x: Tensor, K: Tensor, only: list[int] | None = None) -> Tensor:
+    """x^T K per matrix (K^T x without transposing K): x (B, n), K (B, n, n) -> (B, n).
+
+    One batched row-vector product; with ``only`` (CPU, n >= 256) one product per listed
+    matrix and 1 for the rest, as :func:`batched_matvec`.
+    """
+    if only is not None and K.device.type == "cpu" and K.shape[-1] >= _MATVEC_LOOP_MIN_N:
+        out = torch.ones_like(x)
+        for b in only:
+            out[b] = torch.matmul(x[b:b + 1], K[b])[0]
+        return out
+    return torch.matmul(x.unsqueeze(-2), K).squeeze(-2)
+
+
 def sinkhorn_scaling(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = None,
-                     omega: float = 1.0) -> SinkhornScaling:
-    """The iteration of :func:`sinkhorn` (same arguments), S (B, n, n): its factors K, u, v."""
+                     omega: float = 1.0, out: Tensor | None = None) -> SinkhornScaling:
+    """The iteration of :func:`sinkhorn` (same arguments), S (B, n, n): its factors K, u, v.
+
+    ``out``: a (B, n, n) tensor of the working dtype (float32 for float32 / half inputs,
+    float64 for float64) that K is written into instead of a new allocation; the returned K
+    is ``out`` unless scalings had to be absorbed (rare). Point retrieval reuses one buffer
+    across its blocks: on this VM a fresh 32 MB K cost ~2 ms per matrix in page faults alone,
+    a quarter of the whole retrieval.
+    """
     if S.dim() != 3:
         raise ValueError(f"S must be (B, n, n), got shape {tuple(S.shape)}")
-    K, u, v = _sinkhorn_scalings(S, iters, eps, tol, omega)
+    K, u, v = _sinkhorn_scalings(S, iters, eps, tol, omega, out)
     return SinkhornScaling(K, u, v)
 
 
 def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
-                       omega: float) -> tuple[Tensor, Tensor, Tensor]:
+                       omega: float, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(K, u, v) with A = diag(u) K diag(v); see :func:`sinkhorn`."""
     _check_similarity(S)
     if iters < 1:
@@ -161,7 +193,13 @@ def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
         total = work.sum(dim=(-2, -1))
     tiny = torch.finfo(work.dtype).tiny
     floor = (total * (eps / (n * n))).clamp_min(tiny)[:, None, None]
-    K = torch.maximum(work, floor)
+    if out is not None:
+        if out.shape != work.shape or out.dtype != work.dtype or out.device != work.device:
+            raise ValueError(f"out must be {tuple(work.shape)} {work.dtype} on {work.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        K = torch.maximum(work, floor, out=out)
+    else:
+        K = torch.maximum(work, floor)
     # K == exp(log S' + a_i + b_j) throughout, S' = max(S, floor), a and b the row and
     # column log potentials (0 until scalings are absorbed). log S' is only formed if
     # scalings ever need absorbing (saves passes over B n^2). The first row update is
@@ -180,8 +218,11 @@ def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
     best_err = torch.full_like(log_a[:, 0], float("inf"))
     col_err = torch.zeros_like(best_err)
     log_limit = math.log(_ABSORB_AT)
+    # Matrices still iterating, as a list for the per-matrix products (None = all): a stopped
+    # matrix costs no more products (on CPU, n >= 256; elsewhere batched products run on all).
+    only: list[int] | None = None
     for it in range(iters):
-        Kv = batched_matvec(K, v)  # row sums of K diag(v)
+        Kv = batched_matvec(K, v, only)  # row sums of K diag(v)
         if (tol is not None or relaxed) and it > 0:
             # current row error (exact: u K v); relaxed, the columns are not exact either
             err = (u * Kv - 1.0).abs().amax(dim=-1)
@@ -189,6 +230,11 @@ def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
                 err = torch.maximum(err, col_err)
             if tol is not None:
                 active = active & (err > tol)
+                n_active = int(active.sum())
+                if n_active == 0:
+                    break  # every matrix met tol: no more products
+                if n_active < active.shape[0]:
+                    only = active.nonzero().squeeze(-1).tolist()
             if relaxed:
                 w = torch.where((err > 2.0 * best_err).unsqueeze(-1), torch.ones_like(w), w)
                 best_err = torch.minimum(best_err, err)
@@ -197,7 +243,7 @@ def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
         else:
             u_new = 1.0 / Kv
         u = torch.where(active.unsqueeze(-1), u_new, u)
-        Ktu = torch.matmul(u.unsqueeze(-2), K).squeeze(-2)  # K^T u, row-vector product
+        Ktu = batched_vecmat(u, K, only)  # K^T u, row-vector product
         v_new = v * (v * Ktu).reciprocal().pow(w) if relaxed else 1.0 / Ktu
         v = torch.where(active.unsqueeze(-1), v_new, v)
         if relaxed:  # column sums of the current A are v * K^T u (u unchanged since Ktu)
