@@ -172,12 +172,15 @@ def tables(result: dict) -> str:
     lines.append("|---|" + "---:|" * len(cols))
     summ = result.get("full_summary", {})
     csum = result.get("constraint_summary", {})
+    cfg = result.get("config", {})
+    prog = "progressive on" if cfg.get("progressive", True) else "progressive off"
+    names = {"none": "plain decoder", "disk": "disk constraint", "crf": "CRF constraint", "grabcut": "GrabCut constraint"}
     for protocol in PROTOCOLS:
-        rows = [("click model, progressive off (default)", result.get("noprog_summary", {}).get(protocol, {}).get("click_model")),
-                ("click model, progressive on", summ.get(protocol, {}).get("click_model")),
-                ("click model, progressive on, disk constraint", csum.get("disk", {}).get(protocol, {}).get("click_model")),
-                ("click model, progressive on, plain decoder", csum.get("none", {}).get(protocol, {}).get("click_model")),
-                ("GrabCut, same clicks", summ.get(protocol, {}).get("grabcut"))]
+        rows = [("click model, progressive off", result.get("noprog_summary", {}).get(protocol, {}).get("click_model")),
+                (f"click model, {prog}, {names.get(cfg.get('constraint', 'crf'), '')} (model default)",
+                 summ.get(protocol, {}).get("click_model"))]
+        rows += [(f"click model, {prog}, {names.get(c, c)}", csum[c].get(protocol, {}).get("click_model")) for c in csum]
+        rows += [("GrabCut, same clicks", summ.get(protocol, {}).get("grabcut"))]
         for name, stat in rows:
             if stat:
                 n = stat[cols[0]]["n"]
@@ -220,6 +223,9 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="result files of other (parallel) calls whose full/constraint/ablation rows to merge in")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--constraints", nargs="+", default=["none", "disk"],
+                    help="extra constraint rows per seed (the model's own constraint is the full row)")
+    ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), help="protocols of the full and constraint rows")
     ap.add_argument("--progressive-off-rows", action="store_true",
                     help="evaluate the per-seed full models with progressive mode off (click model only) into "
                          "'full_noprog' (progressive is inference-only: same models)")
@@ -281,16 +287,17 @@ def main() -> None:
         if str(seed) not in full:
             row = train(args.workdir, cfg, path)
             row.update(evaluate(args.workdir, args.gt, path, args.models_dir / f"full_seed{seed}_eval.json",
-                                args.objects, grabcut=True))
+                                args.objects, grabcut=True, protocols=tuple(args.protocols)))
             full[str(seed)] = row
             print("full", seed, json.dumps({p: {m: {k: round(v, 3) for k, v in x.items()} for m, x in r.items()}
                                            for p, r in row["protocols"].items()}), flush=True)
             save()
-        for constraint in ("none", "disk"):
+        for constraint in args.constraints:
             key = f"{constraint}_seed{seed}"
             if key not in constraint_rows:
                 constraint_rows[key] = evaluate(args.workdir, args.gt, path, args.models_dir / f"{key}_eval.json",
-                                                args.objects, grabcut=False, constraint=constraint)
+                                                args.objects, grabcut=False, constraint=constraint,
+                                                protocols=tuple(args.protocols))
                 save()
     full, constraint_rows = result["full"], result["constraint"]
     result["full_summary"] = aggregate([full[str(s)] for s in args.seeds if str(s) in full])
@@ -298,7 +305,8 @@ def main() -> None:
         result["noprog_summary"] = aggregate([result["full_noprog"][str(s)] for s in args.seeds
                                               if str(s) in result["full_noprog"]])
     result["constraint_summary"] = {c: aggregate([constraint_rows[f"{c}_seed{s}"] for s in args.seeds
-                                                  if f"{c}_seed{s}" in constraint_rows]) for c in ("none", "disk")}
+                                                  if f"{c}_seed{s}" in constraint_rows])
+                                   for c in sorted({k.rsplit("_seed", 1)[0] for k in constraint_rows})}
     save()
     if not args.no_ablation:
         abl = result.setdefault("ablation", {})

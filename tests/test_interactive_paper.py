@@ -106,7 +106,27 @@ def test_crf_spreads_click_labels_along_colour():
     assert (q0[square] > 0.5).mean() < 0.5
 
 
-@pytest.mark.parametrize("method", ["crf", "disk"])
+def test_grabcut_constraint_grows_the_decoder_mask_along_colour():
+    """The decoder found only the left half of a red square; one positive click in the
+    missed half: GrabCut from the decoder's mask takes the whole square and nothing else."""
+    from exits.interactive.constrain import grabcut_with_clicks
+
+    rng = np.random.default_rng(1)
+    img = np.zeros((48, 48, 3), np.float32)
+    img[..., 2] = 190
+    img[10:38, 10:38] = (215, 35, 30)
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    prob = np.full((48, 48), 0.1, np.float32)
+    prob[10:38, 10:24] = 0.9
+    square = np.zeros((48, 48), bool)
+    square[10:38, 10:38] = True
+    labels = click_label_map([(31.0, 24.0, True)], (48, 48), 2.0)
+    q = grabcut_with_clicks(prob, img, labels, iters=3) > 0.5
+    assert (q == square).mean() > 0.97 and (prob >= 0.5)[square].mean() < 0.55
+    assert not grabcut_with_clicks(np.zeros((48, 48), np.float32), img, np.zeros((48, 48), np.int8)).any()
+
+
+@pytest.mark.parametrize("method", ["crf", "grabcut", "disk"])
 def test_constrain_clicks_keeps_every_disk(method):
     rng = np.random.default_rng(0)
     prob = rng.random((48, 48)).astype(np.float32)
@@ -126,7 +146,7 @@ class _IgnoresClicks(ClickDecoder):
         return torch.full((image.shape[0], 1, image.shape[-1], image.shape[-1]), self.logit)
 
 
-@pytest.mark.parametrize("constraint", ["crf", "disk", "none"])
+@pytest.mark.parametrize("constraint", ["crf", "grabcut", "disk", "none"])
 def test_clicked_disk_keeps_its_label_with_a_decoder_that_ignores_clicks(tiny_run: Path, constraint):  # noqa: F811
     from exits.interactive.predictor import read_objects
     from exits.models.factory import load_mask_model

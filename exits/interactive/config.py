@@ -12,7 +12,7 @@ from exits.settings import FrozenSettings
 
 LOSSES = ("nfl", "bce_dice")
 TRAIN_SOURCES = ("pseudo", "coco", "synthetic", "pseudo+synthetic")
-CONSTRAINTS = ("none", "disk", "crf")
+CONSTRAINTS = ("none", "disk", "crf", "grabcut")
 
 
 @dataclass(frozen=True)
