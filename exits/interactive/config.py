@@ -36,7 +36,9 @@ class ClickModelConfig(FrozenSettings):
     probabilities and a click-conditioned colour model (weight ``crf_colour``) as unary and
     the click disks as hard labels (``crf_iters``, kernels ``crf_sxy`` / ``crf_srgb`` /
     ``crf_w`` on the crop, at most ``crf_max_size`` px a side), then the disks are set to their
-    labels; "disk" only the last step; "none" the plain decoder (:mod:`exits.interactive.constrain`).
+    labels; "grabcut" GrabCut started from the decoder's mask with the disks as definite labels
+    (``crf_iters`` rounds; worse than "crf" in bench/bench_clicks.py: NoC@90 8.56 vs 7.60);
+    "disk" only the last step; "none" the plain decoder (:mod:`exits.interactive.constrain`).
 
     Click encoding: ``disk_radius`` in crop pixels (the crop is the encoder's input size,
     e.g. 96 for the demo generator). Zoom: the RoI is the box of the coarse foreground and

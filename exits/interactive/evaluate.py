@@ -91,7 +91,7 @@ def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str |
     Result: {"settings", "ann_ids", "protocols": {protocol: {"click_model": metrics,
     "grabcut": metrics}}, "seconds_per_click": {...}} with metrics NoC@85, NoC@90, NoF@85,
     NoF@90, mIoU@k (see :mod:`exits.interactive.metrics`). ``constraint`` overrides the
-    model's click constraint (none / disk / crf) for this evaluation.
+    model's click constraint (none / disk / crf / grabcut) for this evaluation.
     """
     workdir = Path(workdir)
     bad = sorted(set(protocols) - set(PROTOCOLS))
