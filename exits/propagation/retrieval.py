@@ -36,7 +36,6 @@ there. With attention-like S (self-attention well below 1) this does not arise.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -103,30 +102,13 @@ def propagation_scores(
         raise ValueError(f"seed masks {tuple(fg.shape)}, {tuple(bg.shape)} do not fit S {tuple(S.shape)}")
     seeds = torch.stack([fg, bg], dim=1).to(S.device)
     chunk = _cache_block(S)
-    dtype = torch.float64 if S.dtype == torch.float64 else torch.float32
-    # One K buffer for every block (and, per thread, every call): K is dead once its walk
-    # has run, and a fresh allocation per block costs its page faults again.
-    buffer = _k_buffer(min(chunk, S.shape[0]), S.shape[-1], dtype, S.device) if S.device.type == "cpu" else None
     parts = []
     for a in range(0, S.shape[0], chunk):
-        block = S[a:a + chunk]
-        scaling = sinkhorn_scaling(block, iters=sinkhorn_iters, eps=sinkhorn_eps, tol=sinkhorn_tol,
-                                   omega=DEFAULT_SINKHORN_OMEGA,
-                                   out=buffer[:block.shape[0]] if buffer is not None and not block.requires_grad else None)
+        scaling = sinkhorn_scaling(S[a:a + chunk], iters=sinkhorn_iters, eps=sinkhorn_eps, tol=sinkhorn_tol,
+                                   omega=DEFAULT_SINKHORN_OMEGA)
         parts.append(factored_walk_scores(scaling, seeds[a:a + chunk], alpha))  # (b, 2, n)
     pi = torch.cat(parts) if len(parts) > 1 else parts[0]
     return pi[:, 0], pi[:, 1]
-
-
-_BUFFERS = threading.local()
-
-
-def _k_buffer(b: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """This thread's (b, n, n) working buffer for K, kept between calls (32 MB at the defaults)."""
-    buf = getattr(_BUFFERS, "k", None)
-    if buf is None or buf.shape[0] < b or buf.shape[1:] != (n, n) or buf.dtype != dtype or buf.device != device:
-        buf = _BUFFERS.k = torch.empty((b, n, n), dtype=dtype, device=device)
-    return buf[:b]
 
 
 def _cache_block(S: Tensor) -> int:

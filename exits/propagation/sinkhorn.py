@@ -66,7 +66,7 @@ def sinkhorn(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = 
     (B, n, n) @ (B, n, 1) runs ~2x slower there, and a contiguous copy of K^T (the earlier
     way to put K v on the row-vector path) cost ~15 products' time (a strided transpose of
     B n^2 floats). The loop is memory-bound: one iteration reads K twice (2 x 4 n^2 bytes in
-    float32), and K is the only (B, n, n) tensor it allocates (none with ``out``). With
+    float32), and K is the only (B, n, n) tensor it allocates. With
     ``tol``, a matrix that has stopped costs no more products on the per-matrix CPU path
     (:func:`batched_matvec`, :func:`batched_vecmat` with ``only``), and the loop ends before
     the column update once every matrix has stopped.
@@ -161,23 +161,16 @@ def batched_vecmat(x: Tensor, K: Tensor, only: list[int] | None = None) -> Tenso
 
 
 def sinkhorn_scaling(S: Tensor, iters: int = 50, eps: float = 1e-6, tol: float | None = None,
-                     omega: float = 1.0, out: Tensor | None = None) -> SinkhornScaling:
-    """The iteration of :func:`sinkhorn` (same arguments), S (B, n, n): its factors K, u, v.
-
-    ``out``: a (B, n, n) tensor of the working dtype (float32 for float32 / half inputs,
-    float64 for float64) that K is written into instead of a new allocation; the returned K
-    is ``out`` unless scalings had to be absorbed (rare). Point retrieval reuses one buffer
-    across its blocks: on this VM a fresh 32 MB K cost ~2 ms per matrix in page faults alone,
-    a quarter of the whole retrieval.
-    """
+                     omega: float = 1.0) -> SinkhornScaling:
+    """The iteration of :func:`sinkhorn` (same arguments), S (B, n, n): its factors K, u, v."""
     if S.dim() != 3:
         raise ValueError(f"S must be (B, n, n), got shape {tuple(S.shape)}")
-    K, u, v = _sinkhorn_scalings(S, iters, eps, tol, omega, out)
+    K, u, v = _sinkhorn_scalings(S, iters, eps, tol, omega)
     return SinkhornScaling(K, u, v)
 
 
 def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
-                       omega: float, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                       omega: float) -> tuple[Tensor, Tensor, Tensor]:
     """(K, u, v) with A = diag(u) K diag(v); see :func:`sinkhorn`."""
     _check_similarity(S)
     if iters < 1:
@@ -193,13 +186,7 @@ def _sinkhorn_scalings(S: Tensor, iters: int, eps: float, tol: float | None,
         total = work.sum(dim=(-2, -1))
     tiny = torch.finfo(work.dtype).tiny
     floor = (total * (eps / (n * n))).clamp_min(tiny)[:, None, None]
-    if out is not None:
-        if out.shape != work.shape or out.dtype != work.dtype or out.device != work.device:
-            raise ValueError(f"out must be {tuple(work.shape)} {work.dtype} on {work.device}, got "
-                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
-        K = torch.maximum(work, floor, out=out)
-    else:
-        K = torch.maximum(work, floor)
+    K = torch.maximum(work, floor)
     # K == exp(log S' + a_i + b_j) throughout, S' = max(S, floor), a and b the row and
     # column log potentials (0 until scalings are absorbed). log S' is only formed if
     # scalings ever need absorbing (saves passes over B n^2). The first row update is
