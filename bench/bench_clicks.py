@@ -119,12 +119,27 @@ def speed(workdir: Path, model_path: Path, repeats: int) -> list[dict]:
     return rows
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'label:key=value,key=value' -> (label, {key: value}) of inference-only settings."""
+    label, _, body = text.partition(":")
+    out: dict = {}
+    for item in filter(None, body.split(",")):
+        key, _, raw = item.partition("=")
+        kind = type(getattr(ClickModelConfig(), key))
+        out[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+    return label, out
+
+
+OBJECT_OFFSET = 0  # set from --object-offset: which slice of the spot-fix queue is evaluated
+
+
 def evaluate(workdir: Path, gt: Path, model_path: Path, out_json: Path, objects: int, *, grabcut: bool,
              progressive: bool | None = None, constraint: str | None = None,
-             protocols: tuple[str, ...] = PROTOCOLS) -> dict:
+             protocols: tuple[str, ...] = PROTOCOLS, inference: dict | None = None) -> dict:
     t = time.perf_counter()
     result = run_eval_clicks(workdir, gt, out_path=out_json, model_path=model_path, num_objects=objects,
-                             progressive=progressive, with_grabcut=grabcut, protocols=protocols, constraint=constraint)
+                             progressive=progressive, with_grabcut=grabcut, protocols=protocols, constraint=constraint,
+                             inference=inference, object_offset=OBJECT_OFFSET)
     return {"protocols": result["protocols"], "ann_ids": result["ann_ids"], "eval_s": round(time.perf_counter() - t, 1),
             "seconds_per_click": result["seconds_per_click"]}
 
@@ -223,9 +238,15 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="result files of other (parallel) calls whose full/constraint/ablation rows to merge in")
     ap.add_argument("--no-speed", action="store_true")
-    ap.add_argument("--constraints", nargs="+", default=["none", "disk"],
+    ap.add_argument("--constraints", nargs="*", default=["none", "disk"],
                     help="extra constraint rows per seed (the model's own constraint is the full row)")
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), help="protocols of the full and constraint rows")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="extra rows per seed with inference-only settings changed, 'label:key=value,key=value' "
+                         "(e.g. 'window:crf_resolution=window'); evaluated like the constraint rows")
+    ap.add_argument("--object-offset", type=int, default=0,
+                    help="evaluate the queue's objects from this rank on (40: the tuning split next to the "
+                         "40 reported ones)")
     ap.add_argument("--progressive-off-rows", action="store_true",
                     help="evaluate the per-seed full models with progressive mode off (click model only) into "
                          "'full_noprog' (progressive is inference-only: same models)")
@@ -236,6 +257,8 @@ def main() -> None:
                     help="only re-time clicks with MODELS_DIR/full_seed0.pt and update the speed rows of --out")
     ap.add_argument("--tables", action="store_true", help="print the markdown tables of --out and exit")
     args = ap.parse_args()
+    global OBJECT_OFFSET
+    OBJECT_OFFSET = args.object_offset
     if args.tables:
         print(tables(json.loads(args.out.read_text())))
         return
@@ -257,7 +280,8 @@ def main() -> None:
                             synthetic_objects=args.synthetic_objects)
     result.update({"device": "cpu", "torch": torch.__version__, "machine": platform.machine(),
                    "cpu_count": os.cpu_count(), "config": base.to_dict(), "workdir": str(args.workdir),
-                   "gt": str(args.gt), "objects": args.objects, "seeds": args.seeds})
+                   "gt": str(args.gt), "objects": args.objects, "object_offset": args.object_offset,
+                   "seeds": args.seeds})
     args.models_dir.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -298,6 +322,15 @@ def main() -> None:
                 constraint_rows[key] = evaluate(args.workdir, args.gt, path, args.models_dir / f"{key}_eval.json",
                                                 args.objects, grabcut=False, constraint=constraint,
                                                 protocols=tuple(args.protocols))
+                save()
+        for text in args.variants:
+            label, settings = parse_variant(text)
+            key = f"{label}_seed{seed}"
+            if key not in constraint_rows:
+                constraint_rows[key] = evaluate(args.workdir, args.gt, path, args.models_dir / f"{key}_eval.json",
+                                                args.objects, grabcut=False, protocols=tuple(args.protocols),
+                                                inference=settings)
+                constraint_rows[key]["inference"] = settings
                 save()
     full, constraint_rows = result["full"], result["constraint"]
     result["full_summary"] = aggregate([full[str(s)] for s in args.seeds if str(s) in full])

@@ -137,6 +137,17 @@ def test_constrain_clicks_keeps_every_disk(method):
     assert np.array_equal(constrain_clicks(prob, torch.rand(3, 48, 48), clicks, 2.0, method="none"), prob >= 0.5)
 
 
+def test_constrain_clicks_on_a_rectangle_keeps_disks_and_shape():
+    """The window at the image's own pixels is not square: same contract as the crop."""
+    rng = np.random.default_rng(3)
+    prob = rng.random((30, 52)).astype(np.float32)
+    clicks = [(float(rng.integers(52)), float(rng.integers(30)), bool(rng.random() < 0.5)) for _ in range(6)]
+    for max_size in (256, 20):  # at its size, and refined at 20 px on the long side then upsampled
+        out = constrain_clicks(prob, torch.rand(3, 30, 52), clicks, 2.0, method="crf", max_size=max_size)
+        labels = click_label_map(clicks, (30, 52), 2.0)
+        assert out.shape == (30, 52) and out[labels > 0].all() and not out[labels < 0].any()
+
+
 class _IgnoresClicks(ClickDecoder):
     """A toy decoder that ignores the clicks: the same confident logit everywhere."""
 
@@ -146,12 +157,14 @@ class _IgnoresClicks(ClickDecoder):
         return torch.full((image.shape[0], 1, image.shape[-1], image.shape[-1]), self.logit)
 
 
-@pytest.mark.parametrize("constraint", ["crf", "grabcut", "disk", "none"])
-def test_clicked_disk_keeps_its_label_with_a_decoder_that_ignores_clicks(tiny_run: Path, constraint):  # noqa: F811
+@pytest.mark.parametrize("constraint,resolution", [("crf", "crop"), ("crf", "window"), ("grabcut", "crop"),
+                                                   ("grabcut", "window"), ("disk", "crop"), ("none", "crop")])
+def test_clicked_disk_keeps_its_label_with_a_decoder_that_ignores_clicks(tiny_run: Path, constraint,  # noqa: F811
+                                                                         resolution):
     from exits.interactive.predictor import read_objects
     from exits.models.factory import load_mask_model
 
-    cfg = ClickModelConfig(**SMALL, constraint=constraint, progressive=False)
+    cfg = ClickModelConfig(**SMALL, constraint=constraint, progressive=False, crf_resolution=resolution)
     encoder = load_mask_model(tiny_run / "generator" / "model.pt")
     dec = _IgnoresClicks(cfg, embed_dim=32)
     pred = ClickPredictor(dec, encoder, read_objects(tiny_run, 32), tiny_run.parent / "data" / "images")
@@ -233,6 +246,22 @@ def test_pdm_keeps_sources_and_stops_at_colour_edges():
     assert (out[:, :8] > 0).float().mean() > 0.9 and (out[:, 8:] < 0).float().mean() > 0.9
     gain = float(torch.nn.functional.softplus(pdm.source_gain))
     assert torch.allclose(out[7:9, 2:4], torch.full((2, 2), gain))  # sources keep l0
+
+
+def test_pdm_affinity_has_no_denormals_and_matches_the_plain_softmax():
+    """The logit floor keeps every weight a normal float32 (denormals slowed PDM ~3x) and
+    changes the weights by far less than float32 resolves next to 1."""
+    from exits.interactive.diffusion import _shift_views, neighbour_affinity
+
+    img = torch.zeros(1, 3, 12, 12)
+    img[:, :, :, 6:] = 1.0  # a hard edge: logits down to -300 at sigma 0.1
+    sigma = torch.tensor(0.1)
+    w = neighbour_affinity(img, 1, sigma)
+    tiny = torch.finfo(torch.float32).tiny
+    assert bool((w >= tiny).all())  # no denormal (nor zero) weight
+    plain = torch.softmax(torch.cat([-((v - img) ** 2).sum(1, keepdim=True) / sigma ** 2
+                                     for v in _shift_views(img, 1)], 1), dim=1)
+    assert float((w - plain).abs().max()) < 1e-20 and torch.allclose(w.sum(1), torch.ones(1, 12, 12))
 
 
 def test_fdm_is_identity_without_clicks_and_spreads_with_them():

@@ -13,6 +13,10 @@ from exits.settings import FrozenSettings
 LOSSES = ("nfl", "bce_dice")
 TRAIN_SOURCES = ("pseudo", "coco", "synthetic", "pseudo+synthetic")
 CONSTRAINTS = ("none", "disk", "crf", "grabcut")
+CRF_RESOLUTIONS = ("crop", "window")
+# Settings that act only after the decoder: an evaluation may change them on a trained model.
+INFERENCE_ONLY = ("progressive", "constraint", "crf_iters", "crf_sxy", "crf_srgb", "crf_w", "crf_colour",
+                  "crf_max_size", "crf_resolution", "crf_colour_rounds")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class ClickModelConfig(FrozenSettings):
     labels; "grabcut" GrabCut started from the decoder's mask with the disks as definite labels
     (``crf_iters`` rounds; worse than "crf" in bench/bench_clicks.py: NoC@90 8.56 vs 7.60);
     "disk" only the last step; "none" the plain decoder (:mod:`exits.interactive.constrain`).
+    ``crf_resolution``: "crop" runs the constraint on the encoder's S x S crop, "window" on
+    the object's window at the image's own pixels (decoder probabilities resampled to it,
+    long side capped at ``crf_max_size``), as GrabCut works, so boundaries are not limited to
+    the crop's resolution. ``crf_colour_rounds`` > 1: GrabCut-style re-estimation of the
+    colour model from the previous round's CRF output.
 
     Click encoding: ``disk_radius`` in crop pixels (the crop is the encoder's input size,
     e.g. 96 for the demo generator). Zoom: the RoI is the box of the coarse foreground and
@@ -81,6 +90,8 @@ class ClickModelConfig(FrozenSettings):
     crf_w: float = 10.0
     crf_colour: float = 1.0
     crf_max_size: int = 128
+    crf_resolution: str = "crop"
+    crf_colour_rounds: int = 1
     max_prototypes: int = 4
     cells_per_prototype: int = 12
     sgc_iters: int = 8
@@ -119,11 +130,13 @@ class ClickModelConfig(FrozenSettings):
             errors.append(f"train_source: {self.train_source!r} is not one of {list(TRAIN_SOURCES)}")
         if self.constraint not in CONSTRAINTS:
             errors.append(f"constraint: {self.constraint!r} is not one of {list(CONSTRAINTS)}")
+        if self.crf_resolution not in CRF_RESOLUTIONS:
+            errors.append(f"crf_resolution: {self.crf_resolution!r} is not one of {list(CRF_RESOLUTIONS)}")
         if self.train_source == "coco" and not self.train_json:
             errors.append("train_source 'coco' needs train_json (a COCO json with masks for click training)")
         for name in ("dim", "heads", "iterations", "batch_size", "max_prototypes",
                      "cells_per_prototype", "max_clicks", "max_train_objects", "feature_cache_size", "decode_size", "max_grid",
-                     "coarse_size", "synthetic_objects", "crf_max_size"):
+                     "coarse_size", "synthetic_objects", "crf_max_size", "crf_colour_rounds"):
             if int(getattr(self, name)) < 1:
                 errors.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("imsa_depth", "sgc_iters", "max_sim_rounds", "seed", "latent_heads", "pdm_iterations",

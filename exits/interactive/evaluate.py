@@ -21,6 +21,7 @@ left out by default.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 from exits.eval.ground_truth import load_gt_masks
 from exits.eval.rle import decode_rle
 from exits.interactive.clicks import Click
+from exits.interactive.config import INFERENCE_ONLY
 from exits.interactive.data import decode_segmentation
 from exits.interactive.grabcut import grabcut_from_clicks
 from exits.interactive.metrics import mask_iou, summarize_curves
@@ -72,26 +74,31 @@ def robot_curve(predict: PredictFn, gt: np.ndarray, init_mask: np.ndarray | None
 
 
 def _select_objects(predictor: ClickPredictor, pseudo: dict[int, dict], gt_ids: set[int], exclude: set[int],
-                    ann_ids: Sequence[int] | None, num_objects: int | None) -> list[int]:
+                    ann_ids: Sequence[int] | None, num_objects: int | None, offset: int = 0) -> list[int]:
     if ann_ids is not None:
         return [int(a) for a in ann_ids]
     ids = [a for a in predictor.objects if a in pseudo and a in gt_ids and a not in exclude]
     ids.sort(key=lambda a: (float(pseudo[a].get("score", 0.0)), a))
+    ids = ids[offset:]
     return ids[:num_objects] if num_objects else ids
 
 
 def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str | Path | None = None,
                     model_path: str | Path | None = None, ann_ids: Sequence[int] | None = None,
-                    num_objects: int | None = 40, max_clicks: int = 20, protocols: Sequence[str] = DEFAULT_PROTOCOLS,
+                    num_objects: int | None = 40, object_offset: int = 0, max_clicks: int = 20, protocols: Sequence[str] = DEFAULT_PROTOCOLS,
                     progressive: bool | None = None, with_grabcut: bool = True, exclude_trained: bool = True,
                     stop_iou: float | None = 0.95, device: str = "cpu", keep_curves: bool = False,
-                    constraint: str | None = None) -> dict[str, Any]:
+                    constraint: str | None = None, inference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate and write a json (default WORKDIR/click_model/eval_clicks.json).
 
     Result: {"settings", "ann_ids", "protocols": {protocol: {"click_model": metrics,
     "grabcut": metrics}}, "seconds_per_click": {...}} with metrics NoC@85, NoC@90, NoF@85,
-    NoF@90, mIoU@k (see :mod:`exits.interactive.metrics`). ``constraint`` overrides the
-    model's click constraint (none / disk / crf / grabcut) for this evaluation.
+    NoF@90, mIoU@k (see :mod:`exits.interactive.metrics`). ``object_offset`` skips the first
+    objects of the queue (e.g. 40: the next 40 objects, a split for tuning inference settings
+    apart from the 40 the benchmark reports on). ``constraint`` overrides the
+    model's click constraint (none / disk / crf / grabcut) for this evaluation; ``inference``
+    overrides other settings that act only after the decoder
+    (:data:`exits.interactive.config.INFERENCE_ONLY`, e.g. ``{"crf_resolution": "window"}``).
     """
     workdir = Path(workdir)
     bad = sorted(set(protocols) - set(PROTOCOLS))
@@ -103,12 +110,19 @@ def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str |
         predictor.progressive = bool(progressive)
     if constraint is not None:
         predictor.constraint = str(constraint)
+    if inference:
+        bad_keys = sorted(set(inference) - set(INFERENCE_ONLY))
+        if bad_keys:
+            raise ValueError(f"not inference-only settings: {bad_keys}; choose from {list(INFERENCE_ONLY)}")
+        predictor.decoder.config = dataclasses.replace(predictor.decoder.config, **inference)
+        predictor.constraint = predictor.decoder.config.constraint if constraint is None else predictor.constraint
+        predictor.progressive = predictor.decoder.config.progressive if progressive is None else predictor.progressive
     _, payload = load_click_model(model_path)
     trained = set(int(a) for a in payload.get("extra", {}).get("train_ann_ids", [])) if exclude_trained else set()
     pseudo_json = json.loads(RunFolder(workdir).pseudo_json.read_text(encoding="utf-8"))
     pseudo = {int(a["id"]): a for a in pseudo_json["annotations"]}
     gt = load_gt_masks(gt_json, set(predictor.objects))
-    ids = _select_objects(predictor, pseudo, set(gt), trained, ann_ids, num_objects)
+    ids = _select_objects(predictor, pseudo, set(gt), trained, ann_ids, num_objects, object_offset)
     radius_of = lambda info: predictor.decoder.config.disk_radius * max(info.window.width, info.window.height) / info.window.size  # noqa: E731
 
     curves: dict[str, dict[str, list[list[float]]]] = {p: {"click_model": [], "grabcut": []} for p in protocols}
@@ -151,8 +165,8 @@ def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str |
 
     result: dict[str, Any] = {
         "settings": {"workdir": str(workdir), "gt_json": str(gt_json), "model_path": str(model_path),
-                     "max_clicks": max_clicks, "stop_iou": stop_iou, "progressive": predictor.progressive,
-                     "constraint": predictor.constraint, "protocols": list(protocols),
+                     "max_clicks": max_clicks, "object_offset": object_offset, "stop_iou": stop_iou, "progressive": predictor.progressive,
+                     "constraint": predictor.constraint, "inference": dict(inference or {}), "protocols": list(protocols),
                      "exclude_trained": exclude_trained, "robot": "RITM: farthest point from error boundary, padded EDT"},
         "ann_ids": ids,
         "protocols": {p: {m: summarize_curves(c, max_clicks, thresholds=(0.85, 0.9)) for m, c in v.items() if c}

@@ -21,7 +21,9 @@ __all__ = ["ObjectFeatures", "FeatureCache", "encode_crops"]
 
 @dataclass(frozen=True)
 class ObjectFeatures:
-    """Cached inputs of one object: tokens (h*w, C) float32, image (3, S, S) in [0, 1]."""
+    """Cached inputs of one object: tokens (h*w, C) float32, image (3, S, S) in [0, 1], and
+    ``window_image`` (3, h, w) the window's native pixels (the click constraint can work at
+    the image's resolution instead of the resampled crop's, ``crf_resolution: window``)."""
 
     ann_id: int
     window: CropWindow
@@ -29,6 +31,7 @@ class ObjectFeatures:
     tokens: torch.Tensor
     grid: tuple[int, int]
     crop: torch.Tensor
+    window_image: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -49,7 +52,9 @@ def object_features(encoder: nn.Module, ann_id: int, image: torch.Tensor, window
     crop = crop_images(image, [window]).clamp_(0, 1)
     tokens, grid = encode_crops(encoder, crop)
     return ObjectFeatures(ann_id=int(ann_id), window=window, image_size=(int(image.shape[1]), int(image.shape[2])),
-                          tokens=tokens[0], grid=grid, crop=crop[0])
+                          tokens=tokens[0], grid=grid, crop=crop[0],
+                          window_image=image[:, window.y0:window.y0 + window.height,
+                                             window.x0:window.x0 + window.width].clamp(0, 1).contiguous())
 
 
 class FeatureCache:

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from exits.data.crops import CropWindow, crop_mask, paste_mask
+from exits.data.crops import CropWindow, crop_mask
 from exits.interactive.clicks import Click, disk_index, state_map, update_with_prediction
 from exits.interactive.constrain import constrain_clicks
 from exits.interactive.decoder import ClickDecoder
@@ -63,6 +63,13 @@ def read_objects(workdir: Path, crop_size: int) -> dict[int, ObjectInfo]:
                                      np.asarray(r["extreme_points"], np.float64).reshape(4, 2))
         for r in table.to_pylist()
     }
+
+
+def _to_window(crop: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(S, S) crop values -> (h, w) window values, bilinear (the inverse of the crop's
+    resampling, as :func:`exits.data.crops.paste_mask`)."""
+    t = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None]
+    return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 class ClickPredictor:
@@ -131,6 +138,21 @@ class ClickPredictor:
         return decode_probs(self.decoder, f.tokens[None].to(self.device), f.grid, f.crop[None].to(self.device),
                             [uv], [prev_crop], [state])[0]
 
+    def _constrained_window(self, f: ObjectFeatures, prob: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
+        """(win.height, win.width) bool: the click constraint on the crop's probabilities,
+        at the crop's resolution then resampled to the window (``crf_resolution: crop``),
+        or at the window's own pixels (``window``; :mod:`exits.interactive.constrain`)."""
+        cfg, win = self.decoder.config, f.window
+        kwargs = dict(method=self.constraint, iters=cfg.crf_iters, sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w,
+                      colour=cfg.crf_colour, max_size=cfg.crf_max_size, colour_rounds=cfg.crf_colour_rounds)
+        size = (win.height, win.width)
+        if cfg.crf_resolution == "window" and self.constraint in ("crf", "grabcut") and f.window_image is not None:
+            uv = [(float(x) - win.x0, float(y) - win.y0, bool(p)) for x, y, p in clicks]
+            radius = cfg.disk_radius * max(win.width, win.height) / win.size
+            return constrain_clicks(_to_window(prob, size), f.window_image.cpu(), uv, radius, **kwargs)
+        crop_out = constrain_clicks(prob, f.crop.cpu(), self._crop_clicks(win, clicks), cfg.disk_radius, **kwargs)
+        return _to_window(crop_out, size) >= 0.5
+
     def predict(self, ann_id: int, clicks: list[tuple[float, float, bool]], prev_mask: np.ndarray | None) -> np.ndarray:
         """The new (H, W) bool full-image mask after ``clicks`` on top of ``prev_mask``."""
         info = self._info(ann_id)
@@ -145,14 +167,9 @@ class ClickPredictor:
         cfg = self.decoder.config
         state = self.sessions.lookup(ann_id, clicks, prev)
         prob = self.predict_crop(ann_id, clicks, prev, state)
-        uv = self._crop_clicks(win, clicks)
-        crop_out = constrain_clicks(prob, f.crop, uv, cfg.disk_radius, method=self.constraint, iters=cfg.crf_iters,
-                                    sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w, colour=cfg.crf_colour,
-                                    max_size=cfg.crf_max_size)
-        full = (paste_mask(torch.from_numpy(crop_out.astype(np.float32)), win, h, w) >= 0.5).numpy()
         out = prev.copy() if prev is not None else np.zeros((h, w), bool)
         rows, cols = slice(win.y0, win.y0 + win.height), slice(win.x0, win.x0 + win.width)
-        out[rows, cols] = full[rows, cols]
+        out[rows, cols] = self._constrained_window(f, prob, clicks)
         radius = cfg.disk_radius * max(win.width, win.height) / win.size
         if self.progressive and prev is not None:
             out = progressive_update(prev, out, clicks[-1], radius)
@@ -160,6 +177,7 @@ class ClickPredictor:
             for x, y, positive in clicks:
                 rows_d, cols_d, disk = disk_index(float(x), float(y), radius, h, w)
                 out[rows_d, cols_d][disk] = bool(positive)
+        uv = self._crop_clicks(win, clicks)
         z = state_map(uv, self._crop_prev(win, prev), (win.size, win.size), cfg.disk_radius, state)
         self.sessions.store(ann_id, clicks, update_with_prediction(z, self._crop_prev(win, out)), out)
         return out
