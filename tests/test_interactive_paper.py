@@ -183,6 +183,57 @@ def test_clicked_disk_keeps_its_label_with_a_decoder_that_ignores_clicks(tiny_ru
     assert out_neg[disk].all() if constraint == "none" else not out_neg[disk].any()
 
 
+class _FixedProb(ClickDecoder):
+    """A toy decoder whose answer is a fixed crop probability map, whatever the clicks."""
+
+    prob: torch.Tensor
+
+    def forward(self, tokens, grid, image, maps, clicks, valid):  # noqa: D102
+        return torch.logit(self.prob.clamp(1e-4, 1 - 1e-4))[None, None].expand(image.shape[0], 1, -1, -1)
+
+
+def test_window_resolution_constraint_recovers_detail_the_crop_cannot_hold():
+    """A comb of 5-px red stripes on blue, seen through a 32-px crop of a 140-px window (4.4
+    image px per crop px): the crop is near purple where the comb is, the decoder says ~0.5 there.
+    The constraint at the window's own pixels separates stripes from gaps by colour; at the
+    crop's resolution it cannot (crf_resolution window vs crop)."""
+    from types import SimpleNamespace
+
+    from exits.data.crops import CropWindow, crop_images
+    from exits.interactive.features import FeatureCache, ObjectFeatures
+    from exits.interactive.predictor import ObjectInfo
+
+    rng = np.random.default_rng(0)
+    h = w = 160
+    gt = np.zeros((h, w), bool)
+    cols = np.arange(40, 121)
+    gt[40:121, cols[((cols - 40) // 5) % 2 == 0]] = True
+    img = np.zeros((h, w, 3), np.float32)
+    img[..., 2] = 0.75
+    img[gt] = (0.85, 0.15, 0.1)
+    img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
+    image = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+    win = CropWindow(x0=10, y0=10, width=140, height=140, size=32)
+    crop = crop_images(image, [win])[0].clamp(0, 1)
+    prob = crop_images(torch.from_numpy(gt.astype(np.float32))[None], [win])[0, 0]
+    feats = ObjectFeatures(ann_id=1, window=win, image_size=(h, w), tokens=torch.zeros(16, 8), grid=(4, 4), crop=crop,
+                           window_image=image[:, 10:150, 10:150].contiguous())
+    clicks = [(42.0, 80.0, True), (47.0, 80.0, False)]  # one stripe, the gap next to it (disks of ~1 px)
+    iou = {}
+    for resolution in ("crop", "window"):
+        cfg = ClickModelConfig(**SMALL, constraint="crf", progressive=False, crf_resolution=resolution, crf_max_size=256,
+                               disk_radius=0.25)
+        dec = _FixedProb(cfg, embed_dim=8)
+        dec.prob = prob
+        encoder = SimpleNamespace(img_size=32, to=lambda *_: encoder, eval=lambda: encoder)
+        pred = ClickPredictor(dec, encoder, {1: ObjectInfo("x.png", win, (h, w), np.zeros((4, 2)))}, Path("."))
+        pred.cache = FeatureCache(4)
+        pred.cache.get(1, lambda: feats)
+        out = pred.predict(1, clicks, None)
+        iou[resolution] = (out & gt).sum() / (out | gt).sum()
+    assert iou["window"] > 0.85 and iou["window"] > iou["crop"] + 0.2, iou
+
+
 def test_pem_and_latent_heads_change_nothing_at_inference():
     on = ClickModelConfig(**SMALL, use_pem=True, latent_heads=3)
     off = on.replace(use_pem=False, latent_heads=0)

@@ -16,7 +16,7 @@ CONSTRAINTS = ("none", "disk", "crf", "grabcut")
 CRF_RESOLUTIONS = ("crop", "window")
 # Settings that act only after the decoder: an evaluation may change them on a trained model.
 INFERENCE_ONLY = ("progressive", "constraint", "crf_iters", "crf_sxy", "crf_srgb", "crf_w", "crf_colour",
-                  "crf_max_size", "crf_resolution", "crf_colour_rounds")
+                  "crf_max_size", "crf_resolution")
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,7 @@ class ClickModelConfig(FrozenSettings):
     ``crf_resolution``: "crop" runs the constraint on the encoder's S x S crop, "window" on
     the object's window at the image's own pixels (decoder probabilities resampled to it,
     long side capped at ``crf_max_size``), as GrabCut works, so boundaries are not limited to
-    the crop's resolution. ``crf_colour_rounds`` > 1: GrabCut-style re-estimation of the
-    colour model from the previous round's CRF output.
+    the crop's resolution.
 
     Click encoding: ``disk_radius`` in crop pixels (the crop is the encoder's input size,
     e.g. 96 for the demo generator). Zoom: the RoI is the box of the coarse foreground and
@@ -91,7 +90,6 @@ class ClickModelConfig(FrozenSettings):
     crf_colour: float = 1.0
     crf_max_size: int = 128
     crf_resolution: str = "crop"
-    crf_colour_rounds: int = 1
     max_prototypes: int = 4
     cells_per_prototype: int = 12
     sgc_iters: int = 8
@@ -136,7 +134,7 @@ class ClickModelConfig(FrozenSettings):
             errors.append("train_source 'coco' needs train_json (a COCO json with masks for click training)")
         for name in ("dim", "heads", "iterations", "batch_size", "max_prototypes",
                      "cells_per_prototype", "max_clicks", "max_train_objects", "feature_cache_size", "decode_size", "max_grid",
-                     "coarse_size", "synthetic_objects", "crf_max_size", "crf_colour_rounds"):
+                     "coarse_size", "synthetic_objects", "crf_max_size"):
             if int(getattr(self, name)) < 1:
                 errors.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("imsa_depth", "sgc_iters", "max_sim_rounds", "seed", "latent_heads", "pdm_iterations",

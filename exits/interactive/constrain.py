@@ -67,34 +67,23 @@ def colour_model(prob: np.ndarray, image_rgb: np.ndarray, labels: np.ndarray, le
 
 
 def crf_with_clicks(prob: np.ndarray, image_rgb: np.ndarray, labels: np.ndarray, *, iters: int = 5,
-                    sxy: float = 20.0, srgb: float = 13.0, weight: float = 10.0, colour: float = 1.0,
-                    rounds: int = 1) -> np.ndarray:
+                    sxy: float = 20.0, srgb: float = 13.0, weight: float = 10.0, colour: float = 1.0) -> np.ndarray:
     """(H, W) float32 foreground marginals of the dense CRF (module doc).
 
     prob (H, W) decoder probabilities; image_rgb (H, W, 3) uint8; labels (H, W) int8 from
     :func:`exits.interactive.clicks.click_label_map` (+1 fg disk, -1 bg disk, 0 free);
-    ``colour`` the weight lam of the click-conditioned colour term (0 = off).
-    ``rounds`` > 1 (with the colour term): GrabCut-style re-estimation, the colour model of
-    round r + 1 is built from round r's marginals q instead of the decoder's p (the unary's
-    decoder term stays -log p), i.e. alternating colour model and labelling as GrabCut's EM
-    does, with the dense CRF as the labelling step.
+    ``colour`` the weight lam of the click-conditioned colour term (0 = off). One colour
+    model, built from the decoder's p: re-estimating it from the CRF's output for 3 rounds
+    (GrabCut's EM) was tried and cost clicks (bench/bench_clicks.py tuning split, seed 0:
+    NoC@90 5.90 -> 6.58 at the crop's resolution, 4.10 -> 5.00 at the window's).
     """
-    q = _crf_round(prob, image_rgb, labels, prob, iters, sxy, srgb, weight, colour)
-    for _ in range(max(1, int(rounds)) - 1 if colour > 0 else 0):
-        q = _crf_round(prob, image_rgb, labels, q, iters, sxy, srgb, weight, colour)
-    return q
-
-
-def _crf_round(prob: np.ndarray, image_rgb: np.ndarray, labels: np.ndarray, colour_weights: np.ndarray,
-               iters: int, sxy: float, srgb: float, weight: float, colour: float) -> np.ndarray:
-    """One dense-CRF inference; the colour model is built from ``colour_weights`` (H, W) in [0, 1]."""
     import pydensecrf.densecrf as dcrf
 
     h, w = prob.shape
     p = np.clip(np.asarray(prob, np.float32), EPS, 1 - EPS)
     e_fg, e_bg = -np.log(p), -np.log(1 - p)
     if colour > 0:
-        c = np.clip(colour_model(np.clip(colour_weights, 0.0, 1.0), image_rgb, labels), EPS, 1 - EPS)
+        c = np.clip(colour_model(p, image_rgb, labels), EPS, 1 - EPS)
         e_fg, e_bg = e_fg - colour * np.log(c), e_bg - colour * np.log(1 - c)
     hard = -np.log(EPS)
     e_fg = np.where(labels > 0, 0.0, np.where(labels < 0, hard, e_fg))
@@ -132,8 +121,7 @@ def grabcut_with_clicks(prob: np.ndarray, image_rgb: np.ndarray, labels: np.ndar
 
 def constrain_clicks(prob: np.ndarray, image: torch.Tensor, clicks: Sequence[Click], radius: float, *,
                      method: str = "crf", iters: int = 5, sxy: float = 20.0, srgb: float = 13.0,
-                     weight: float = 10.0, colour: float = 1.0, max_size: int = 256,
-                     colour_rounds: int = 1) -> np.ndarray:
+                     weight: float = 10.0, colour: float = 1.0, max_size: int = 256) -> np.ndarray:
     """(H, W) bool mask that keeps every click's label.
 
     prob (H, W) decoder probabilities (the S x S crop, or resampled to the window's native
@@ -141,8 +129,7 @@ def constrain_clicks(prob: np.ndarray, image: torch.Tensor, clicks: Sequence[Cli
     radius the disk radius in its pixels; ``sxy`` in pixels of a 96-px object extent (scaled
     with the working size's long side). Inputs whose long side exceeds ``max_size`` are
     refined at that size and the labels upsampled. method: "crf" | "grabcut" | "disk" |
-    "none" (``iters`` is the GrabCut rounds for "grabcut"); ``colour_rounds`` (crf only) the
-    rounds of :func:`crf_with_clicks`.
+    "none" (``iters`` is the GrabCut rounds for "grabcut").
     """
     h, w = prob.shape[-2:]
     if method == "none" or not clicks:
@@ -164,7 +151,7 @@ def constrain_clicks(prob: np.ndarray, image: torch.Tensor, clicks: Sequence[Cli
         rgb = (img_z.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
         if method == "crf":
             q = crf_with_clicks(p_z, rgb, lab_z, iters=iters, sxy=sxy * max(zh, zw) / 96.0, srgb=srgb, weight=weight,
-                                colour=colour, rounds=colour_rounds)
+                                colour=colour)
         else:
             q = grabcut_with_clicks(p_z, rgb, lab_z, iters=iters)
         if (zh, zw) != (h, w):

@@ -144,7 +144,7 @@ class ClickPredictor:
         or at the window's own pixels (``window``; :mod:`exits.interactive.constrain`)."""
         cfg, win = self.decoder.config, f.window
         kwargs = dict(method=self.constraint, iters=cfg.crf_iters, sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w,
-                      colour=cfg.crf_colour, max_size=cfg.crf_max_size, colour_rounds=cfg.crf_colour_rounds)
+                      colour=cfg.crf_colour, max_size=cfg.crf_max_size)
         size = (win.height, win.width)
         if cfg.crf_resolution == "window" and self.constraint in ("crf", "grabcut") and f.window_image is not None:
             uv = [(float(x) - win.x0, float(y) - win.y0, bool(p)) for x, y, p in clicks]
