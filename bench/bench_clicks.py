@@ -40,11 +40,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exits.interactive.config import ClickModelConfig  # noqa: E402
+from exits.interactive.config import INFERENCE_ONLY, ClickModelConfig  # noqa: E402
 from exits.interactive.constrain import constrain_clicks  # noqa: E402
 from exits.interactive.decoder import ClickDecoder  # noqa: E402
 from exits.interactive.evaluate import run_eval_clicks  # noqa: E402
@@ -87,34 +88,53 @@ def click_sequence(size: int) -> tuple[list, np.ndarray]:
 
 
 def speed(workdir: Path, model_path: Path, repeats: int) -> list[dict]:
-    decoder, _ = load_click_model(model_path)
+    """ms per click: at the demo crop the whole ``ClickPredictor.predict`` on a real object
+    (decoder, click constraint at the window's own pixels, state map, paste); at 512 the
+    decoder + constraint on a random-weight model, the window taken as the crop (a 512-px
+    window), with the CRF capped at ``crf_max_size`` and, for comparison, at 128."""
+    import dataclasses
+
     predictor = ClickPredictor.from_workdir(workdir, model_path=model_path)
+    # the current post-decoder defaults, whatever the model was saved with
+    cfg = dataclasses.replace(predictor.decoder.config, **{k: getattr(ClickModelConfig(), k) for k in INFERENCE_ONLY})
+    predictor.decoder.config = cfg
+    predictor.constraint, predictor.progressive = cfg.constraint, cfg.progressive
     ann_id = next(iter(predictor.objects))
     feats = predictor.features(ann_id)
-    cfg = decoder.config
+    win, s_demo = feats.window, feats.crop.shape[-1]
     rows = []
     for threads in (2, 1):
         torch.set_num_threads(threads)
-        for size in (feats.crop.shape[-1], 512):
-            if size == feats.crop.shape[-1]:
-                dec, tokens, grid, crop = decoder, feats.tokens[None], feats.grid, feats.crop[None]
-            else:
-                g = size // 8
-                dec = ClickDecoder(cfg, decoder.embed_dim).eval()
-                tokens, grid, crop = torch.randn(1, g * g, decoder.embed_dim), (g, g), torch.rand(1, 3, size, size)
-            clicks, prev = click_sequence(size)
-            radius = cfg.disk_radius * size / feats.crop.shape[-1]
-            for constraint in ("none", "crf"):
-                def one_click(k: int = 5) -> None:
-                    prob = decode_probs(dec, tokens, grid, crop, [clicks[:k]], [prev])[0]
-                    constrain_clicks(prob, crop[0], clicks[:k], radius, method=constraint, iters=cfg.crf_iters,
-                                     sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w, colour=cfg.crf_colour,
-                                     max_size=cfg.decode_size)
+        clicks, prev = click_sequence(s_demo)
+        img_clicks = [(*win.crop_to_image(np.array([u, v])).tolist(), pos) for u, v, pos in clicks]
+        prev_full = np.zeros(feats.image_size, bool)
+        prev_full[win.y0:win.y0 + win.height, win.x0:win.x0 + win.width] = \
+            F.interpolate(torch.from_numpy(prev.astype(np.float32))[None, None], size=(win.height, win.width),
+                          mode="bilinear", align_corners=False)[0, 0].numpy() >= 0.5
+        for constraint in ("none", "crf"):
+            predictor.constraint = constraint
+            times = time_calls(lambda: predictor.predict(ann_id, img_clicks, prev_full), repeats)
+            rows.append({"threads": threads, "crop": s_demo, "window": [win.width, win.height], "clicks": 5,
+                         "grid": list(feats.grid), "constraint": constraint, "what": "ClickPredictor.predict",
+                         "median_ms": round(1e3 * statistics.median(times), 2), "min_ms": round(1e3 * min(times), 2)})
+            print(rows[-1], flush=True)
+        size, g = 512, 64
+        dec = ClickDecoder(cfg, predictor.decoder.embed_dim).eval()
+        tokens, grid, crop = torch.randn(1, g * g, predictor.decoder.embed_dim), (g, g), torch.rand(1, 3, size, size)
+        clicks, prev = click_sequence(size)
+        radius = cfg.disk_radius * size / s_demo
+        for constraint, cap in (("none", cfg.crf_max_size), ("crf", cfg.crf_max_size), ("crf", 128)):
+            def one_click(k: int = 5) -> None:
+                prob = decode_probs(dec, tokens, grid, crop, [clicks[:k]], [prev])[0]
+                constrain_clicks(prob, crop[0], clicks[:k], radius, method=constraint, iters=cfg.crf_iters,
+                                 sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w, colour=cfg.crf_colour,
+                                 max_size=cap)
 
-                times = time_calls(one_click, repeats)
-                rows.append({"threads": threads, "crop": size, "clicks": 5, "grid": list(grid), "constraint": constraint,
-                             "median_ms": round(1e3 * statistics.median(times), 2), "min_ms": round(1e3 * min(times), 2)})
-                print(rows[-1], flush=True)
+            times = time_calls(one_click, repeats)
+            rows.append({"threads": threads, "crop": size, "clicks": 5, "grid": list(grid), "constraint": constraint,
+                         "crf_max_size": cap, "what": "decoder + constraint",
+                         "median_ms": round(1e3 * statistics.median(times), 2), "min_ms": round(1e3 * min(times), 2)})
+            print(rows[-1], flush=True)
     torch.set_num_threads(1)
     return rows
 
@@ -148,7 +168,9 @@ def train(workdir: Path, cfg: ClickModelConfig, path: Path) -> dict:
     t = time.perf_counter()
     if path.exists():  # resumable: a model trained by an earlier, interrupted call
         _, payload = load_click_model(path)
-        if payload["config"] == cfg.to_dict():
+        # Settings that act only after the decoder do not change the trained weights.
+        same = lambda c: {k: v for k, v in c.items() if k not in INFERENCE_ONLY}  # noqa: E731
+        if same(payload["config"]) == same(cfg.to_dict()):
             return {"train": payload["extra"].get("train_summary"), "train_s": None, "reused": True}
     _, summary = train_click_model(workdir, cfg, out_path=path, progress=True,
                                    synthetic_dir=ROOT / "runs" / "click_synthetic")
@@ -283,6 +305,9 @@ def main() -> None:
                    "gt": str(args.gt), "objects": args.objects, "object_offset": args.object_offset,
                    "seeds": args.seeds})
     args.models_dir.mkdir(parents=True, exist_ok=True)
+    # Every row is evaluated with this config's post-decoder settings, also on a model that
+    # was trained (and saved) before they changed: they do not touch the weights.
+    base_inference = {k: getattr(base, k) for k in INFERENCE_ONLY}
 
     def save() -> None:
         result["load_avg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
@@ -311,7 +336,7 @@ def main() -> None:
         if str(seed) not in full:
             row = train(args.workdir, cfg, path)
             row.update(evaluate(args.workdir, args.gt, path, args.models_dir / f"full_seed{seed}_eval.json",
-                                args.objects, grabcut=True, protocols=tuple(args.protocols)))
+                                args.objects, grabcut=True, protocols=tuple(args.protocols), inference=base_inference))
             full[str(seed)] = row
             print("full", seed, json.dumps({p: {m: {k: round(v, 3) for k, v in x.items()} for m, x in r.items()}
                                            for p, r in row["protocols"].items()}), flush=True)
@@ -321,7 +346,7 @@ def main() -> None:
             if key not in constraint_rows:
                 constraint_rows[key] = evaluate(args.workdir, args.gt, path, args.models_dir / f"{key}_eval.json",
                                                 args.objects, grabcut=False, constraint=constraint,
-                                                protocols=tuple(args.protocols))
+                                                protocols=tuple(args.protocols), inference=base_inference)
                 save()
         for text in args.variants:
             label, settings = parse_variant(text)
@@ -329,7 +354,7 @@ def main() -> None:
             if key not in constraint_rows:
                 constraint_rows[key] = evaluate(args.workdir, args.gt, path, args.models_dir / f"{key}_eval.json",
                                                 args.objects, grabcut=False, protocols=tuple(args.protocols),
-                                                inference=settings)
+                                                inference={**base_inference, **settings})
                 constraint_rows[key]["inference"] = settings
                 save()
     full, constraint_rows = result["full"], result["constraint"]

@@ -24,7 +24,7 @@ from exits.interactive.zoom import paste_roi_logits, roi_resample, zoom_box
 from tests.test_interactive_train import tiny_run  # noqa: F401  (fixture)
 
 S = 32
-SMALL = dict(dim=16, heads=2, pool_sizes=(1, 2))
+SMALL = dict(dim=16, heads=2, pool_sizes=(1, 2), train_source="pseudo")
 
 
 def _two_parts() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ from exits.models.factory import save_mask_model
 from exits.models.factory import build_mask_model
 from tests.conftest import make_coco
 
-SMALL = dict(dim=16, heads=2, pool_sizes=(1, 2), batch_size=2, max_sim_rounds=1)
+SMALL = dict(dim=16, heads=2, pool_sizes=(1, 2), batch_size=2, max_sim_rounds=1, train_source="pseudo")
 
 
 def test_config_from_dict_validation_and_round_trip():
@@ -185,7 +185,8 @@ def test_eval_json_and_commands(tiny_run: Path, tmp_path: Path):
     runner = CliRunner()
     res = runner.invoke(app, ["train-clicks", "--workdir", str(tiny_run), "--iterations", "2",
                               "--set", "dim=16", "--set", "heads=2", "--set", "batch_size=2",
-                              "--set", "pool_sizes=[1, 2]", "--set", "train_top_fraction=0.5"])
+                              "--set", "pool_sizes=[1, 2]", "--set", "train_top_fraction=0.5",
+                              "--set", "train_source=pseudo"])
     assert res.exit_code == 0, res.output
     assert (tiny_run / "click_model" / "model.pt").is_file()
     bad = runner.invoke(app, ["train-clicks", "--workdir", str(tiny_run), "--set", "nope=1"])

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from exits.cli_support import fail, run_config
+from exits.cli_support import fail, run_config, setup_logging
 from exits.config import ConfigError
 from exits.interactive.config import ClickModelConfig
 
@@ -41,10 +41,13 @@ def train_clicks_command(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
     out: Annotated[Optional[Path], typer.Option(help="model file (default WORKDIR/click_model/model.pt)")] = None,
 ) -> None:
-    """Train the spot-fix click decoder: on the run's highest-scoring pseudo masks (default),
-    a COCO json you name (--train-json) or a generated labelled set (--synthetic N)."""
+    """Train the spot-fix click decoder: by default on the run's highest-scoring pseudo masks
+    plus 2000 objects of the demo-data generator run with another seed (config
+    ``click_model.train_source: pseudo+synthetic``, the benchmarked model), or on a COCO json
+    you name (--train-json) or a generated labelled set alone (--synthetic N)."""
     from exits.interactive.train import train_click_model  # torch & co. only when the command runs
 
+    setup_logging(False)  # the training prints its progress (minutes on CPU)
     if train_json is not None and synthetic is not None:
         fail("give --train-json or --synthetic, not both")
     try:

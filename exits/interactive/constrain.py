@@ -33,8 +33,12 @@ a learned decoder stops short (docs/benchmarks.md, spot-fix: GrabCut alone needs
 clicks to 90 % IoU but more to the first 85 %); the decoder's probabilities enter only
 through the initial labels (OpenCV's GrabCut has no custom unary).
 
-Works on the S x S crop; crops larger than ``max_size`` are refined at ``max_size`` (the
-CRF's cost is linear in pixels) with ``sxy`` scaled to that size, and the labels upsampled.
+Works on whatever grid it is given: the predictor passes the object's window at the
+image's own pixels (``crf_resolution: window``, the default: the decoder's probabilities
+resampled to the window, so the boundary can follow image edges finer than the encoder's
+crop resolves) or the S x S crop. Inputs whose long side exceeds ``max_size`` are refined at
+that size (the CRF's cost is linear in pixels) with ``sxy`` scaled to it, and the labels
+upsampled.
 """
 from __future__ import annotations
 

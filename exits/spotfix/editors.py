@@ -26,10 +26,11 @@ from exits.spotfix.catalog import RunCatalog
 Click = tuple[float, float, bool]
 EDITORS = ("auto", "clicks", "grabcut")
 # The editor that wins the click counts from the pseudo mask (NoC@85, NoC@90, NoF@90; mean of 3 seeds) in
-# bench/bench_clicks.py on the demo run. Issue 11: the click model wins NoC@85 (5.15 vs 6.45) and
-# mIoU@1-5 but loses NoC@90 (9.65 vs 8.32) and NoF@90 (13.7 vs 8), so GrabCut stays the default;
-# see docs/benchmarks.md. Update with the benchmark.
-BENCHMARK_WINNER = "grabcut"
+# bench/bench_clicks.py on the demo run (docs/benchmarks.md, "Spot-fix click model"). Since the click
+# constraint works at the window's own pixels (crf_resolution: window) the click model wins all three:
+# NoC@85 4.46 vs 6.50, NoC@90 6.80 vs 7.78, NoF@90 6.7 vs 8 of 40 objects (GrabCut with the same clicks).
+# Update with the benchmark.
+BENCHMARK_WINNER = "clicks"
 log = logging.getLogger(__name__)
 
 
