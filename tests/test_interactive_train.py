@@ -189,6 +189,10 @@ def test_eval_json_and_commands(tiny_run: Path, tmp_path: Path):
                               "--set", "train_source=pseudo"])
     assert res.exit_code == 0, res.output
     assert (tiny_run / "click_model" / "model.pt").is_file()
+    from exits.spotfix.editors import BENCHMARK_WINNER, resolve_editor
+
+    kind, why = resolve_editor("auto", tiny_run)  # the run has a click model now: the benchmark's winner
+    assert kind == BENCHMARK_WINNER and f"--editor {'grabcut' if kind == 'clicks' else 'clicks'}" in why
     bad = runner.invoke(app, ["train-clicks", "--workdir", str(tiny_run), "--set", "nope=1"])
     assert bad.exit_code != 0 and "nope" in bad.output
 

@@ -172,7 +172,8 @@ def resolve_editor(kind: str, workdir: str | Path) -> tuple[str, str]:
     if BENCHMARK_WINNER == "clicks" and not RunFolder(workdir).click_model.is_file():
         return "grabcut", (f"the benchmark winner is the click model, but {RunFolder(workdir).click_model_dir} has none "
                            f"(run `exits train-clicks --workdir {workdir}`)")
-    return BENCHMARK_WINNER, "the winner of bench/bench_clicks.py, see docs/benchmarks.md; --editor clicks for the click model"
+    other = "grabcut" if BENCHMARK_WINNER == "clicks" else "clicks"
+    return BENCHMARK_WINNER, f"the winner of bench/bench_clicks.py, see docs/benchmarks.md; --editor {other} for the other one"
 
 
 def load_editor(kind: str, workdir: str | Path, catalog: RunCatalog, device: str = "cpu") -> MaskEditor:
