@@ -63,6 +63,10 @@ def train_clicks_command(
         changes["iterations"] = iterations
     if device is not None:
         changes["device"] = device
+    if not changes.get("train_source") and cfg.train_source == "pseudo":
+        # e.g. a run folder made before pseudo+synthetic became the default keeps its config
+        typer.echo("note: training on the run's pseudo masks only (click_model.train_source: pseudo); the "
+                   "benchmarked model also uses generated objects: --synthetic 2000 --with-pseudo", err=True)
     try:
         cfg = cfg.replace(**changes) if changes else cfg
         path, summary = train_click_model(workdir, cfg, out_path=out)
