@@ -16,7 +16,11 @@ protocols "pseudo" (edit the pseudo mask) and "scratch", both stopping at IoU 0.
 robot, objects and window. Rows per seed, then mean and sd over seeds.
 
 Constraint rows: the same models evaluated with ``constraint`` none (plain decoder), disk
-(only the clicked disks forced) and crf (the default). Ablation: each part switched off in
+(only the clicked disks forced) and crf (the default). ``--variants 'label:key=value,...'``
+adds rows with other post-decoder settings (``INFERENCE_ONLY``, e.g.
+``crop:crf_resolution=crop``); ``--object-offset 40`` evaluates the next 40 objects of the
+queue instead, the split the post-decoder settings were tuned on. Every row uses the current
+post-decoder defaults unless a variant changes them, also for models saved before they changed. Ablation: each part switched off in
 turn and retrained with the same budget (``--ablation-seeds``); inference-only switches
 (progressive mode) reuse the full model. Training and evaluation run on 1 thread.
 
