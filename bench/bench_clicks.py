@@ -34,6 +34,7 @@ does not depend on their values).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -154,16 +155,13 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return label, out
 
 
-OBJECT_OFFSET = 0  # set from --object-offset: which slice of the spot-fix queue is evaluated
-
-
-def evaluate(workdir: Path, gt: Path, model_path: Path, out_json: Path, objects: int, *, grabcut: bool,
+def evaluate_objects(workdir: Path, gt: Path, model_path: Path, out_json: Path, objects: int, *, grabcut: bool,
              progressive: bool | None = None, constraint: str | None = None,
-             protocols: tuple[str, ...] = PROTOCOLS, inference: dict | None = None) -> dict:
+             protocols: tuple[str, ...] = PROTOCOLS, inference: dict | None = None, object_offset: int = 0) -> dict:
     t = time.perf_counter()
     result = run_eval_clicks(workdir, gt, out_path=out_json, model_path=model_path, num_objects=objects,
                              progressive=progressive, with_grabcut=grabcut, protocols=protocols, constraint=constraint,
-                             inference=inference, object_offset=OBJECT_OFFSET)
+                             inference=inference, object_offset=object_offset)
     return {"protocols": result["protocols"], "ann_ids": result["ann_ids"], "eval_s": round(time.perf_counter() - t, 1),
             "seconds_per_click": result["seconds_per_click"]}
 
@@ -283,8 +281,8 @@ def main() -> None:
                     help="only re-time clicks with MODELS_DIR/full_seed0.pt and update the speed rows of --out")
     ap.add_argument("--tables", action="store_true", help="print the markdown tables of --out and exit")
     args = ap.parse_args()
-    global OBJECT_OFFSET
-    OBJECT_OFFSET = args.object_offset
+    # every evaluation of this call reads the same slice of the spot-fix queue
+    evaluate = functools.partial(evaluate_objects, object_offset=args.object_offset)
     if args.tables:
         print(tables(json.loads(args.out.read_text())))
         return

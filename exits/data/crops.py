@@ -100,13 +100,19 @@ def paste_mask(crop_prob: torch.Tensor, window: CropWindow, image_height: int, i
     Bilinear resampling with ``align_corners=False`` reads crop position
     u = (x_local + 0.5) * S / w - 0.5 for image column x_local: the inverse of ``crop_images``.
     """
-    if crop_prob.shape != (window.size, window.size):
-        raise ValueError(f"crop_prob has shape {tuple(crop_prob.shape)}, expected {(window.size, window.size)}")
-    local = F.interpolate(crop_prob[None, None].float(), size=(window.height, window.width),
-                          mode="bilinear", align_corners=False)[0, 0]
+    local = crop_to_window(crop_prob, window)
     out = crop_prob.new_zeros((image_height, image_width), dtype=local.dtype)
     out[window.y0:window.y0 + window.height, window.x0:window.x0 + window.width] = local
     return out
+
+
+def crop_to_window(crop_prob: torch.Tensor, window: CropWindow) -> torch.Tensor:
+    """(S, S) crop values -> (height, width) values over the window at the image's pixels
+    (bilinear, ``align_corners=False``: the inverse of :func:`crop_images`)."""
+    if crop_prob.shape != (window.size, window.size):
+        raise ValueError(f"crop_prob has shape {tuple(crop_prob.shape)}, expected {(window.size, window.size)}")
+    return F.interpolate(crop_prob[None, None].float(), size=(window.height, window.width),
+                         mode="bilinear", align_corners=False)[0, 0]
 
 
 def crop_mask(mask: torch.Tensor, window: CropWindow) -> torch.Tensor:

@@ -85,7 +85,8 @@ def _select_objects(predictor: ClickPredictor, pseudo: dict[int, dict], gt_ids: 
 
 def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str | Path | None = None,
                     model_path: str | Path | None = None, ann_ids: Sequence[int] | None = None,
-                    num_objects: int | None = 40, object_offset: int = 0, max_clicks: int = 20, protocols: Sequence[str] = DEFAULT_PROTOCOLS,
+                    num_objects: int | None = 40, object_offset: int = 0, max_clicks: int = 20,
+                    protocols: Sequence[str] = DEFAULT_PROTOCOLS,
                     progressive: bool | None = None, with_grabcut: bool = True, exclude_trained: bool = True,
                     stop_iou: float | None = 0.95, device: str = "cpu", keep_curves: bool = False,
                     constraint: str | None = None, inference: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -165,8 +166,9 @@ def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str |
 
     result: dict[str, Any] = {
         "settings": {"workdir": str(workdir), "gt_json": str(gt_json), "model_path": str(model_path),
-                     "max_clicks": max_clicks, "object_offset": object_offset, "stop_iou": stop_iou, "progressive": predictor.progressive,
-                     "constraint": predictor.constraint, "inference": dict(inference or {}), "protocols": list(protocols),
+                     "max_clicks": max_clicks, "object_offset": object_offset, "stop_iou": stop_iou,
+                     "progressive": predictor.progressive, "constraint": predictor.constraint,
+                     "inference": dict(inference or {}), "protocols": list(protocols),
                      "exclude_trained": exclude_trained, "robot": "RITM: farthest point from error boundary, padded EDT"},
         "ann_ids": ids,
         "protocols": {p: {m: summarize_curves(c, max_clicks, thresholds=(0.85, 0.9)) for m, c in v.items() if c}

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from exits.data.crops import CropWindow, crop_mask
+from exits.data.crops import CropWindow, crop_mask, crop_to_window
 from exits.interactive.clicks import Click, disk_index, state_map, update_with_prediction
 from exits.interactive.constrain import constrain_clicks
 from exits.interactive.decoder import ClickDecoder
@@ -63,13 +63,6 @@ def read_objects(workdir: Path, crop_size: int) -> dict[int, ObjectInfo]:
                                      np.asarray(r["extreme_points"], np.float64).reshape(4, 2))
         for r in table.to_pylist()
     }
-
-
-def _to_window(crop: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(S, S) crop values -> (h, w) window values, bilinear (the inverse of the crop's
-    resampling, as :func:`exits.data.crops.paste_mask`)."""
-    t = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None]
-    return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 class ClickPredictor:
@@ -145,13 +138,13 @@ class ClickPredictor:
         cfg, win = self.decoder.config, f.window
         kwargs = dict(method=self.constraint, iters=cfg.crf_iters, sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w,
                       colour=cfg.crf_colour, max_size=cfg.crf_max_size)
-        size = (win.height, win.width)
         if cfg.crf_resolution == "window" and self.constraint in ("crf", "grabcut") and f.window_image is not None:
             uv = [(float(x) - win.x0, float(y) - win.y0, bool(p)) for x, y, p in clicks]
             radius = cfg.disk_radius * max(win.width, win.height) / win.size
-            return constrain_clicks(_to_window(prob, size), f.window_image.cpu(), uv, radius, **kwargs)
+            prob_w = crop_to_window(torch.from_numpy(np.asarray(prob, np.float32)), win).numpy()
+            return constrain_clicks(prob_w, f.window_image.cpu(), uv, radius, **kwargs)
         crop_out = constrain_clicks(prob, f.crop.cpu(), self._crop_clicks(win, clicks), cfg.disk_radius, **kwargs)
-        return _to_window(crop_out, size) >= 0.5
+        return (crop_to_window(torch.from_numpy(crop_out.astype(np.float32)), win) >= 0.5).numpy()
 
     def predict(self, ann_id: int, clicks: list[tuple[float, float, bool]], prev_mask: np.ndarray | None) -> np.ndarray:
         """The new (H, W) bool full-image mask after ``clicks`` on top of ``prev_mask``."""
