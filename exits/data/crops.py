@@ -107,10 +107,13 @@ def paste_mask(crop_prob: torch.Tensor, window: CropWindow, image_height: int, i
 
 
 def crop_to_window(crop_prob: torch.Tensor, window: CropWindow) -> torch.Tensor:
-    """(S, S) crop values -> (height, width) values over the window at the image's pixels
-    (bilinear, ``align_corners=False``: the inverse of :func:`crop_images`)."""
-    if crop_prob.shape != (window.size, window.size):
-        raise ValueError(f"crop_prob has shape {tuple(crop_prob.shape)}, expected {(window.size, window.size)}")
+    """(M, M) crop values -> (height, width) values over the window at the image's pixels
+    (bilinear, ``align_corners=False``: the inverse of :func:`crop_images`). M is usually the
+    crop size S; any square grid covering the whole crop maps the same way (the click
+    decoder's output of a large crop is at S / k)."""
+    if crop_prob.ndim != 2 or crop_prob.shape[0] != crop_prob.shape[1]:
+        raise ValueError(f"crop_prob has shape {tuple(crop_prob.shape)}, expected a square crop grid "
+                         f"({window.size} x {window.size} or coarser)")
     return F.interpolate(crop_prob[None, None].float(), size=(window.height, window.width),
                          mode="bilinear", align_corners=False)[0, 0]
 

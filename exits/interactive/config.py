@@ -54,9 +54,16 @@ class ClickModelConfig(FrozenSettings):
     e.g. 96 for the demo generator). Zoom: the RoI is the box of the coarse foreground and
     all clicks, grown by ``zoom_expand`` (1.4 as in RITM / InterFormer) and at least
     ``zoom_min_fraction`` of the crop side. Sizes: the coarse pass decodes the whole crop at
-    Z_c = min(S, ``coarse_size``) px on a grid of at most Z_c / 8 cells a side, the refinement the RoI at Z = min(S, ``decode_size``) px, and
-    the token grid is resampled to at most ``max_grid`` x ``max_grid`` cells (a 512 crop's
-    64 x 64 grid is averaged 2 x 2; the 96 crop's 12 x 12 grid is untouched).
+    Z_c = min(S, ``coarse_size``) px, the refinement the RoI at Z = min(S, ``decode_size``)
+    px, each on a token grid of min(``max_grid``, Z / 8) cells a side (one cell per 8 decoded
+    pixels, as the demo ViT's patches); the click maps and the decoder's output are at
+    M = S / k <= ``map_size`` (k an integer, :func:`exits.interactive.inference.map_frame`).
+    The demo's 96-px crops are untouched by all four (96 / 96 px, 12 x 12 cells, M = 96). A
+    512 crop is decoded at 96 px (coarse) and 128 px (refinement): the mask at 1/4 of the
+    input, the ratio of SAM's decoder (256 px masks for 1024 px inputs); boundary detail
+    beyond that comes from the click constraint at the window's own pixels. These were 128 /
+    256 px: 2.2x the per-click cost at 512 px for pixels the CRF (at most ``crf_max_size``)
+    then threw away (docs/benchmarks.md, spot-fix speed).
 
     Training: ``train_source`` "pseudo+synthetic" (default: the benchmarked model; trained on
     the pseudo masks alone the decoder needs ~1.5 more clicks to 85 %, bench/bench_clicks.py
@@ -100,9 +107,10 @@ class ClickModelConfig(FrozenSettings):
     disk_radius: float = 3.0
     zoom_expand: float = 1.4
     zoom_min_fraction: float = 0.4
-    coarse_size: int = 128
-    decode_size: int = 256
+    coarse_size: int = 96
+    decode_size: int = 128
     max_grid: int = 32
+    map_size: int = 256
     train_source: str = "pseudo+synthetic"
     train_json: str | None = None
     train_top_fraction: float = 0.6
@@ -138,7 +146,7 @@ class ClickModelConfig(FrozenSettings):
             errors.append("train_source 'coco' needs train_json (a COCO json with masks for click training)")
         for name in ("dim", "heads", "iterations", "batch_size", "max_prototypes",
                      "cells_per_prototype", "max_clicks", "max_train_objects", "feature_cache_size", "decode_size", "max_grid",
-                     "coarse_size", "synthetic_objects", "crf_max_size"):
+                     "coarse_size", "synthetic_objects", "crf_max_size", "map_size"):
             if int(getattr(self, name)) < 1:
                 errors.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("imsa_depth", "sgc_iters", "max_sim_rounds", "seed", "latent_heads", "pdm_iterations",

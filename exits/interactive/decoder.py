@@ -3,7 +3,8 @@
 One decoder *pass* over a region R of the S x S crop (the whole crop, or a zoom RoI),
 decoded at Z x Z pixels (features cached, see :mod:`exits.interactive.features`):
 
-  1. F = GELU(GN(W_p tokens))  (B, D, h, w), resampled to R on a grid capped at ``max_grid``
+  1. F = GELU(GN(W_p tokens))  (B, D, h, w), resampled to R on a grid of min(``max_grid``,
+     Z / 8) cells a side
   2. click embedding E = conv([avgpool(maps_R), maxpool(maps_R)]) on the token grid;
      X = F + E  (the "click-involved features"; maps = 2 disk + 5 state + previous mask)
   3. I-MSA blocks (optional): X <- X + I-MSA(X, F) + FFN  (InterFormer)
@@ -11,7 +12,7 @@ decoded at Z x Z pixels (features cached, see :mod:`exits.interactive.features`)
   5. SGC + GPA (optional): prototypes of the current mask's / background's features (ASGNet)
   6. FDM (optional): click-conditioned non-local feature diffusion (CDNet)
   7. head: 2x (bilinear + conv) up to Z/2, then Z fused with a low-level branch on
-     [RGB, maps_R] -> (B, 1, Z, Z) logits; latent heads (CDNet diversified training) read
+     [RGB, maps_R] -> (B, 1, Z, Z) logits (:meth:`ClickDecoder._head_logits`); latent heads (CDNet diversified training) read
      the same features, in training only
   8. PDM (optional): colour-affinity pixel diffusion of the logits (CDNet)
 
@@ -81,8 +82,8 @@ class PassOutput:
 
 @dataclass
 class DecoderOutput:
-    """logits (B, 1, S, S) the final crop logits; ``coarse`` the whole-crop pass; ``refine``
-    the zoomed pass (None with zoom off)."""
+    """logits (B, 1, M, M) the final crop logits in the map frame (M = S for small crops);
+    ``coarse`` the whole-crop pass; ``refine`` the zoomed pass (None with zoom off)."""
 
     logits: torch.Tensor
     coarse: PassOutput
@@ -150,22 +151,28 @@ class ClickDecoder(nn.Module):
         bg = torch.where(bg.flatten(1).any(1)[:, None, None], bg, border[None])
         return fg.cpu().numpy(), bg.cpu().numpy()
 
+    def grid_cap(self, z: int) -> int:
+        """Token cells a side for a pass decoded at z px: min(``max_grid``, z / 8), one cell
+        per 8 decoded pixels (the demo ViT's patch size: a 96 crop keeps its 12 x 12 grid;
+        a 512 crop decoded at 128 px is averaged onto 16 x 16)."""
+        return max(1, min(self.config.max_grid, z // 8))
+
     def decode_pass(self, feat: torch.Tensor, image: torch.Tensor, maps: torch.Tensor, clicks: torch.Tensor,
-                    valid: torch.Tensor, boxes: torch.Tensor | None, z: int, max_grid: int | None = None) -> PassOutput:
+                    valid: torch.Tensor, boxes: torch.Tensor | None, z: int) -> PassOutput:
         """One pass over the regions ``boxes`` (B, 4) (None = the whole crop) at z x z.
 
-        feat (B, D, h, w) projected tokens of the crop; image (B, 3, S, S); maps (B, 8, S, S);
-        clicks (B, K, 3) crop pixel coords; valid (B, K); the token grid is capped at
-        ``max_grid`` (default ``config.max_grid``) cells a side.
+        feat (B, D, h, w) projected tokens of the crop; image (B, 3, S, S); maps (B, 8, M, M)
+        in the map frame (M = S / k); clicks (B, K, 3) crop pixel coords; valid (B, K); the
+        token grid is capped at :meth:`grid_cap` cells a side.
         """
         b, _, s, _ = image.shape
-        cap = self.config.max_grid if max_grid is None else max_grid
+        cap = self.grid_cap(z)
         grid = (min(feat.shape[-2], cap), min(feat.shape[-1], cap))
         if boxes is None:
             boxes = torch.tensor([0.0, 0.0, float(s), float(s)], device=image.device).expand(b, 4).clone()
             feat_r = feat if tuple(feat.shape[-2:]) == grid else F.adaptive_avg_pool2d(feat, grid)
-            resize = lambda t: t if z == s else F.interpolate(t, size=(z, z), mode="bilinear",  # noqa: E731
-                                                              align_corners=False, antialias=True)
+            resize = lambda t: t if t.shape[-1] == z else F.interpolate(  # noqa: E731
+                t, size=(z, z), mode="bilinear", align_corners=False, antialias=True)
             image_r, maps_r = resize(image), resize(maps)
         else:
             feat_r = roi_resample(feat, boxes, s, grid)
@@ -194,26 +201,41 @@ class ClickDecoder(nn.Module):
         x = self.up1(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
         x = self.up2(F.interpolate(x, size=half, mode="bilinear", align_corners=False))
         feats = x
-        x = F.interpolate(x, size=(z, z), mode="bilinear", align_corners=False)
         low = self.low(torch.cat([(image_r - self.pixel_mean) / self.pixel_std, maps_r], dim=1))
-        fused = torch.cat([x, low], dim=1)
-        logits = self.fuse(fused)
+        logits = self._head_logits(self.fuse, feats, low, z)
         latent = None
         if self.training and self.latent_heads is not None:
-            latent = torch.cat([head(fused) for head in self.latent_heads], dim=1)
+            latent = torch.cat([self._head_logits(head, feats, low, z) for head in self.latent_heads], dim=1)
         disks = (maps_r[:, :2] > 0.5).to(logits.dtype)
         if self.pdm is not None:
             logits = self.pdm(logits, image_r, disks)
         return PassOutput(logits=logits, boxes=boxes, features=feats, latent=latent, disks=disks)
 
-    def zoom_boxes(self, coarse_prob: torch.Tensor, clicks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B, 4) RoIs from the coarse foreground (B, S, S) and all clicks (IAM)."""
-        s = coarse_prob.shape[-1]
+    @staticmethod
+    def _head_logits(head: nn.Sequential, feats: torch.Tensor, low: torch.Tensor, z: int) -> torch.Tensor:
+        """head = [1x1 conv W, GELU, 3x3 conv] on [up(feats), low] (B, C2 + 8, Z, Z) -> (B, 1, Z, Z).
+
+        W [up(f), low] + b = up(W_f f) + W_l low + b, since bilinear up-sampling is linear
+        per channel: the 1x1 conv's feature half runs at Z/2 on 8 output channels instead of
+        on C2 channels at Z (exact up to rounding; 1.8 -> ~0.6 ms at 128 px, 2 threads)."""
+        conv1, act, conv3 = head
+        c2 = feats.shape[1]
+        hi = F.interpolate(F.conv2d(feats, conv1.weight[:, :c2]), size=(z, z), mode="bilinear", align_corners=False)
+        return conv3(act(hi + F.conv2d(low, conv1.weight[:, c2:], conv1.bias)))
+
+    def zoom_boxes(self, coarse_prob: torch.Tensor, clicks: torch.Tensor, valid: torch.Tensor, crop_size: int,
+                   integral: bool = False) -> torch.Tensor:
+        """(B, 4) RoIs in crop coords from the coarse foreground (B, M, M), map frame, and all
+        clicks (B, K, 3) crop coords (IAM); found in the map frame (clicks mapped there,
+        u_M = (u + 0.5) / k - 0.5) and scaled by k = S / M; ``integral`` rounds them outward
+        to whole map pixels, so whole crop pixels too (see :mod:`exits.interactive.zoom`)."""
+        m = coarse_prob.shape[-1]
+        k = crop_size / m
         fg = (coarse_prob > 0.5).cpu().numpy()
-        pts, ok = clicks[..., :2].detach().cpu().numpy(), valid.cpu().numpy()
-        boxes = [zoom_box(fg[i], pts[i][ok[i]], s, self.config.zoom_expand, self.config.zoom_min_fraction)
+        pts, ok = (clicks[..., :2].detach().cpu().numpy() + 0.5) / k - 0.5, valid.cpu().numpy()
+        boxes = [zoom_box(fg[i], pts[i][ok[i]], m, self.config.zoom_expand, self.config.zoom_min_fraction, integral)
                  for i in range(len(fg))]
-        return torch.as_tensor(np.stack(boxes), dtype=torch.float32, device=coarse_prob.device)
+        return torch.as_tensor(np.stack(boxes) * k, dtype=torch.float32, device=coarse_prob.device)
 
     def forward_all(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor, maps: torch.Tensor,
                     clicks: torch.Tensor, valid: torch.Tensor) -> DecoderOutput:
@@ -223,30 +245,36 @@ class ClickDecoder(nn.Module):
             tokens: (B, h*w, C) cached patch tokens of the S x S crop.
             grid: (h, w) token grid.
             image: (B, 3, S, S) crop in [0, 1].
-            maps: (B, 8, S, S) from :func:`exits.interactive.clicks.encode_click_maps`.
+            maps: (B, 8, M, M), M = S / k for an integer k (the map frame,
+                :func:`exits.interactive.inference.build_inputs`; M = S for small crops).
             clicks: (B, K, 3) [u, v, +-1] in crop pixel coords; valid: (B, K) bool.
+        Returns logits (B, 1, M, M) in the map frame.
         """
         b, n, c = tokens.shape
         h, w = grid
-        s = image.shape[-1]
+        s, m = image.shape[-1], maps.shape[-1]
         if n != h * w or c != self.embed_dim:
             raise ValueError(f"tokens {tuple(tokens.shape)} do not fit grid {grid} x {self.embed_dim}")
+        if m > s or s % m:
+            raise ValueError(f"maps are {m} px a side, need S / k for an integer k (S = {s})")
         feat = self.proj(tokens.transpose(1, 2).reshape(b, c, h, w))
         zc = min(s, self.config.coarse_size)
-        # The coarse pass needs no more than one cell per 8 decoded pixels (the patch size of
-        # the demo ViT): a 512 crop's coarse pass at 128 px uses a 16 x 16 grid.
-        coarse = self.decode_pass(feat, image, maps, clicks, valid, None, zc, max_grid=max(1, zc // 8))
-        coarse_s = coarse.logits if zc == s else F.interpolate(coarse.logits, size=(s, s), mode="bilinear",
+        coarse = self.decode_pass(feat, image, maps, clicks, valid, None, zc)
+        coarse_m = coarse.logits if zc == m else F.interpolate(coarse.logits, size=(m, m), mode="bilinear",
                                                                align_corners=False)
         if not self.config.use_zoom:
-            return DecoderOutput(logits=coarse_s, coarse=coarse, refine=None)
-        coarse_prob = torch.sigmoid(coarse_s.detach())
-        boxes = self.zoom_boxes(coarse_prob[:, 0], clicks, valid)
+            return DecoderOutput(logits=coarse_m, coarse=coarse, refine=None)
+        coarse_prob = torch.sigmoid(coarse_m.detach())
+        z = min(s, self.config.decode_size)
+        # A crop larger than the decode size is down-sampled: whole-pixel RoIs let the image
+        # and maps be cut by slicing (roi_resample), the RoI growing by < 1 px.
+        boxes = self.zoom_boxes(coarse_prob[:, 0], clicks, valid, s, integral=s > z)
         maps_fine = torch.cat([maps[:, :PREV_CHANNEL], coarse_prob], dim=1)
-        refine = self.decode_pass(feat, image, maps_fine, clicks, valid, boxes, min(s, self.config.decode_size))
-        return DecoderOutput(logits=paste_roi_logits(refine.logits, boxes, s, coarse_s), coarse=coarse, refine=refine)
+        refine = self.decode_pass(feat, image, maps_fine, clicks, valid, boxes, z)
+        logits = paste_roi_logits(refine.logits, boxes * (m / s), m, coarse_m)
+        return DecoderOutput(logits=logits, coarse=coarse, refine=refine)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor, maps: torch.Tensor,
                 clicks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) final logits (see :meth:`forward_all`)."""
+        """(B, 1, M, M) final logits in the map frame (see :meth:`forward_all`)."""
         return self.forward_all(tokens, grid, image, maps, clicks, valid).logits

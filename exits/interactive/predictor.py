@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 
 from exits.data.crops import CropWindow, crop_mask, crop_to_window
 from exits.interactive.clicks import Click, disk_index, state_map, update_with_prediction
@@ -123,13 +124,14 @@ class ClickPredictor:
 
     def predict_crop(self, ann_id: int, clicks: Sequence[Click], prev_mask: np.ndarray | None,
                      state: np.ndarray | None = None) -> np.ndarray:
-        """(S, S) decoder foreground probability in the object's crop (clicks in image coords;
+        """(M, M) decoder foreground probability over the object's crop, M = S for small
+        crops, S / k for large ones (the decoder's map frame; clicks in image coords;
         ``state`` the carried crop state map, None = start from ``prev_mask``)."""
         f = self.features(ann_id)
         uv = self._crop_clicks(f.window, clicks)
         prev_crop = self._crop_prev(f.window, prev_mask)
         return decode_probs(self.decoder, f.tokens[None].to(self.device), f.grid, f.crop[None].to(self.device),
-                            [uv], [prev_crop], [state])[0]
+                            [uv], [prev_crop], [state], at_crop_size=False)[0]
 
     def _constrained_window(self, f: ObjectFeatures, prob: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
         """(win.height, win.width) bool: the click constraint on the crop's probabilities,
@@ -143,6 +145,9 @@ class ClickPredictor:
             radius = cfg.disk_radius * max(win.width, win.height) / win.size
             prob_w = crop_to_window(torch.from_numpy(np.asarray(prob, np.float32)), win).numpy()
             return constrain_clicks(prob_w, f.window_image.cpu(), uv, radius, **kwargs)
+        if prob.shape[-1] != win.size:
+            prob = F.interpolate(torch.from_numpy(np.asarray(prob, np.float32))[None, None], size=(win.size, win.size),
+                                 mode="bilinear", align_corners=False)[0, 0].numpy()
         crop_out = constrain_clicks(prob, f.crop.cpu(), self._crop_clicks(win, clicks), cfg.disk_radius, **kwargs)
         return (crop_to_window(torch.from_numpy(crop_out.astype(np.float32)), win) >= 0.5).numpy()
 

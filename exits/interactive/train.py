@@ -169,7 +169,8 @@ def train_click_decoder(tokens: torch.Tensor, grid: tuple[int, int], train_set: 
         decoder.eval()
         clicks, prevs, states = simulate_clicks(decoder, tok, grid, crops, target, config, rng)
         decoder.train()
-        maps, pts, valid = build_inputs(clicks, prevs, crops.shape[-1], config.disk_radius, device, states)
+        maps, pts, valid = build_inputs(clicks, prevs, crops.shape[-1], config.disk_radius, device, states,
+                                        map_size=config.map_size)
         out = decoder.forward_all(tok, grid, crops, maps, pts, valid)
         loss, _ = training_loss(out, torch.from_numpy(target).to(device), config, pem)
         optim.zero_grad(set_to_none=True)
