@@ -364,3 +364,23 @@ def test_synthetic_source_is_generated_and_never_the_runs(tiny_run: Path, tmp_pa
     both = build_training_set(tiny_run, 32, source="pseudo+synthetic", top_fraction=1.0, synthetic_objects=12,
                               synthetic_seed=5, synthetic_dir=tmp_path / "syn")
     assert sorted(a for a in both.ann_ids if a > 0) == [1, 2, 3] and len(both) == len(ts) + 3
+
+
+def test_cached_crf_kernels_give_the_fresh_crf_marginals_click_after_click():
+    """The image-only lattice is built once per object; each click sets a new unary on it."""
+    from exits.interactive.clicks import click_label_map
+    from exits.interactive.constrain import CrfKernels
+
+    rng = np.random.default_rng(0)
+    img = torch.rand(3, 60, 80)
+    kernels = CrfKernels(img, max_size=256, sxy=20.0, srgb=13.0, weight=10.0).prepare()
+    for i in range(3):
+        prob = rng.random((60, 80)).astype(np.float32)
+        labels = click_label_map([(10.0 + 5 * i, 20.0, True), (50.0, 40.0, False)], (60, 80), 3.0)
+        fresh = crf_with_clicks(prob, kernels.rgb, labels, iters=5, sxy=20.0 * 80 / 96, srgb=13.0, weight=10.0)
+        assert np.array_equal(kernels.marginals(prob, labels, iters=5, colour=1.0), fresh)
+        clicks = [(10.0 + 5 * i, 20.0, True)]
+        assert np.array_equal(constrain_clicks(prob, img, clicks, 3.0, max_size=256, kernels=kernels),
+                              constrain_clicks(prob, img, clicks, 3.0, max_size=256))
+    with pytest.raises(ValueError, match="cached CRF kernels"):
+        constrain_clicks(prob, img, clicks, 3.0, max_size=128, kernels=kernels)

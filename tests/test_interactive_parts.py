@@ -172,3 +172,98 @@ def test_decoder_large_crop_is_capped():
     with torch.no_grad():
         out = dec(torch.randn(1, 256, 16), (16, 16), torch.rand(1, 3, 128, 128), maps, pts, torch.ones(1, 1, dtype=torch.bool))
     assert out.shape == (1, 1, 128, 128) and torch.isfinite(out).all()
+
+
+def test_maskslic_seeds_match_recomputed_distance_transforms():
+    """One distance transform updated with min(D, |x - p|) picks the same seeds as
+    recomputing the transform after each seed (the paper's MaskSLIC loop)."""
+    from scipy import ndimage
+
+    def brute(mask, k):
+        remaining, seeds = mask.copy(), []
+        for _ in range(min(k, int(remaining.sum()))):
+            dist = ndimage.distance_transform_edt(np.pad(remaining, 1))[1:-1, 1:-1]
+            r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
+            seeds.append((r, c))
+            remaining[r, c] = False
+        return seeds
+
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        mask = ndimage.binary_dilation(rng.random((12, 12)) < 0.15, iterations=int(rng.integers(0, 3)))
+        assert [tuple(s) for s in maskslic_seeds(mask, 4)] == brute(mask, 4)
+
+
+def test_head_logits_equal_the_concatenated_head():
+    """1x1 conv before up-sampling == the head on [up(feats), low] (linearity)."""
+    dec = ClickDecoder(ClickModelConfig(dim=32, heads=4, pool_sizes=(1, 2)), embed_dim=16)
+    feats, low = torch.randn(2, dec.head_channels, 10, 10), torch.randn(2, 8, 20, 20)
+    up = torch.nn.functional.interpolate(feats, size=(20, 20), mode="bilinear", align_corners=False)
+    expect = dec.fuse(torch.cat([up, low], dim=1))
+    assert torch.allclose(ClickDecoder._head_logits(dec.fuse, feats, low, 20), expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_map_frame_maps_are_block_means_of_the_crop_maps(k):
+    from exits.interactive.inference import map_frame
+
+    s = 64
+    yy, xx = np.mgrid[:s, :s]
+    prev = (yy - 30) ** 2 + (xx - 25) ** 2 <= 15 ** 2
+    clicks = [(25.0, 30.0, True), (50.3, 12.7, False), (26.0, 31.0, False)]
+    full, _, _ = build_inputs([clicks], [prev], s, 3.0, "cpu")
+    small, pts, _ = build_inputs([clicks], [prev], s, 3.0, "cpu", map_size=s // k)
+    assert map_frame(s, s // k) == k and small.shape == (1, 8, s // k, s // k)
+    assert torch.allclose(small, torch.nn.functional.avg_pool2d(full, k), atol=1e-6)
+    assert torch.allclose(small[0, 2:7].sum(0), torch.ones(s // k, s // k))  # state shares sum to 1
+    assert torch.allclose(
+        pts[0, :, :2], torch.tensor([[25.0, 30.0], [50.3, 12.7], [26.0, 31.0]]))  # clicks stay in crop coords
+    assert map_frame(96, 256) == 1 and map_frame(512, 256) == 2 and map_frame(100, 48) == 4
+
+
+def test_decoder_in_the_map_frame_follows_the_crop_frame():
+    """Maps at S / 2: logits at S / 2 that agree with the S-frame decoder's, down-sampled."""
+    torch.manual_seed(5)
+    cfg = ClickModelConfig(dim=32, heads=4, pool_sizes=(1, 2), coarse_size=32, decode_size=32)
+    dec = ClickDecoder(cfg, embed_dim=16).eval()
+    s = 64
+    yy, xx = np.mgrid[:s, :s]
+    prev = (yy - 30) ** 2 + (xx - 25) ** 2 <= 15 ** 2
+    clicks = [[(25.0, 30.0, True), (50.0, 12.0, False)]]
+    tokens, crop = torch.randn(1, 64, 16), torch.rand(1, 3, s, s)
+    with torch.no_grad():
+        maps_s, pts, valid = build_inputs(clicks, [prev], s, 3.0, "cpu")
+        maps_m, _, _ = build_inputs(clicks, [prev], s, 3.0, "cpu", map_size=32)
+        out_s = dec(tokens, (8, 8), crop, maps_s, pts, valid)
+        out_m = dec(tokens, (8, 8), crop, maps_m, pts, valid)
+        with pytest.raises(ValueError, match="integer k"):
+            dec(tokens, (8, 8), crop, maps_s[..., :48, :48], pts, valid)
+    assert out_s.shape == (1, 1, s, s) and out_m.shape == (1, 1, 32, 32)
+    down = torch.nn.functional.avg_pool2d(torch.sigmoid(out_s), 2)
+    p_m = torch.sigmoid(out_m)
+    corr = torch.corrcoef(torch.stack([down.flatten(), p_m.flatten()]))[0, 1]
+    assert (down - p_m).abs().mean() < 0.01 and corr > 0.9
+
+
+def test_integral_zoom_box_and_sliced_resample():
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        prev = np.zeros((64, 64), bool)
+        y0, x0 = rng.integers(0, 50, 2)
+        prev[y0:y0 + 10, x0:x0 + 12] = True
+        clicks = rng.uniform(0, 63, (3, 2))
+        box = zoom_box(prev, clicks, 64, 1.4, 0.4)
+        whole = zoom_box(prev, clicks, 64, 1.4, 0.4, integral=True)
+        assert np.array_equal(whole, np.round(whole)) and (whole[:2] <= box[:2]).all() and (whole[2:] >= box[2:]).all()
+        assert (whole[2:] - box[2:] < 1).all() and (box[:2] - whole[:2] < 1).all() and whole[2:].max() <= 64
+    # A whole-pixel RoI larger than the output is sliced and resized: the same bin centres as
+    # roi_align, so on a linear ramp (any symmetric filter returns the value at its centre)
+    # both agree away from the RoI border, where the resize's filter is cut by the slice.
+    from torchvision.ops import roi_align
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    img = torch.stack([0.01 * xx, 0.02 * yy, 0.01 * xx + 0.005 * yy])[None]
+    box = torch.tensor([[8.0, 4.0, 56.0, 60.0]])
+    sliced = roi_resample(img, box, 64, (16, 16))
+    ref = roi_align(img, torch.tensor([[0.0, 8.0, 4.0, 56.0, 60.0]]), (16, 16), 1.0, -1, True)
+    assert sliced.shape == (1, 3, 16, 16)
+    assert (sliced - ref)[..., 1:-1, 1:-1].abs().max() < 1e-3  # values up to 1.6

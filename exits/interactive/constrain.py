@@ -42,6 +42,7 @@ upsampled.
 """
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 
 from exits.interactive.clicks import Click, click_label_map
 
-__all__ = ["colour_model", "constrain_clicks", "crf_with_clicks", "grabcut_with_clicks"]
+__all__ = ["CrfKernels", "click_unary", "colour_model", "constrain_clicks", "crf_with_clicks", "grabcut_with_clicks"]
 
 EPS = 1e-6
 
@@ -70,20 +71,9 @@ def colour_model(prob: np.ndarray, image_rgb: np.ndarray, labels: np.ndarray, le
     return (h_fg / (h_fg + h_bg))[bins].astype(np.float32)
 
 
-def crf_with_clicks(prob: np.ndarray, image_rgb: np.ndarray, labels: np.ndarray, *, iters: int = 5,
-                    sxy: float = 20.0, srgb: float = 13.0, weight: float = 10.0, colour: float = 1.0) -> np.ndarray:
-    """(H, W) float32 foreground marginals of the dense CRF (module doc).
-
-    prob (H, W) decoder probabilities; image_rgb (H, W, 3) uint8; labels (H, W) int8 from
-    :func:`exits.interactive.clicks.click_label_map` (+1 fg disk, -1 bg disk, 0 free);
-    ``colour`` the weight lam of the click-conditioned colour term (0 = off). One colour
-    model, built from the decoder's p: re-estimating it from the CRF's output for 3 rounds
-    (GrabCut's EM) was tried and cost clicks (bench/bench_clicks.py tuning split, seed 0:
-    NoC@90 5.90 -> 6.58 at the crop's resolution, 4.10 -> 5.00 at the window's).
-    """
-    import pydensecrf.densecrf as dcrf
-
-    h, w = prob.shape
+def click_unary(prob: np.ndarray, image_rgb: np.ndarray, labels: np.ndarray, colour: float) -> np.ndarray:
+    """(2, H*W) float32 energies [bg, fg] of the module doc: decoder term, colour term with
+    weight ``colour`` (0 = off), hard labels inside the click disks."""
     p = np.clip(np.asarray(prob, np.float32), EPS, 1 - EPS)
     e_fg, e_bg = -np.log(p), -np.log(1 - p)
     if colour > 0:
@@ -92,9 +82,87 @@ def crf_with_clicks(prob: np.ndarray, image_rgb: np.ndarray, labels: np.ndarray,
     hard = -np.log(EPS)
     e_fg = np.where(labels > 0, 0.0, np.where(labels < 0, hard, e_fg))
     e_bg = np.where(labels < 0, 0.0, np.where(labels > 0, hard, e_bg))
-    unary = np.ascontiguousarray(np.stack([e_bg, e_fg]).reshape(2, -1), dtype=np.float32)
+    return np.ascontiguousarray(np.stack([e_bg, e_fg]).reshape(2, -1), dtype=np.float32)
+
+
+class CrfKernels:
+    """The image-only part of the click CRF of one object, built once and reused per click.
+
+    The pairwise kernels (pydensecrf's permutohedral lattice for the bilateral term, the
+    Gaussian term) and the image resized to the working size depend on the image alone, not
+    on the clicks: building them was 7 of the CRF's 18 ms per click at 128 px and 25 of 58
+    ms at 192 px (2-core VM). The predictor keeps one per object with its cached features
+    and builds it in ``prepare``. Each click only sets a new unary and runs the mean field
+    (same marginals as a fresh CRF, tested). A lock serialises clicks on one object (the web
+    server may prefetch and answer on different threads).
+
+    image: (3, H, W) in [0, 1]; the working size is (H, W) scaled so its long side is at most
+    ``max_size``; ``sxy`` in pixels of a 96-px object extent (scaled to the working size).
+    """
+
+    def __init__(self, image: torch.Tensor, *, max_size: int, sxy: float, srgb: float, weight: float) -> None:
+        h, w = image.shape[-2:]
+        scale = min(1.0, int(max_size) / max(h, w))
+        zh, zw = max(1, round(h * scale)), max(1, round(w * scale))
+        img = image.float()
+        if (zh, zw) != (h, w):
+            img = F.interpolate(img[None], size=(zh, zw), mode="bilinear", align_corners=False, antialias=True)[0]
+        self.size, self.work = (int(h), int(w)), (int(zh), int(zw))
+        self.params = (int(max_size), float(sxy), float(srgb), float(weight))
+        self.rgb = np.ascontiguousarray((img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+        self._sxy = float(sxy) * max(zh, zw) / 96.0
+        self._crf = None
+        self._lock = threading.Lock()
+
+    def _build(self):
+        import pydensecrf.densecrf as dcrf
+
+        zh, zw = self.work
+        crf = dcrf.DenseCRF2D(zw, zh, 2)
+        crf.addPairwiseGaussian(sxy=3.0, compat=3.0)
+        _, _, srgb, weight = self.params
+        if weight > 0:
+            crf.addPairwiseBilateral(sxy=self._sxy, srgb=srgb, rgbim=self.rgb, compat=float(weight))
+        return crf
+
+    def prepare(self) -> "CrfKernels":
+        """Build the lattice now (otherwise on the first click)."""
+        with self._lock:
+            if self._crf is None:
+                self._crf = self._build()
+        return self
+
+    def marginals(self, prob: np.ndarray, labels: np.ndarray, *, iters: int, colour: float) -> np.ndarray:
+        """(zh, zw) float32 foreground marginals for decoder probabilities and click labels at
+        the working size (see :func:`crf_with_clicks`)."""
+        if prob.shape != self.work or labels.shape != self.work:
+            raise ValueError(f"prob {prob.shape} / labels {labels.shape} do not match the working size {self.work}")
+        unary = click_unary(prob, self.rgb, labels, colour)
+        with self._lock:
+            if self._crf is None:
+                self._crf = self._build()
+            self._crf.setUnaryEnergy(unary)
+            q = np.asarray(self._crf.inference(int(iters)), np.float32)
+        return q.reshape(2, *self.work)[1]
+
+
+def crf_with_clicks(prob: np.ndarray, image_rgb: np.ndarray, labels: np.ndarray, *, iters: int = 5,
+                    sxy: float = 20.0, srgb: float = 13.0, weight: float = 10.0, colour: float = 1.0) -> np.ndarray:
+    """(H, W) float32 foreground marginals of the dense CRF (module doc).
+
+    prob (H, W) decoder probabilities; image_rgb (H, W, 3) uint8; labels (H, W) int8 from
+    :func:`exits.interactive.clicks.click_label_map` (+1 fg disk, -1 bg disk, 0 free);
+    ``colour`` the weight lam of the click-conditioned colour term (0 = off); ``sxy`` in
+    pixels of this grid. One colour model, built from the decoder's p: re-estimating it from
+    the CRF's output for 3 rounds (GrabCut's EM) was tried and cost clicks
+    (bench/bench_clicks.py tuning split, seed 0: NoC@90 5.90 -> 6.58 at the crop's
+    resolution, 4.10 -> 5.00 at the window's).
+    """
+    import pydensecrf.densecrf as dcrf
+
+    h, w = prob.shape
     crf = dcrf.DenseCRF2D(w, h, 2)
-    crf.setUnaryEnergy(unary)
+    crf.setUnaryEnergy(click_unary(prob, image_rgb, labels, colour))
     crf.addPairwiseGaussian(sxy=3.0, compat=3.0)
     if weight > 0:
         crf.addPairwiseBilateral(sxy=sxy, srgb=srgb, rgbim=np.ascontiguousarray(image_rgb, dtype=np.uint8),
@@ -123,41 +191,57 @@ def grabcut_with_clicks(prob: np.ndarray, image_rgb: np.ndarray, labels: np.ndar
     return is_foreground(init).astype(np.float32)
 
 
+def _resized(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h', w') -> size, bilinear with ``align_corners=False`` (the grids cover the same region:
+    the map :func:`exits.data.crops.crop_to_window` uses). No antialiasing: the decoder's
+    probabilities are smooth, and the demo's numbers stay those of crop_to_window."""
+    if prob.shape == tuple(size):
+        return prob
+    return F.interpolate(torch.from_numpy(np.ascontiguousarray(prob))[None, None], size=size, mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+
+
 def constrain_clicks(prob: np.ndarray, image: torch.Tensor, clicks: Sequence[Click], radius: float, *,
                      method: str = "crf", iters: int = 5, sxy: float = 20.0, srgb: float = 13.0,
-                     weight: float = 10.0, colour: float = 1.0, max_size: int = 256) -> np.ndarray:
+                     weight: float = 10.0, colour: float = 1.0, max_size: int = 256,
+                     kernels: CrfKernels | None = None) -> np.ndarray:
     """(H, W) bool mask that keeps every click's label.
 
-    prob (H, W) decoder probabilities (the S x S crop, or resampled to the window's native
-    size); image (3, H, W) in [0, 1] at the same size; clicks (u, v, positive) in its pixels;
+    image (3, H, W) in [0, 1] (the S x S crop, or the window at its native pixels); prob
+    decoder probabilities over the same region at any resolution (the decoder's grid: it is
+    resampled once, straight to the working size); clicks (u, v, positive) in the image's pixels;
     radius the disk radius in its pixels; ``sxy`` in pixels of a 96-px object extent (scaled
     with the working size's long side). Inputs whose long side exceeds ``max_size`` are
     refined at that size and the labels upsampled. method: "crf" | "grabcut" | "disk" |
-    "none" (``iters`` is the GrabCut rounds for "grabcut").
+    "none" (``iters`` is the GrabCut rounds for "grabcut"). ``kernels``: this image's
+    cached :class:`CrfKernels` (built with the same size and kernel settings), else built
+    for this call.
     """
-    h, w = prob.shape[-2:]
+    h, w = image.shape[-2:]
+    prob = np.asarray(prob, np.float32)
+    if method in ("none", "disk") or not clicks:
+        prob = _resized(prob, (h, w))
     if method == "none" or not clicks:
         return prob >= 0.5
     labels = click_label_map(clicks, (h, w), radius)
     if method in ("crf", "grabcut"):
-        scale = min(1.0, int(max_size) / max(h, w))
-        zh, zw = max(1, round(h * scale)), max(1, round(w * scale))
+        if kernels is None:
+            kernels = CrfKernels(image, max_size=max_size, sxy=sxy, srgb=srgb, weight=weight)
+        elif kernels.size != (h, w) or kernels.params != (int(max_size), float(sxy), float(srgb), float(weight)):
+            raise ValueError(f"cached CRF kernels are for {kernels.size} with {kernels.params}, "
+                             f"not {(h, w)} with {(max_size, sxy, srgb, weight)}")
+        zh, zw = kernels.work
+        p_z = _resized(prob, (zh, zw))
         if (zh, zw) != (h, w):
             sy, sx = zh / h, zw / w
-            p_z = F.interpolate(torch.from_numpy(np.ascontiguousarray(prob, np.float32))[None, None], size=(zh, zw),
-                                mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
-            img_z = F.interpolate(image[None].float(), size=(zh, zw), mode="bilinear", align_corners=False,
-                                  antialias=True)[0]
             lab_z = click_label_map([(u * sx + 0.5 * sx - 0.5, v * sy + 0.5 * sy - 0.5, pos)
                                      for u, v, pos in clicks], (zh, zw), max(radius * max(sx, sy), 1.0))
         else:
-            p_z, img_z, lab_z = prob, image, labels
-        rgb = (img_z.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            lab_z = labels
         if method == "crf":
-            q = crf_with_clicks(p_z, rgb, lab_z, iters=iters, sxy=sxy * max(zh, zw) / 96.0, srgb=srgb, weight=weight,
-                                colour=colour)
+            q = kernels.marginals(p_z, lab_z, iters=iters, colour=colour)
         else:
-            q = grabcut_with_clicks(p_z, rgb, lab_z, iters=iters)
+            q = grabcut_with_clicks(p_z, kernels.rgb, lab_z, iters=iters)
         if (zh, zw) != (h, w):
             q = F.interpolate(torch.from_numpy(q)[None, None], size=(h, w), mode="bilinear",
                               align_corners=False)[0, 0].numpy()

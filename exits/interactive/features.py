@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -23,7 +23,9 @@ __all__ = ["ObjectFeatures", "FeatureCache", "encode_crops"]
 class ObjectFeatures:
     """Cached inputs of one object: tokens (h*w, C) float32, image (3, S, S) in [0, 1], and
     ``window_image`` (3, h, w) the window's native pixels (the click constraint can work at
-    the image's resolution instead of the resampled crop's, ``crf_resolution: window``)."""
+    the image's resolution instead of the resampled crop's, ``crf_resolution: window``);
+    ``kernels`` the click constraint's image-only CRF kernels by their settings (filled by
+    the predictor, :class:`exits.interactive.constrain.CrfKernels`)."""
 
     ann_id: int
     window: CropWindow
@@ -32,6 +34,7 @@ class ObjectFeatures:
     grid: tuple[int, int]
     crop: torch.Tensor
     window_image: torch.Tensor | None = None
+    kernels: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @torch.no_grad()

@@ -28,11 +28,10 @@ from typing import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
 from exits.data.crops import CropWindow, crop_mask, crop_to_window
 from exits.interactive.clicks import Click, disk_index, state_map, update_with_prediction
-from exits.interactive.constrain import constrain_clicks
+from exits.interactive.constrain import CrfKernels, constrain_clicks
 from exits.interactive.decoder import ClickDecoder
 from exits.interactive.features import FeatureCache, ObjectFeatures, object_features
 from exits.interactive.inference import decode_probs
@@ -111,8 +110,24 @@ class ClickPredictor:
         return self.cache.get(int(ann_id), make)
 
     def prepare(self, ann_id: int) -> None:
-        """Encode and cache one object's features (the heavy step, once per object)."""
-        self.features(ann_id)
+        """Encode and cache one object's features and its click-constraint kernels (the heavy
+        steps, once per object)."""
+        f = self.features(ann_id)
+        if self.constraint in ("crf", "grabcut"):
+            self._kernels(f).prepare()
+
+    def _kernels(self, f: ObjectFeatures) -> CrfKernels:
+        """The object's cached CRF kernels for the current constraint settings (the image at
+        the constraint's grid: the window's own pixels or the crop)."""
+        cfg = self.decoder.config
+        on_window = cfg.crf_resolution == "window" and f.window_image is not None
+        key = ("window" if on_window else "crop", cfg.crf_max_size, cfg.crf_sxy, cfg.crf_srgb, cfg.crf_w)
+        kernels = f.kernels.get(key)
+        if kernels is None:
+            image = (f.window_image if on_window else f.crop).cpu()
+            kernels = CrfKernels(image, max_size=cfg.crf_max_size, sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w)
+            kernels = f.kernels.setdefault(key, kernels)
+        return kernels
 
     def _crop_clicks(self, window: CropWindow, clicks: Sequence[Click]) -> list[Click]:
         return [(*window.image_to_crop(np.array([x, y], np.float64)).tolist(), bool(p)) for x, y, p in clicks]
@@ -139,15 +154,13 @@ class ClickPredictor:
         or at the window's own pixels (``window``; :mod:`exits.interactive.constrain`)."""
         cfg, win = self.decoder.config, f.window
         kwargs = dict(method=self.constraint, iters=cfg.crf_iters, sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w,
-                      colour=cfg.crf_colour, max_size=cfg.crf_max_size)
+                      colour=cfg.crf_colour, max_size=cfg.crf_max_size,
+                      kernels=self._kernels(f) if self.constraint in ("crf", "grabcut") else None)
         if cfg.crf_resolution == "window" and self.constraint in ("crf", "grabcut") and f.window_image is not None:
             uv = [(float(x) - win.x0, float(y) - win.y0, bool(p)) for x, y, p in clicks]
             radius = cfg.disk_radius * max(win.width, win.height) / win.size
-            prob_w = crop_to_window(torch.from_numpy(np.asarray(prob, np.float32)), win).numpy()
-            return constrain_clicks(prob_w, f.window_image.cpu(), uv, radius, **kwargs)
-        if prob.shape[-1] != win.size:
-            prob = F.interpolate(torch.from_numpy(np.asarray(prob, np.float32))[None, None], size=(win.size, win.size),
-                                 mode="bilinear", align_corners=False)[0, 0].numpy()
+            # the crop covers the window exactly: its probabilities go straight to the CRF's grid
+            return constrain_clicks(prob, f.window_image.cpu(), uv, radius, **kwargs)
         crop_out = constrain_clicks(prob, f.crop.cpu(), self._crop_clicks(win, clicks), cfg.disk_radius, **kwargs)
         return (crop_to_window(torch.from_numpy(crop_out.astype(np.float32)), win) >= 0.5).numpy()
 

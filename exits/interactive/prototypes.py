@@ -39,14 +39,21 @@ def prototype_count(cells: int, cells_per_prototype: int, max_prototypes: int) -
 
 
 def maskslic_seeds(mask: np.ndarray, k: int) -> np.ndarray:
-    """(k', 2) [row, col] seed cells (k' <= k, fewer only when the mask has fewer cells)."""
-    remaining = np.asarray(mask, bool).copy()
+    """(k', 2) [row, col] seed cells (k' <= k, fewer only when the mask has fewer cells).
+
+    One distance transform: marking a seed as outside adds one background cell p, so the
+    new transform is min(D, |x - p|), the same values as recomputing it (tested)."""
+    mask = np.asarray(mask, bool)
     seeds = []
-    for _ in range(min(k, int(remaining.sum()))):
-        dist = ndimage.distance_transform_edt(np.pad(remaining, 1))[1:-1, 1:-1]
+    n = min(k, int(mask.sum()))
+    if n == 0:
+        return np.zeros((0, 2), np.int64)
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    rows, cols = np.indices(mask.shape)
+    for _ in range(n):
         r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
         seeds.append((r, c))
-        remaining[r, c] = False
+        dist = np.minimum(dist, np.sqrt((rows - r) ** 2 + (cols - c) ** 2))
     return np.asarray(seeds, dtype=np.int64).reshape(-1, 2)
 
 
@@ -119,9 +126,13 @@ class PrototypeGuidance(nn.Module):
     def forward(self, x: torch.Tensor, feat_tokens: torch.Tensor, grid: tuple[int, int],
                 fg_cells: np.ndarray, bg_cells: np.ndarray) -> torch.Tensor:
         """fg_cells, bg_cells: (B, h, w) bool masks on the token grid."""
+        b = x.shape[0]
+        # fg and bg clustered as one batch of 2B: each prototype's updates read only its own
+        # assignment column, so this equals two calls with half the op dispatches.
+        protos, valid = sgc_prototypes(torch.cat([feat_tokens, feat_tokens]), grid,
+                                       np.concatenate([np.asarray(fg_cells, bool), np.asarray(bg_cells, bool)]),
+                                       self.cells_per_prototype, self.max_prototypes, self.iters)
         parts = [x]
-        for cells in (fg_cells, bg_cells):
-            protos, valid = sgc_prototypes(feat_tokens, grid, cells, self.cells_per_prototype,
-                                           self.max_prototypes, self.iters)
-            parts.extend(gpa(feat_tokens, protos, valid))
+        for half in (slice(0, b), slice(b, 2 * b)):
+            parts.extend(gpa(feat_tokens, protos[half], valid[half]))
         return x + self.fuse(torch.cat(parts, dim=-1))
