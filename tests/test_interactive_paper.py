@@ -52,7 +52,7 @@ def test_iam_adds_a_part_outside_the_roi():
     target_logits = torch.from_numpy(np.where(target, 6.0, -6.0).astype(np.float32))[None, None]
     seen_boxes = []
 
-    def toy_pass(feat, image, maps, clicks, valid, boxes, z):  # the target, whatever the region
+    def toy_pass(feat, image, maps, clicks, valid, boxes, z, image_z=None):  # the target, whatever the region
         full = boxes is None
         if full:
             boxes = torch.tensor([[0.0, 0.0, float(S), float(S)]])
@@ -153,7 +153,7 @@ class _IgnoresClicks(ClickDecoder):
 
     logit = -6.0
 
-    def forward(self, tokens, grid, image, maps, clicks, valid):  # noqa: D102
+    def forward(self, tokens, grid, image, maps, clicks, valid, static=None):  # noqa: D102
         return torch.full((image.shape[0], 1, image.shape[-1], image.shape[-1]), self.logit)
 
 
@@ -188,7 +188,7 @@ class _FixedProb(ClickDecoder):
 
     prob: torch.Tensor
 
-    def forward(self, tokens, grid, image, maps, clicks, valid):  # noqa: D102
+    def forward(self, tokens, grid, image, maps, clicks, valid, static=None):  # noqa: D102
         return torch.logit(self.prob.clamp(1e-4, 1 - 1e-4))[None, None].expand(image.shape[0], 1, -1, -1)
 
 

@@ -267,3 +267,17 @@ def test_integral_zoom_box_and_sliced_resample():
     ref = roi_align(img, torch.tensor([[0.0, 8.0, 4.0, 56.0, 60.0]]), (16, 16), 1.0, -1, True)
     assert sliced.shape == (1, 3, 16, 16)
     assert (sliced - ref)[..., 1:-1, 1:-1].abs().max() < 1e-3  # values up to 1.6
+
+
+def test_kept_static_inputs_give_the_same_logits():
+    """The predictor keeps the click-independent part per object; passing it changes nothing."""
+    torch.manual_seed(1)
+    dec = ClickDecoder(ClickModelConfig(dim=32, heads=4, pool_sizes=(1, 2), coarse_size=32), embed_dim=16).eval()
+    tokens, crop = torch.randn(1, 64, 16), torch.rand(1, 3, 64, 64)
+    maps, pts, valid = build_inputs([[(20.0, 30.0, True)]], [None], 64, 3.0, "cpu", map_size=32)
+    with torch.no_grad():
+        static = dec.static_inputs(tokens, (8, 8), crop)
+        assert static.image_coarse.shape == (1, 3, 32, 32) and static.feat.shape == (1, 32, 8, 8)
+        assert torch.equal(dec(tokens, (8, 8), crop, maps, pts, valid, static), dec(tokens, (8, 8), crop, maps, pts, valid))
+        with pytest.raises(ValueError, match="static inputs"):
+            dec(tokens, (8, 8), crop[..., :48, :48], maps[..., :24, :24], pts, valid, static)

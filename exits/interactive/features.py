@@ -24,8 +24,9 @@ class ObjectFeatures:
     """Cached inputs of one object: tokens (h*w, C) float32, image (3, S, S) in [0, 1], and
     ``window_image`` (3, h, w) the window's native pixels (the click constraint can work at
     the image's resolution instead of the resampled crop's, ``crf_resolution: window``);
-    ``kernels`` the click constraint's image-only CRF kernels by their settings (filled by
-    the predictor, :class:`exits.interactive.constrain.CrfKernels`)."""
+    ``derived`` what the predictor derives from them once per object, by key: the click
+    constraint's CRF kernels (:class:`exits.interactive.constrain.CrfKernels`) and the
+    decoder's click-independent inputs (:class:`exits.interactive.decoder.StaticInputs`)."""
 
     ann_id: int
     window: CropWindow
@@ -34,7 +35,7 @@ class ObjectFeatures:
     grid: tuple[int, int]
     crop: torch.Tensor
     window_image: torch.Tensor | None = None
-    kernels: dict = field(default_factory=dict, compare=False, repr=False)
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @torch.no_grad()

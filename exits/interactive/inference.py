@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from exits.interactive.clicks import Click, clicks_tensor, encode_click_maps
-from exits.interactive.decoder import ClickDecoder
+from exits.interactive.decoder import ClickDecoder, StaticInputs
 
 __all__ = ["build_inputs", "decode_logits", "decode_probs", "map_frame"]
 
@@ -50,20 +50,23 @@ def build_inputs(clicks: Sequence[Sequence[Click]], prev_masks: Sequence[np.ndar
 
 def decode_logits(decoder: ClickDecoder, tokens: torch.Tensor, grid: tuple[int, int], crops: torch.Tensor,
                   clicks: Sequence[Sequence[Click]], prev_masks: Sequence[np.ndarray | None],
-                  states: Sequence[np.ndarray | None] | None = None) -> torch.Tensor:
-    """(B, 1, M, M) logits (the map frame) for tokens (B, L, C), crops (B, 3, S, S)."""
+                  states: Sequence[np.ndarray | None] | None = None, static: StaticInputs | None = None
+                  ) -> torch.Tensor:
+    """(B, 1, M, M) logits (the map frame) for tokens (B, L, C), crops (B, 3, S, S);
+    ``static`` the decoder's kept click-independent inputs of these objects, if any."""
     maps, pts, valid = build_inputs(clicks, prev_masks, crops.shape[-1], decoder.config.disk_radius, tokens.device,
                                     states, map_size=decoder.config.map_size)
-    return decoder(tokens, grid, crops, maps, pts, valid)
+    return decoder(tokens, grid, crops, maps, pts, valid, static)
 
 
 @torch.no_grad()
 def decode_probs(decoder: ClickDecoder, tokens: torch.Tensor, grid: tuple[int, int], crops: torch.Tensor,
                  clicks: Sequence[Sequence[Click]], prev_masks: Sequence[np.ndarray | None],
-                 states: Sequence[np.ndarray | None] | None = None, at_crop_size: bool = True) -> np.ndarray:
+                 states: Sequence[np.ndarray | None] | None = None, at_crop_size: bool = True,
+                 static: StaticInputs | None = None) -> np.ndarray:
     """(B, S, S) float32 foreground probabilities (no grad, eval mode as given); with
     ``at_crop_size=False`` (B, M, M) in the map frame, for callers that resample anyway."""
-    logits = decode_logits(decoder, tokens, grid, crops, clicks, prev_masks, states)
+    logits = decode_logits(decoder, tokens, grid, crops, clicks, prev_masks, states, static)
     s = crops.shape[-1]
     if at_crop_size and logits.shape[-1] != s:
         logits = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)

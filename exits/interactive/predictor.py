@@ -32,7 +32,7 @@ import torch
 from exits.data.crops import CropWindow, crop_mask, crop_to_window
 from exits.interactive.clicks import Click, disk_index, state_map, update_with_prediction
 from exits.interactive.constrain import CrfKernels, constrain_clicks
-from exits.interactive.decoder import ClickDecoder
+from exits.interactive.decoder import ClickDecoder, StaticInputs
 from exits.interactive.features import FeatureCache, ObjectFeatures, object_features
 from exits.interactive.inference import decode_probs
 from exits.interactive.model_io import CLICK_MODEL_PATH, load_click_model
@@ -113,8 +113,19 @@ class ClickPredictor:
         """Encode and cache one object's features and its click-constraint kernels (the heavy
         steps, once per object)."""
         f = self.features(ann_id)
+        self._static(f)
         if self.constraint in ("crf", "grabcut"):
             self._kernels(f).prepare()
+
+    @torch.no_grad()
+    def _static(self, f: ObjectFeatures) -> StaticInputs:
+        """The decoder's click-independent inputs of the object, kept with its features."""
+        key = ("static", id(self.decoder), self.decoder.config.coarse_size)
+        static = f.derived.get(key)
+        if static is None:
+            static = self.decoder.static_inputs(f.tokens[None].to(self.device), f.grid, f.crop[None].to(self.device))
+            static = f.derived.setdefault(key, static)
+        return static
 
     def _kernels(self, f: ObjectFeatures) -> CrfKernels:
         """The object's cached CRF kernels for the current constraint settings (the image at
@@ -122,11 +133,11 @@ class ClickPredictor:
         cfg = self.decoder.config
         on_window = cfg.crf_resolution == "window" and f.window_image is not None
         key = ("window" if on_window else "crop", cfg.crf_max_size, cfg.crf_sxy, cfg.crf_srgb, cfg.crf_w)
-        kernels = f.kernels.get(key)
+        kernels = f.derived.get(key)
         if kernels is None:
             image = (f.window_image if on_window else f.crop).cpu()
             kernels = CrfKernels(image, max_size=cfg.crf_max_size, sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w)
-            kernels = f.kernels.setdefault(key, kernels)
+            kernels = f.derived.setdefault(key, kernels)
         return kernels
 
     def _crop_clicks(self, window: CropWindow, clicks: Sequence[Click]) -> list[Click]:
@@ -146,7 +157,7 @@ class ClickPredictor:
         uv = self._crop_clicks(f.window, clicks)
         prev_crop = self._crop_prev(f.window, prev_mask)
         return decode_probs(self.decoder, f.tokens[None].to(self.device), f.grid, f.crop[None].to(self.device),
-                            [uv], [prev_crop], [state], at_crop_size=False)[0]
+                            [uv], [prev_crop], [state], at_crop_size=False, static=self._static(f))[0]
 
     def _constrained_window(self, f: ObjectFeatures, prob: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
         """(win.height, win.width) bool: the click constraint on the crop's probabilities,
