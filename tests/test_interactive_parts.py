@@ -280,4 +280,4 @@ def test_kept_static_inputs_give_the_same_logits():
         assert static.image_coarse.shape == (1, 3, 32, 32) and static.feat.shape == (1, 32, 8, 8)
         assert torch.equal(dec(tokens, (8, 8), crop, maps, pts, valid, static), dec(tokens, (8, 8), crop, maps, pts, valid))
         with pytest.raises(ValueError, match="static inputs"):
-            dec(tokens, (8, 8), crop[..., :48, :48], maps[..., :24, :24], pts, valid, static)
+            dec(tokens, (8, 8), crop[..., :24, :24], maps[..., :24, :24], pts, valid, static)  # Z_c 24, kept 32
