@@ -127,6 +127,24 @@ def speed(workdir: Path, model_path: Path, repeats: int) -> list[dict]:
         # sizes for crops above the demo's 96 px: today's defaults (a model saved before they
         # changed carries the old ones, which only act above 96 px)
         sizes = {k: getattr(ClickModelConfig(), k) for k in ("coarse_size", "decode_size", "map_size", "max_grid")}
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            big, inputs = predictor_at_512(dataclasses.replace(cfg, **sizes), predictor.decoder.embed_dim, Path(tmp))
+            t0 = time.perf_counter()
+            big.prepare(1)
+            prepare_ms = 1e3 * (time.perf_counter() - t0)
+            for constraint in ("none", "crf"):
+                big.constraint = constraint
+                times = time_calls(lambda: big.predict(1, inputs["clicks"], inputs["prev"]), repeats)
+                rows.append({"threads": threads, "crop": size, "window": [540, 500], "clicks": 5, "grid": [g, g],
+                             "constraint": constraint, "crf_max_size": cfg.crf_max_size,
+                             "what": "ClickPredictor.predict (random weights)",
+                             "coarse_decode_map_px": [sizes["coarse_size"], sizes["decode_size"], sizes["map_size"]],
+                             "prepare_ms": round(prepare_ms, 2),
+                             "median_ms": round(1e3 * statistics.median(times), 2),
+                             "min_ms": round(1e3 * min(times), 2)})
+                print(rows[-1], flush=True)
         dec = ClickDecoder(dataclasses.replace(cfg, **sizes), predictor.decoder.embed_dim).eval()
         tokens, grid, crop = torch.randn(1, g * g, predictor.decoder.embed_dim), (g, g), torch.rand(1, 3, size, size)
         clicks, prev = click_sequence(size)
@@ -157,6 +175,37 @@ def speed(workdir: Path, model_path: Path, repeats: int) -> list[dict]:
             print(rows[-1], flush=True)
     torch.set_num_threads(1)
     return rows
+
+
+def predictor_at_512(decoder_config: ClickModelConfig, embed_dim: int, tmp: Path) -> tuple[ClickPredictor, dict]:
+    """A :class:`ClickPredictor` on a 512 px crop: the demo ViT's architecture at 512 px
+    (64 x 64 patches) and a decoder, both with random weights (the cost does not depend on
+    their values), one object whose window is 540 x 500 px of a generated 640 x 600 image."""
+    from PIL import Image
+
+    from exits.data.crops import CropWindow
+    from exits.interactive.predictor import ObjectInfo
+    from exits.models.factory import build_mask_model
+
+    torch.manual_seed(0)
+    encoder = build_mask_model("vit_tiny_patch16_224", img_size=512, patch_size=8, depth=6, embed_dim=embed_dim,
+                               num_heads=3, decoder_dim=96)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:600, :640]
+    image = np.clip(60 + 120 * (((yy - 280) / 200.0) ** 2 + ((xx - 300) / 230.0) ** 2 < 1)[..., None]
+                    + rng.normal(0, 12, (600, 640, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp / "scene.png")
+    window = CropWindow(x0=40, y0=50, width=540, height=500, size=512)
+    objects = {1: ObjectInfo("scene.png", window, (600, 640), np.array([[300, 80], [70, 280], [300, 480], [530, 280]],
+                                                                       np.float64))}
+    predictor = ClickPredictor(ClickDecoder(decoder_config, embed_dim), encoder, objects, tmp)
+    s = float(window.size)
+    clicks, prev = click_sequence(window.size)
+    img_clicks = [(*window.crop_to_image(np.array([u, v])).tolist(), pos) for u, v, pos in clicks]
+    prev_full = np.zeros((600, 640), bool)
+    prev_full[50:550, 40:580] = F.interpolate(torch.from_numpy(prev.astype(np.float32))[None, None], size=(500, 540),
+                                              mode="bilinear", align_corners=False)[0, 0].numpy() >= 0.5
+    return predictor, {"clicks": img_clicks, "prev": prev_full, "crop_side": s}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

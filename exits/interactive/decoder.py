@@ -83,13 +83,15 @@ class PassOutput:
 @dataclass
 class StaticInputs:
     """What the decoder derives from an object's tokens and crop alone, without its clicks:
-    ``feat`` (B, D, h, w) the projected tokens and ``image_coarse`` (B, 3, Z_c, Z_c) the crop
-    at the coarse pass's size. The predictor keeps it per object with the cached features
-    (at 512 px: 4.5 of ~40 ms per click, the projection of 64 x 64 tokens and the crop's
-    antialiased resize)."""
+    ``feat`` (B, D, h, w) the projected tokens, ``image_coarse`` (B, 3, Z_c, Z_c) the crop
+    at the coarse pass's size and ``coarse_pdm`` PDM's colour affinities of it (None without
+    PDM). The predictor keeps it per object with the cached features (at 512 px ~6 of ~40
+    ms per click: the projection of 64 x 64 tokens, the crop's antialiased resize and 3
+    affinity maps)."""
 
     feat: torch.Tensor
     image_coarse: torch.Tensor
+    coarse_pdm: dict[int, torch.Tensor] | None = None
 
 
 @dataclass
@@ -171,13 +173,14 @@ class ClickDecoder(nn.Module):
 
     def decode_pass(self, feat: torch.Tensor, image: torch.Tensor, maps: torch.Tensor, clicks: torch.Tensor,
                     valid: torch.Tensor, boxes: torch.Tensor | None, z: int,
-                    image_z: torch.Tensor | None = None) -> PassOutput:
+                    image_z: torch.Tensor | None = None, pdm_weights: dict[int, torch.Tensor] | None = None
+                    ) -> PassOutput:
         """One pass over the regions ``boxes`` (B, 4) (None = the whole crop) at z x z.
 
         feat (B, D, h, w) projected tokens of the crop; image (B, 3, S, S); maps (B, 8, M, M)
         in the map frame (M = S / k); clicks (B, K, 3) crop pixel coords; valid (B, K); the
         token grid is capped at :meth:`grid_cap` cells a side; ``image_z`` the whole crop
-        already at z x z (whole-crop pass only).
+        already at z x z and ``pdm_weights`` PDM's affinities of it (whole-crop pass only).
         """
         b, _, s, _ = image.shape
         cap = self.grid_cap(z)
@@ -222,7 +225,7 @@ class ClickDecoder(nn.Module):
             latent = torch.cat([self._head_logits(head, feats, low, z) for head in self.latent_heads], dim=1)
         disks = (maps_r[:, :2] > 0.5).to(logits.dtype)
         if self.pdm is not None:
-            logits = self.pdm(logits, image_r, disks)
+            logits = self.pdm(logits, image_r, disks, pdm_weights)
         return PassOutput(logits=logits, boxes=boxes, features=feats, latent=latent, disks=disks)
 
     @staticmethod
@@ -262,7 +265,8 @@ class ClickDecoder(nn.Module):
         zc = min(s, self.config.coarse_size)
         image_c = image if zc == s else F.interpolate(image, size=(zc, zc), mode="bilinear", align_corners=False,
                                                       antialias=True)
-        return StaticInputs(feat=self.proj(tokens.transpose(1, 2).reshape(b, c, h, w)), image_coarse=image_c)
+        return StaticInputs(feat=self.proj(tokens.transpose(1, 2).reshape(b, c, h, w)), image_coarse=image_c,
+                            coarse_pdm=None if self.pdm is None else self.pdm.affinities(image_c))
 
     def forward_all(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor, maps: torch.Tensor,
                     clicks: torch.Tensor, valid: torch.Tensor, static: StaticInputs | None = None) -> DecoderOutput:
@@ -289,7 +293,8 @@ class ClickDecoder(nn.Module):
             raise ValueError(f"static inputs are for {static.image_coarse.shape[-1]} px, batch {static.feat.shape[0]}; "
                              f"this call needs {zc} px, batch {image.shape[0]}")
         feat = static.feat
-        coarse = self.decode_pass(feat, image, maps, clicks, valid, None, zc, image_z=static.image_coarse)
+        coarse = self.decode_pass(feat, image, maps, clicks, valid, None, zc, image_z=static.image_coarse,
+                                  pdm_weights=static.coarse_pdm)
         coarse_m = coarse.logits if zc == m else F.interpolate(coarse.logits, size=(m, m), mode="bilinear",
                                                                align_corners=False)
         if not self.config.use_zoom:

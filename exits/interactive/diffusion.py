@@ -126,14 +126,21 @@ class PixelDiffusion(nn.Module):
         self.gate = nn.Parameter(torch.tensor(0.0))  # g = 0.5 at the start
         self.log_sigma = nn.Parameter(torch.tensor(math.log(0.1)))  # colour scale in [0, 1] RGB units
 
-    def forward(self, logits: torch.Tensor, image: torch.Tensor, disks: torch.Tensor) -> torch.Tensor:
-        """logits (B, 1, Z, Z), image (B, 3, Z, Z) in [0, 1], disks (B, 2, Z, Z) -> (B, 1, Z, Z)."""
+    def affinities(self, image: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Dilation -> (B, 9, Z, Z) colour affinities of ``image`` (B, 3, Z, Z): they depend on
+        the image alone, so a caller may keep them per object (the decoder's coarse pass)."""
         sigma = self.log_sigma.exp()
+        return {d: neighbour_affinity(image, d, sigma) for d in self.DILATIONS}
+
+    def forward(self, logits: torch.Tensor, image: torch.Tensor, disks: torch.Tensor,
+                weights: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """logits (B, 1, Z, Z), image (B, 3, Z, Z) in [0, 1], disks (B, 2, Z, Z) -> (B, 1, Z, Z);
+        ``weights`` this image's :meth:`affinities`, when kept."""
         g = torch.sigmoid(self.gate)
         sources = disks[:, :1] - disks[:, 1:2]
         clicked = disks.sum(1, keepdim=True) > 0
         l0 = logits + F.softplus(self.source_gain) * sources
-        weights = {d: neighbour_affinity(image, d, sigma) for d in self.DILATIONS}
+        weights = self.affinities(image) if weights is None else weights
         l = l0
         for t in range(self.iterations):
             d = self.DILATIONS[t % len(self.DILATIONS)]

@@ -154,8 +154,10 @@ class ClickPredictor:
         crops, S / k for large ones (the decoder's map frame; clicks in image coords;
         ``state`` the carried crop state map, None = start from ``prev_mask``)."""
         f = self.features(ann_id)
-        uv = self._crop_clicks(f.window, clicks)
-        prev_crop = self._crop_prev(f.window, prev_mask)
+        return self._decode(f, self._crop_clicks(f.window, clicks), self._crop_prev(f.window, prev_mask), state)
+
+    def _decode(self, f: ObjectFeatures, uv: list[Click], prev_crop: np.ndarray | None,
+                state: np.ndarray | None) -> np.ndarray:
         return decode_probs(self.decoder, f.tokens[None].to(self.device), f.grid, f.crop[None].to(self.device),
                             [uv], [prev_crop], [state], at_crop_size=False, static=self._static(f))[0]
 
@@ -187,8 +189,12 @@ class ClickPredictor:
         f = self.features(ann_id)
         win = info.window
         cfg = self.decoder.config
-        state = self.sessions.lookup(ann_id, clicks, prev)
-        prob = self.predict_crop(ann_id, clicks, prev, state)
+        # the crop's previous mask and state map, once per click (each crop_mask at 512 px
+        # is a roi_align over the window)
+        prev_crop = self._crop_prev(win, prev)
+        uv = self._crop_clicks(win, clicks)
+        z = state_map(uv, prev_crop, (win.size, win.size), cfg.disk_radius, self.sessions.lookup(ann_id, clicks, prev))
+        prob = self._decode(f, uv, prev_crop, z)
         out = prev.copy() if prev is not None else np.zeros((h, w), bool)
         rows, cols = slice(win.y0, win.y0 + win.height), slice(win.x0, win.x0 + win.width)
         out[rows, cols] = self._constrained_window(f, prob, clicks)
@@ -199,7 +205,5 @@ class ClickPredictor:
             for x, y, positive in clicks:
                 rows_d, cols_d, disk = disk_index(float(x), float(y), radius, h, w)
                 out[rows_d, cols_d][disk] = bool(positive)
-        uv = self._crop_clicks(win, clicks)
-        z = state_map(uv, self._crop_prev(win, prev), (win.size, win.size), cfg.disk_radius, state)
         self.sessions.store(ann_id, clicks, update_with_prediction(z, self._crop_prev(win, out)), out)
         return out
