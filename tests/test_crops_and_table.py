@@ -79,3 +79,14 @@ def test_instances_table_parquet_round_trip(tiny_coco, tmp_path):
     wins = table_windows(back, 64)
     assert all(w.size == 64 for w in wins)
     assert back.column("file_name").to_pylist() == ["im1.png", "im1.png", "im2.png"]
+
+
+def test_crop_mask_reads_only_the_window_and_matches_the_whole_image_crop():
+    from exits.data.crops import crop_images
+
+    rng = np.random.default_rng(4)
+    mask = torch.from_numpy(rng.random((70, 90)) < 0.4)
+    for win in (CropWindow(0, 0, 90, 70, 32), CropWindow(5, 7, 40, 33, 48), CropWindow(50, 30, 40, 40, 16),
+                CropWindow(1, 1, 88, 68, 96)):
+        whole = crop_images(mask[None].float(), [win])[0, 0]
+        assert torch.allclose(crop_mask(mask, win), whole, atol=1e-5)  # float rounding of the shifted box
