@@ -344,6 +344,10 @@ def test_sessions_carry_state_only_for_the_answered_sequence():
     state = np.full((3, 3), 3, np.uint8)
     sessions.store(7, [(1.0, 1.0, True)], state, mask)
     assert sessions.lookup(7, [(1.0, 1.0, True), (2.0, 2.0, False)], mask) is state
+    crop = np.ones((3, 3), bool)
+    sessions.store(7, [(1.0, 1.0, True)], state, mask, crop)
+    assert sessions.lookup_entry(7, [(1.0, 1.0, True), (2.0, 2.0, False)], mask) == (state, crop)
+    assert sessions.lookup_entry(7, [(1.0, 1.0, True), (2.0, 2.0, False)], ~mask) == (None, None)
     assert sessions.lookup(7, [(1.0, 1.0, True), (2.0, 2.0, False)], ~mask) is None  # another mask
     assert sessions.lookup(7, [(0.0, 1.0, True), (2.0, 2.0, False)], mask) is None  # other clicks
     sessions.store(8, [], state, mask)
