@@ -90,3 +90,31 @@ def test_crop_mask_reads_only_the_window_and_matches_the_whole_image_crop():
                 CropWindow(1, 1, 88, 68, 96)):
         whole = crop_images(mask[None].float(), [win])[0, 0]
         assert torch.allclose(crop_mask(mask, win), whole, atol=1e-5)  # float rounding of the shifted box
+
+
+def test_crop_mask_equals_roi_align_on_random_windows_and_soft_masks():
+    """The separable crop is roi_align's: up- and down-scaling, windows touching every image
+    edge, soft values, and the 0.5 threshold the click model takes of it."""
+    from exits.data.crops import crop_images, roi_align_axis_weights
+
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        h, w = map(int, rng.integers(20, 160, 2))
+        mask = torch.from_numpy(rng.random((h, w)).astype(np.float32) if trial % 2 else rng.random((h, w)) < 0.5)
+        x0, y0 = int(rng.integers(0, w - 2)), int(rng.integers(0, h - 2))
+        if trial % 5 == 0:
+            x0 = y0 = 0
+        width, height = int(rng.integers(1, w - x0 + 1)), int(rng.integers(1, h - y0 + 1))
+        if trial % 7 == 0:
+            width, height = w - x0, h - y0  # touches the right and bottom edges
+        win = CropWindow(x0, y0, width, height, int(rng.choice([7, 16, 48, 96, 200])))
+        ours = crop_mask(mask, win)
+        # in float64 roi_align's own sample coordinates do not round (in float32 they drift ~1e-5)
+        ref = crop_images(mask[None].double(), [win])[0, 0].float()
+        assert ours.shape == (win.size, win.size) and ours.is_contiguous()
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+        # thresholded at 0.5 they differ only on ties (a half-covered pixel), either side rounding
+        flips = (ours >= 0.5) != (ref >= 0.5)
+        assert torch.all((ref[flips] - 0.5).abs() < 1e-5)
+    index, weights = roi_align_axis_weights(0.0, 50.0, 20, 50)
+    assert index.shape == (20, 6) and torch.allclose(weights.sum(1), torch.ones(20))  # 3 samples, 2 taps each

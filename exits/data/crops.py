@@ -118,15 +118,51 @@ def crop_to_window(crop_prob: torch.Tensor, window: CropWindow) -> torch.Tensor:
                          mode="bilinear", align_corners=False)[0, 0]
 
 
+def roi_align_axis_weights(start: float, length: float, size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One axis of ``roi_align(aligned=True, sampling_ratio=-1)`` as a sparse (size, n) matrix.
+
+    Output cell p averages g = ceil(length / size) bilinear samples at
+    y_pi = start - 0.5 + (p + (i + 0.5) / g) * length / size; a sample outside [-1, n] counts
+    0, one below 0 reads row 0 and one at or past n - 1 reads row n - 1 (torchvision's
+    kernel). Bilinear sampling on a grid is separable, so the 2-D crop is A_y M A_x^T.
+    Returns (size, 2g) int64 row indices and float32 weights (each row sums to <= 1)."""
+    g = max(1, math.ceil(length / size))
+    step = length / size
+    y = (start - 0.5) + (np.arange(size)[:, None] + (np.arange(g)[None, :] + 0.5) / g) * step  # (size, g)
+    inside = (y >= -1.0) & (y <= n)
+    y = np.maximum(y, 0.0)
+    low = np.floor(y).astype(np.int64)
+    last = low >= n - 1
+    low = np.where(last, n - 1, low)
+    frac = np.where(last, 0.0, y - low)
+    weights = np.concatenate([(1.0 - frac) * inside, frac * inside], axis=1) / g
+    index = np.concatenate([low, np.minimum(low + 1, n - 1)], axis=1)
+    return torch.from_numpy(index), torch.from_numpy(weights.astype(np.float32))
+
+
+def _apply_rows(values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(n, W) -> (size, W): out[p] = sum_k weights[p, k] * values[index[p, k]]."""
+    out = values.index_select(0, index[:, 0]).mul_(weights[:, :1])
+    for k in range(1, index.shape[1]):
+        out.addcmul_(values.index_select(0, index[:, k]), weights[:, k:k + 1])
+    return out
+
+
 def crop_mask(mask: torch.Tensor, window: CropWindow) -> torch.Tensor:
     """(H, W) mask -> (S, S) fraction of each crop pixel covered (same sampling as images).
 
-    Only the window plus a 1-px border is converted to float (roi_align's bilinear samples
-    reach at most half a pixel past the window), so a large image costs no more than its
-    window (a click on a 4000 x 3000 photo would otherwise convert 12 M pixels); the values
-    are those of cropping the whole mask (tested)."""
+    Only the window plus a 1-px border is read (roi_align's bilinear samples reach at most
+    half a pixel past the window), so a large image costs no more than its window (a click
+    on a 4000 x 3000 photo would otherwise convert 12 M pixels). The values are
+    ``roi_align``'s, computed as two sparse passes A_y M A_x^T
+    (:func:`roi_align_axis_weights`): our own code because it is ~6x faster than
+    ``roi_align`` at 512 px (0.8 vs 4.6 ms; the click model crops the answer on every click)
+    and gives the same values (tested against it)."""
     h, w = mask.shape[-2:]
     y0, x0 = max(0, window.y0 - 1), max(0, window.x0 - 1)
     y1, x1 = min(h, window.y0 + window.height + 1), min(w, window.x0 + window.width + 1)
-    local = CropWindow(window.x0 - x0, window.y0 - y0, window.width, window.height, window.size)
-    return crop_images(mask[y0:y1, x0:x1][None].float(), [local])[0, 0]
+    local = mask[y0:y1, x0:x1].float()
+    iy, wy = roi_align_axis_weights(window.y0 - y0, window.height, window.size, y1 - y0)
+    ix, wx = roi_align_axis_weights(window.x0 - x0, window.width, window.size, x1 - x0)
+    rows = _apply_rows(local, iy.to(local.device), wy.to(local.device))  # (S, w)
+    return _apply_rows(rows.t().contiguous(), ix.to(local.device), wx.to(local.device)).t().contiguous()

@@ -190,7 +190,6 @@ class ClickPredictor:
         win = info.window
         cfg = self.decoder.config
         # the carried state and the previous mask's crop, kept by the session when it goes on
-        # (each crop_mask at 512 px is a ~6 ms roi_align)
         carried, prev_crop = self.sessions.lookup_entry(ann_id, clicks, prev)
         if prev_crop is None:
             prev_crop = self._crop_prev(win, prev)
