@@ -24,7 +24,7 @@ from exits.engine import resolve_device
 from exits.engine.device import amp_dtype
 from exits.io import write_json
 from exits.models import load_mask_model
-from exits.stages.common import model_from_config, train_settings
+from exits.stages.common import model_from_config, require_backbone_weights, train_settings
 from exits.stages.generator import GeneratorLoss, GeneratorTask, point_label_masks, train_generator
 from exits.stages.object_crops import ObjectCropDataset
 from exits.stages.point_retrieval import (RetrievalParams, merge_points, read_points, read_points_rows,
@@ -58,6 +58,7 @@ def stage_prepare(cfg: ExitsConfig, annotations: Path, images: Path, workdir: Pa
 
 def stage_similarity(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: RunFolder, device: str, progress: bool,
                      checkpoint_dir: Path | None = None) -> Path:
+    require_backbone_weights(cfg.backbone)
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg.backbone)
     settings = train_settings(cfg.similarity.optim, seed=cfg.seed, device=device, amp=cfg.amp,
@@ -106,6 +107,7 @@ def generator_task(cfg: ExitsConfig, dataset: ObjectCropDataset, points: pa.Tabl
 
 def stage_generator(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: RunFolder, device: str,
                     progress: bool, checkpoint_dir: Path | None = None) -> Path:
+    require_backbone_weights(cfg.backbone)
     torch.manual_seed(cfg.seed + 1)
     points = read_points(paths.points) if cfg.generator.use_retrieval else None
     task = generator_task(cfg, dataset, points)

@@ -64,3 +64,25 @@ def test_dump_round_trips(tmp_path: Path):
 def test_moved_keys_name_their_new_place(old, new):
     with pytest.raises(ConfigError, match=new.replace(".", r"\.")):
         load_config("demo", [old])
+
+
+def test_paper_configs_refuse_a_random_init_backbone_before_training(tmp_path):
+    """coco/lvis/voc without pretrained weights stop before training with one line saying what
+    is missing and the two ways on; the demo (random init on purpose) and an explicit
+    allow_random_init or a checkpoint path pass."""
+    from exits.config import ConfigError, load_config
+    from exits.pipeline import stage_similarity
+    from exits.stages.common import require_backbone_weights
+
+    for name in ("coco", "lvis", "voc"):
+        cfg = load_config(name, [])
+        refusal = cfg.backbone.random_init_refusal()
+        assert refusal is not None and "\n" not in refusal
+        assert "backbone.pretrained_path=" in refusal and "backbone.allow_random_init=true" in refusal
+        with pytest.raises(ConfigError, match="pretrained_path"):
+            require_backbone_weights(cfg.backbone)
+        with pytest.raises(ConfigError, match="pretrained_path"):  # before any crop is read
+            stage_similarity(cfg, None, None, "cpu", progress=False)
+        assert load_config(name, ["backbone.allow_random_init=true"]).backbone.random_init_refusal() is None
+        assert load_config(name, ["backbone.pretrained_path=/models/vit_b16.pth"]).backbone.random_init_refusal() is None
+    assert load_config("demo", []).backbone.random_init_refusal() is None

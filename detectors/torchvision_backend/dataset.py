@@ -20,9 +20,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
-from PIL import Image
 
 from detectors.torchvision_backend.transforms import Target
+from exits.data.images import read_rgb
 from exits.eval.rle import Rle, segmentation_to_rle
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ class CategoryMapping:
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
     """RGB image as float (3, H, W) in [0, 1]."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    arr = read_rgb(path)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 

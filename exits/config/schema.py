@@ -42,12 +42,25 @@ class BackboneConfig(Section):
     decoder_dim: int = Field(64, ge=8)
     image_skip: bool = True
     pretrained_path: str | None = None
+    # Paper-scale configs set this to false: a ViT-B/16 from random init on a cluster spends
+    # GPU-days on attention that carries no appearance signal for the retrieval (EXITS starts
+    # from ImageNet weights). Small demo models train from random init on purpose.
+    allow_random_init: bool = True
 
     @model_validator(mode="after")
     def _grid_divides(self) -> "BackboneConfig":
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
         return self
+
+    def random_init_refusal(self) -> str | None:
+        """Why training must not start (no weights and random init not allowed), else None."""
+        if self.pretrained_path is not None or self.allow_random_init:
+            return None
+        return (f"backbone.pretrained_path is not set, and this config does not train {self.vit_name} from random "
+                f"init (backbone.allow_random_init: false): give a local checkpoint with "
+                f"--set backbone.pretrained_path=/path/to/{self.vit_name}.pth, or train from random init anyway "
+                f"with --set backbone.allow_random_init=true")
 
     @property
     def grid(self) -> int:

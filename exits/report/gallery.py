@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from exits.data.images import read_rgb
 from exits.eval import load_gt_masks
 from exits.eval.rle import to_rle
 from exits.report.evaluation import pseudo_label_rles
@@ -131,7 +132,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def _load_image(path: Path | None, height: int, width: int) -> np.ndarray:
     if path is not None and path.is_file():
-        img = np.asarray(Image.open(path).convert("RGB"))
+        img = read_rgb(path)
         if img.shape[:2] == (height, width):
             return img
         log.warning("gallery: %s is %s, masks are %s; drawing on grey", path, img.shape[:2], (height, width))

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
 
 from exits.data.crops import crop_window
+from exits.data.images import read_rgb
 from exits.report.run_files import read_object_geometry
 from exits.run_folder import RunFolder
 from exits.spotfix.masks import decode_rle, rle_parts
@@ -245,8 +245,7 @@ class RunCatalog:
 
     def load_image(self, image_id: int) -> np.ndarray:
         """(H, W, 3) uint8 RGB, as stage 1 read it (PIL, convert("RGB"))."""
-        with Image.open(self.image_path(image_id)) as im:
-            return np.array(im.convert("RGB"), dtype=np.uint8)
+        return read_rgb(self.image_path(image_id))
 
     def pseudo_mask(self, ann_id: int) -> np.ndarray:
         obj = self.objects[ann_id]

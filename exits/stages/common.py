@@ -5,10 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from exits.config.loading import ConfigError
 from exits.config.schema import BackboneConfig, OptimConfig
 from exits.engine import TrainSettings
 from exits.models import build_mask_model
 from exits.models.mask_model import MaskModel
+
+
+def require_backbone_weights(backbone: BackboneConfig) -> None:
+    """Raise :class:`ConfigError` (one line: what is missing, how to go on) before a training
+    stage starts a large ViT from random init that the config does not allow."""
+    refusal = backbone.random_init_refusal()
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def model_from_config(backbone: BackboneConfig) -> MaskModel:

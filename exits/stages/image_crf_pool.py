@@ -96,13 +96,12 @@ _IMAGE: dict[str, np.ndarray] = {}  # the last decoded image of this process (ob
 
 
 def _image(path: Path) -> np.ndarray:
-    from PIL import Image
+    from exits.data.images import read_rgb
 
     key = str(path)
     if key not in _IMAGE:
         _IMAGE.clear()
-        with Image.open(path) as im:
-            _IMAGE[key] = np.array(im.convert("RGB"), dtype=np.uint8)
+        _IMAGE[key] = read_rgb(path)
     return _IMAGE[key]
 
 

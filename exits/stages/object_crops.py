@@ -12,18 +12,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from exits.data.crops import CropWindow, crop_images
+from exits.data.images import read_rgb
 from exits.data.instances_table import table_windows
 
 
 def load_image_tensor(path: str | Path) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1]."""
-    with Image.open(path) as im:
-        arr = np.array(im.convert("RGB"), dtype=np.uint8)
+    arr = read_rgb(path)
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 

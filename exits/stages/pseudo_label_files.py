@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from exits.data.ids import as_int_id
 from exits.eval.separated import count_parts_rle
 from exits.io import atomic_open, atomic_path
 from exits.run_folder import RunFolder
@@ -38,7 +39,6 @@ CATEGORIES_METADATA = b"exits_categories"
 # Rows per row group of pseudo_labels.parquet: shards are small (256 rows), readers (catalog,
 # report) scan columns, so shard-sized row groups would only add footer size and seeks.
 ROW_GROUP_ROWS = 1 << 16
-_INT64_MAX = np.iinfo(np.int64).max
 
 
 class MergeColumns:
@@ -74,13 +74,10 @@ class MergeColumns:
         self._sorted = ids[self._order]
 
     def row(self, ann_id: Any) -> int | None:
-        # Same matches as the {int id: row} dict it replaces: the reader takes int(id), so a
-        # json id 5.0 (or True) is object 5 (1); other types and non-integral floats match nothing.
-        if isinstance(ann_id, float):
-            if not ann_id.is_integer():
-                return None
-            ann_id = int(ann_id)
-        if not isinstance(ann_id, int) or not -_INT64_MAX <= ann_id <= _INT64_MAX:
+        # The reader's id rule (exits.data.ids): a json id 5.0 is object 5; strings, bools and
+        # fractions are rejected records and match nothing (True must not take object 1's mask).
+        ann_id = as_int_id(ann_id)
+        if ann_id is None:
             return None
         j = int(np.searchsorted(self._sorted, ann_id, side="right")) - 1
         if j < 0 or self._sorted[j] != ann_id:
@@ -128,11 +125,39 @@ def _write_parquet_in_order(path: Path, tables: Iterable[pa.Table], order: np.nd
                                row_group_size=ROW_GROUP_ROWS)
 
 
+def rejected_image_ids(workdir: Path) -> set[int]:
+    """Ids of the images stage 0 rejected as a whole (missing, corrupt, outside the image
+    folder, ...), from the run's ``rejections.json``; empty when there is none."""
+    path = RunFolder(workdir).rejections
+    if not path.is_file():
+        return set()
+    out = set()
+    with open(path, encoding="utf-8") as fh:
+        listed = json.load(fh).get("rejections", [])
+    for r in listed:
+        image_id = as_int_id(r.get("image_id"))
+        if r.get("ann_id") is None and image_id is not None:
+            out.add(image_id)
+    return out
+
+
+def kept_images(images: Any, rejected: set[int]) -> Any:
+    """The json's ``images`` list without the records stage 0 rejected: a non-integer id
+    (``"1"`` is not image 1) or an image rejected as a whole. Stage 2 trains on every image
+    of the list, so a rejected one must not stay in it (it would be read, or trained on as
+    an image with no objects)."""
+    if not isinstance(images, list):
+        return images
+    return [im for im in images if isinstance(im, dict) and as_int_id(im.get("id")) is not None
+            and as_int_id(im.get("id")) not in rejected]
+
+
 def write_pseudo_label_files(annotations_json: Path, tables: Iterable[pa.Table], workdir: Path,
                              schema: pa.Schema) -> dict[str, Path]:
     """``pseudo_labels.json`` (input json, segmentation -> pseudo RLE, + score, num_parts of the
-    pseudo mask; objects with no pseudo mask, i.e. rejected records, are left out) and
-    ``pseudo_labels.parquet`` (the same objects, in the json's order) from ``schema`` tables.
+    pseudo mask; objects with no pseudo mask, i.e. rejected records, are left out, and so are
+    the images stage 0 rejected: :func:`kept_images`) and ``pseudo_labels.parquet`` (the same
+    objects, in the json's order) from ``schema`` tables.
 
     ``tables``: re-iterable (a list, or :class:`exits.stages.shards.ShardTables` that reads
     its files again on each pass); it is read twice, once for the columns the json needs and
@@ -142,6 +167,7 @@ def write_pseudo_label_files(annotations_json: Path, tables: Iterable[pa.Table],
 
     cols = MergeColumns(tables)
     run = RunFolder(workdir)
+    rejected = rejected_image_ids(workdir)
     order: list[int] = []
     categories: dict[int, str] = {}
     with open(annotations_json, encoding="utf-8") as src, atomic_open(run.pseudo_json) as out:
@@ -165,8 +191,11 @@ def write_pseudo_label_files(annotations_json: Path, tables: Iterable[pa.Table],
             if key == "info":
                 value["pseudo_labels"] = PSEUDO_INFO
                 saw_info = True
+            elif key == "images":
+                value = kept_images(value, rejected)
             elif key == "categories" and isinstance(value, list):
-                categories = {int(c["id"]): str(c.get("name", c["id"])) for c in value if isinstance(c, dict) and "id" in c}
+                categories = {as_int_id(c["id"]): str(c.get("name", c["id"])) for c in value
+                              if isinstance(c, dict) and as_int_id(c.get("id")) is not None}
             out.write(json.dumps(value))
         if not saw_info:
             out.write(("" if first else ", ") + '"info": ' + json.dumps({"pseudo_labels": PSEUDO_INFO}))
@@ -178,11 +207,13 @@ def write_pseudo_label_files(annotations_json: Path, tables: Iterable[pa.Table],
     return {"json": run.pseudo_json, "parquet": run.pseudo_parquet}
 
 
-def merge_pseudo_labels_in_memory(annotations_json: Path, table: pa.Table) -> dict[str, Any]:
+def merge_pseudo_labels_in_memory(annotations_json: Path, table: pa.Table,
+                                  rejected_images: set[int] = frozenset()) -> dict[str, Any]:
     """Reference merge: the whole input json as a dict, annotations replaced (what
     :func:`write_pseudo_label_files` streams; kept for tests and small inputs)."""
     with open(annotations_json, encoding="utf-8") as fh:
         data = json.load(fh)
+    data["images"] = kept_images(data["images"], set(rejected_images))
     cols = MergeColumns([table])
     data["annotations"] = [cols.annotation(ann, cols.row(ann.get("id"))) for ann in data["annotations"]
                            if cols.row(ann.get("id")) is not None]

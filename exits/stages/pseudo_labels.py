@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from exits.data.ids import as_int_id
 from exits.baselines import box_mask_full
 from exits.eval.rle import encode_rle_json as encode_rle
 from exits.eval.separated import count_parts_rle
@@ -169,7 +170,9 @@ def write_pseudo_labels(annotations_json: Path, rows: list[dict], scores: dict[i
                         workdir: Path) -> dict[str, Path]:
     """:func:`write_pseudo_label_files` from pasted rows and scores (ids/categories from the json)."""
     with open(annotations_json, encoding="utf-8") as fh:
-        meta = {a["id"]: (a["image_id"], a["category_id"]) for a in json.load(fh)["annotations"] if "id" in a}
+        # Keyed by the strict int id: a rejected "1" or True must not stand in for object 1.
+        meta = {as_int_id(a["id"]): (a["image_id"], a["category_id"]) for a in json.load(fh)["annotations"]
+                if isinstance(a, dict) and as_int_id(a.get("id")) is not None}
     rows = [r for r in rows if r["ann_id"] in meta]
     table = pseudo_label_table(rows, scores, [meta[r["ann_id"]][0] for r in rows], [meta[r["ann_id"]][1] for r in rows])
     return write_pseudo_label_files(annotations_json, [table], workdir, PSEUDO_SCHEMA)
