@@ -107,7 +107,7 @@ def test_revision_conflict_writes_nothing(tmp_path: Path) -> None:
     assert store.path.read_bytes() == before
 
 
-def test_torn_tail_is_ignored_then_repaired(tmp_path: Path) -> None:
+def test_torn_tail_is_skipped_and_kept_and_the_next_record_starts_a_fresh_line(tmp_path: Path) -> None:
     store = FixesStore(tmp_path)
     store.append(FixRecord(1, "reject", "a", [], None))
     with open(store.path, "ab") as fh:  # what a writer killed mid-write could leave
@@ -116,16 +116,17 @@ def test_torn_tail_is_ignored_then_repaired(tmp_path: Path) -> None:
     assert [r.ann_id for r in reader.records()] == [1]
     store.append(FixRecord(3, "reject", "a", [], None))
     lines = store.path.read_bytes().splitlines()
-    assert len(lines) == 2 and all(json.loads(line)["ann_id"] in (1, 3) for line in lines)
+    assert lines[1] == b'{"ann_id": 2, "decision": "acc'  # never dropped: the file is only appended to
+    assert len(lines) == 3 and [json.loads(lines[k])["ann_id"] for k in (0, 2)] == [1, 3]
     assert [r.ann_id for r in reader.records()] == [1, 3]
+    assert reader.skipped_lines == [2]
 
 
-def test_corrupt_record_is_an_error(tmp_path: Path) -> None:
+def test_corrupt_record_is_skipped_not_an_error(tmp_path: Path) -> None:
     store = FixesStore(tmp_path)
     store.path.parent.mkdir(parents=True)
     store.path.write_bytes(b'{"ann_id": 1}\n')
-    with pytest.raises(ValueError, match="corrupt record"):
-        store.records()
+    assert store.records() == [] and store.skipped_lines == [1]
 
 
 def test_record_validation() -> None:

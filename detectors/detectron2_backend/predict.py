@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -17,6 +16,7 @@ from detectors.base import ImagesArg, read_image_records
 from detectors.config import DetectorConfig
 from detectors.results import coco_results
 from detectors.torchvision_backend.dataset import CategoryMapping
+from exits.data.images import image_file
 from exits.engine.device import resolve_device
 
 
@@ -83,7 +83,7 @@ def predict_images(
         chunk = records[start : start + cfg.batch_size]
         inputs = []
         for rec in chunk:
-            item = {"file_name": str(Path(image_dir) / rec["file_name"]), "image_id": int(rec["id"])}
+            item = {"file_name": str(image_file(image_dir, rec["file_name"])), "image_id": int(rec["id"])}
             if "height" in rec and "width" in rec:  # the mapper checks them against the file
                 item.update(height=int(rec["height"]), width=int(rec["width"]))
             inputs.append(mapper(item))

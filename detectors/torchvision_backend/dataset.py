@@ -22,7 +22,7 @@ import pycocotools.mask as mask_utils
 import torch
 
 from detectors.torchvision_backend.transforms import Target
-from exits.data.images import read_rgb
+from exits.data.images import image_file, read_rgb
 from exits.eval.rle import Rle, segmentation_to_rle
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, Target]:
         position, seed = item if isinstance(item, tuple) else (item, None)
         img = self.images[position]
-        image = load_image(self.image_dir / img["file_name"])
+        image = load_image(image_file(self.image_dir, img["file_name"]))
         if tuple(image.shape[1:]) != (int(img["height"]), int(img["width"])):
             raise ValueError(
                 f"{self.source}: image {img['id']} ({img['file_name']}) is {tuple(image.shape[1:])}, "

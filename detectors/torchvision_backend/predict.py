@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -13,6 +12,7 @@ from detectors.config import DetectorConfig
 from detectors.results import coco_results
 from detectors.torchvision_backend.dataset import CategoryMapping, load_image
 from detectors.torchvision_backend.model import build_model
+from exits.data.images import image_file
 from exits.engine.device import resolve_device
 
 
@@ -70,7 +70,7 @@ def predict_images(
     use_amp = cfg.amp and device.type == "cuda"
     for start in range(0, len(records), cfg.batch_size):
         chunk = records[start : start + cfg.batch_size]
-        batch = [load_image(Path(image_dir) / r["file_name"]).to(device) for r in chunk]
+        batch = [load_image(image_file(image_dir, r["file_name"])).to(device) for r in chunk]
         with torch.autocast(device_type=device.type, enabled=use_amp):
             outputs = model(batch)
         for rec, out in zip(chunk, outputs):

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from pycocotools import mask as mask_utils
 
+from exits.data.images import image_file
 from exits.data.crops import CropWindow, crop_images, crop_mask, crop_window
 from exits.data.extreme_points import derive_extreme_points
 from exits.eval.rle import segmentation_to_rle
@@ -87,7 +88,7 @@ def _crop_objects(items: list[tuple[int, str, CropWindow, np.ndarray]], images_d
     crops = torch.zeros((len(items), 3, crop_size, crop_size), dtype=torch.uint8)
     targets = torch.zeros((len(items), crop_size, crop_size), dtype=torch.bool)
     for name, rows in by_file.items():
-        image = load_image_tensor(images_dir / name)
+        image = load_image_tensor(image_file(images_dir, name))
         crops[rows] = crop_images(image, [items[i][2] for i in rows]).mul(255).round_().clamp_(0, 255).to(torch.uint8)
         for i in rows:
             targets[i] = crop_mask(torch.from_numpy(items[i][3]), items[i][2]) >= 0.5

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from exits.data.images import image_file
 from exits.eval.ground_truth import load_gt_masks
 from exits.eval.rle import decode_rle
 from exits.interactive.clicks import Click
@@ -152,7 +153,7 @@ def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str |
             curves[protocol]["click_model"].append(robot_curve(model_fn, gt_mask, init, max_clicks, stop)[0])
             if with_grabcut:
                 if image_rgb is None:
-                    image_rgb = (load_image_tensor(predictor.images_dir / info.file_name).permute(1, 2, 0).numpy()
+                    image_rgb = (load_image_tensor(image_file(predictor.images_dir, info.file_name)).permute(1, 2, 0).numpy()
                                  * 255).round().astype(np.uint8)
 
                 def grabcut_fn(clicks: list[Click], prev: np.ndarray | None, _i: Any = info, _img: Any = image_rgb) -> np.ndarray:

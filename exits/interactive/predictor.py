@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from exits.data.images import image_file
 from exits.data.crops import CropWindow, crop_mask, crop_to_window
 from exits.interactive.clicks import Click, disk_index, state_map, update_with_prediction
 from exits.interactive.constrain import CrfKernels, constrain_clicks
@@ -104,7 +105,7 @@ class ClickPredictor:
         info = self._info(ann_id)
 
         def make() -> ObjectFeatures:
-            image = load_image_tensor(self.images_dir / info.file_name).to(self.device)
+            image = load_image_tensor(image_file(self.images_dir, info.file_name)).to(self.device)
             return object_features(self.encoder, int(ann_id), image, info.window)
 
         return self.cache.get(int(ann_id), make)

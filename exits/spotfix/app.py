@@ -1,6 +1,6 @@
 """The spot-fix web app: ``create_app(workdir, editor)`` -> FastAPI.
 
-Endpoints (JSON unless noted; errors are 4xx ``{"detail": message}`` and change nothing):
+Endpoints (JSON unless noted; errors are ``{"detail": message}`` and change nothing):
   GET  /                                the page (static/index.html)
   GET  /static/{file}                   page JS/CSS
   GET  /api/meta                        categories, user, editor, counts, limits
@@ -14,11 +14,21 @@ Endpoints (JSON unless noted; errors are 4xx ``{"detail": message}`` and change 
   GET  /api/objects/{ann_id}/history    every stored decision of the object
   GET  /api/objects/{ann_id}/thumb      JPEG thumbnail (crop + current mask)
   GET  /api/images/{image_id}           the image file (by id; never by path)
+
+Errors: 4xx for bad requests. An image the run lists but the page cannot serve: 403
+(``reason: outside_image_dir``, its file_name leads outside the image folder,
+exits.data.images.image_file), 404 (file missing), 422 (file corrupt / unreadable), the
+detail naming the image id. A file system error (disk full, read-only run folder, I/O
+error) answers ``{"detail", "error", "errno", "path"}`` with the path and the errno's
+meaning: 507 for ENOSPC/EDQUOT, 503 for EROFS/EACCES/EPERM, else 500; a decision that could
+not be written also carries ``"saved": false`` (nothing of it is in the fixes file).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -32,12 +42,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from exits.data.images import ImagePathError, ImageReadError
 from exits.spotfix.catalog import QueueFilter, ReviewObject, RunCatalog
 from exits.spotfix.editors import EditorRunner, MaskEditor
 from exits.spotfix.masks import decode_rle, encode_rle, overlay_data_url, rle_area_bbox
 from exits.spotfix.schemas import MAX_CLICKS, ClickIn, DecisionIn, PredictIn, RleIn
 from exits.spotfix.security import SECURITY_HEADERS, TOKEN_COOKIE, TOKEN_QUERY, make_guard, token_matches
-from exits.spotfix.store import APP_VERSION, FixesStore, FixRecord, RevisionConflict
+from exits.spotfix.store import APP_VERSION, FixesStore, FixRecord, RevisionConflict, describe_os_error
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20
@@ -46,6 +57,41 @@ BROWSER_IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "ima
 THUMB_SIZE = 96
 Status = Literal["todo", "accepted", "rejected", "decided", "all"]
 AnnId = int
+# HTTP status of a file system error: the disk is full / the run folder cannot be written
+OS_ERROR_STATUS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EROFS: 503, errno.EACCES: 503, errno.EPERM: 503}
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answer with extra JSON fields beside ``detail``."""
+
+    def __init__(self, status: int, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.extra = status, detail, extra
+
+
+def os_error_response(exc: OSError, action: str | None = None, **extra: Any) -> JSONResponse:
+    """JSON answer to a file system error: the path and the errno's meaning, never a bare 500."""
+    message = describe_os_error(exc)
+    if action:
+        message = f"{action}: {message}"
+    body = {"detail": message, "error": message, "errno": errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+            "path": None if exc.filename is None else os.fsdecode(exc.filename), **extra}
+    return JSONResponse(body, status_code=OS_ERROR_STATUS.get(exc.errno or 0, 500), headers=SECURITY_HEADERS)
+
+
+def image_error(image_id: int, exc: Exception) -> ApiError:
+    """The answer for an image the page cannot serve (the detail names the image id)."""
+    if isinstance(exc, ImagePathError):
+        return ApiError(403, f"image {image_id} is outside the image folder: {exc}", reason=ImagePathError.reason,
+                        image_id=image_id)
+    if isinstance(exc, FileNotFoundError):
+        where = f": {os.fsdecode(exc.filename)}" if exc.filename is not None else ""
+        return ApiError(404, f"image {image_id}: the file is missing{where}", image_id=image_id)
+    if isinstance(exc, ImageReadError):
+        return ApiError(422, f"image {image_id}: {exc}", image_id=image_id)
+    return ApiError(500, f"image {image_id}: {exc}", image_id=image_id)
 
 
 def default_user() -> str:
@@ -77,12 +123,17 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
 
     app = FastAPI(title="exits spot-fix", version=APP_VERSION, docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
-    app.middleware("http")(make_guard(token, max_body_bytes))
-    if allowed_hosts:
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+    app.middleware("http")(make_guard(token, max_body_bytes, allowed_hosts or None))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status, headers=SECURITY_HEADERS)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        log.warning("%s %s: %s", request.method, request.url.path, describe_os_error(exc))
+        return os_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -100,11 +151,22 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
         return info.height, info.width
 
     def current_mask(obj: ReviewObject) -> tuple[np.ndarray, Literal["pseudo", "fix"], FixRecord | None, int]:
-        """The mask editing starts from: the latest accepted fix, else the pseudo mask."""
+        """The mask editing starts from: the latest accepted fix, else the pseudo mask (also
+        when the stored fix does not fit the image: a hand-edited record)."""
         rec, revision = store.latest_for(obj.ann_id)
         if rec is not None and rec.decision == "accept" and rec.rle is not None:
-            return decode_rle(rec.rle, *image_size(obj)), "fix", rec, revision
+            try:
+                return decode_rle(rec.rle, *image_size(obj)), "fix", rec, revision
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("%s: the fix of object %d (record %s) does not fit its image (%s); showing the pseudo mask",
+                            store.path, obj.ann_id, rec.record_id, exc)
         return catalog.pseudo_mask(obj.ann_id), "pseudo", rec, revision
+
+    def load_image(image_id: int) -> np.ndarray:
+        try:
+            return catalog.load_image(image_id)
+        except (ImagePathError, ImageReadError, FileNotFoundError) as exc:
+            raise image_error(image_id, exc) from exc
 
     def checked_clicks(obj: ReviewObject, clicks: list[ClickIn]) -> list[tuple[float, float, bool]]:
         h, w = image_size(obj)
@@ -192,10 +254,8 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
         prev = checked_mask(obj, body.prev_rle) if body.prev_rle is not None else current_mask(obj)[0]
         try:
             mask = np.asarray(runner.predict(ann_id, clicks, prev), dtype=bool)
-        except FileNotFoundError as exc:
-            raise HTTPException(404, f"image of object {ann_id} is missing") from exc
-        except PermissionError as exc:
-            raise HTTPException(403, str(exc)) from exc
+        except (ImagePathError, ImageReadError, FileNotFoundError) as exc:  # the editor reads the image
+            raise image_error(obj.image_id, exc) from exc
         if mask.shape != prev.shape:
             raise HTTPException(500, f"editor returned a {mask.shape} mask for a {prev.shape} image")
         return {"ann_id": ann_id, "clicks": len(clicks), "mask": mask_payload(mask)}
@@ -220,6 +280,9 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
             revision = store.append(record, expect_revision=body.revision)
         except RevisionConflict as exc:
             raise HTTPException(409, str(exc)) from exc
+        except OSError as exc:  # disk full, read-only run folder: the page keeps the fix and can retry
+            log.warning("the fix of object %d was not saved: %s", ann_id, describe_os_error(exc))
+            return os_error_response(exc, f"could not save the fix of object {ann_id}", saved=False, ann_id=ann_id)
         return {"ann_id": ann_id, "revision": revision, "status": status_of(record), "record_id": record.record_id,
                 "time": record.time, "user": record.user}
 
@@ -238,7 +301,7 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
         with thumbs_lock:
             data = thumbs.get(key)
         if data is None:
-            data = _thumbnail(catalog.load_image(obj.image_id), mask, obj.crop_box)
+            data = _thumbnail(load_image(obj.image_id), mask, obj.crop_box)
             with thumbs_lock:
                 thumbs[key] = data
                 while len(thumbs) > 1024:
@@ -251,14 +314,13 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
             raise HTTPException(404, f"unknown image id {image_id}")
         try:
             path = catalog.image_path(image_id)
-        except PermissionError as exc:
-            raise HTTPException(403, str(exc)) from exc
-        except FileNotFoundError as exc:
-            raise HTTPException(404, str(exc)) from exc
+        except (ImagePathError, FileNotFoundError) as exc:
+            raise image_error(image_id, exc) from exc
         media = BROWSER_IMAGE_TYPES.get(path.suffix.lower())
         if media is not None:
-            return FileResponse(path, media_type=media)
-        ok, buf = cv2.imencode(".png", catalog.load_image(image_id)[:, :, ::-1])  # formats browsers cannot show
+            # read here, not streamed: an unreadable file is a JSON error, not a response cut off mid-way
+            return Response(path.read_bytes(), media_type=media)
+        ok, buf = cv2.imencode(".png", load_image(image_id)[:, :, ::-1])  # formats browsers cannot show
         return Response(buf.tobytes(), media_type="image/png")
 
     return app

@@ -8,6 +8,7 @@ annotations, i.e. from GT masks, which are for evaluation only.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from exits.data.crops import crop_window
-from exits.data.images import read_rgb
+from exits.data.images import image_file, read_rgb
 from exits.report.run_files import read_object_geometry
 from exits.run_folder import RunFolder
 from exits.spotfix.masks import decode_rle, rle_parts
@@ -227,24 +228,28 @@ class RunCatalog:
         return [o for o in self._order if flt.accepts(o)]
 
     def image_path(self, image_id: int) -> Path:
-        """The image file, guaranteed inside the image folder.
+        """The image file, guaranteed inside the image folder (exits.data.images.image_file:
+        the one rule of every stage).
 
         Raises:
             KeyError: unknown image id.
-            PermissionError: the file name resolves outside the image folder (``..``,
-                absolute paths, symlinks out of it).
-            FileNotFoundError: the file is missing.
+            ImagePathError: the file name leads outside the image folder (``..``, absolute
+                paths, symlinks out of it); reason ``outside_image_dir``.
+            FileNotFoundError: the file is missing (``filename`` set).
         """
         info = self.images[image_id]
-        path = (self.image_root / info.file_name).resolve()
-        if not path.is_relative_to(self.image_root):
-            raise PermissionError(f"image {image_id} resolves outside the image folder")
+        path = image_file(self.image_root, info.file_name)
         if not path.is_file():
-            raise FileNotFoundError(f"image {image_id} file is missing")
+            raise FileNotFoundError(errno.ENOENT, f"image {image_id} file is missing", str(path))
         return path
 
     def load_image(self, image_id: int) -> np.ndarray:
-        """(H, W, 3) uint8 RGB, as stage 1 read it (PIL, convert("RGB"))."""
+        """(H, W, 3) uint8 RGB, as stage 1 read it (exits.data.images.read_rgb).
+
+        Raises:
+            ImagePathError, FileNotFoundError: as :meth:`image_path`.
+            ImageReadError: the file is corrupt or not an image.
+        """
         return read_rgb(self.image_path(image_id))
 
     def pseudo_mask(self, ann_id: int) -> np.ndarray:

@@ -18,12 +18,21 @@ LOOPBACK_NAMES = ("localhost",)
 
 
 def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
+    """``localhost`` or a loopback address: 127.0.0.0/8, ::1 (brackets allowed)."""
+    if host.lower() in LOOPBACK_NAMES:
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def loopback_hosts(host: str) -> list[str]:
+    """Host header names a server bound to loopback ``host`` answers to: localhost, the
+    usual loopback addresses and the bound one (127.0.0.2, ::1, ...). Anything else -- a
+    DNS-rebinding page's own name -- is refused."""
+    names = ["localhost", "127.0.0.1", "::1"]
+    return names if host.strip("[]").lower() in names else names + [host.strip("[]")]
 
 
 def resolve_token(host: str, token: Optional[str]) -> Optional[str]:
@@ -74,7 +83,7 @@ def spotfix_command(
         fail(str(exc))
     loopback = is_loopback(host)
     app = create_app(workdir, mask_editor, token=required, user=user, catalog=catalog, editor_name=editor,
-                     allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"] if loopback else None)
+                     allowed_hosts=loopback_hosts(host) if loopback else None)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + ("?token=<your token>" if required else "")
     typer.echo(f"spot-fix: {len(catalog.objects)} objects of {workdir}; open {url}  (Ctrl+C to stop)")
@@ -87,12 +96,21 @@ def export_command(
     workdir: Path = typer.Option(..., "--workdir", "-w", help="run folder with pseudo_labels.json and fixes/"),
 ) -> None:
     """Merge the spot-fix decisions over the pseudo labels -> WORKDIR/pseudo_labels_fixed.json (stage 2 uses it)."""
+    setup_logging(False)
     from exits.spotfix.export import run_export
+    from exits.spotfix.store import describe_os_error as os_error_message
 
     try:
         result = run_export(workdir)
-    except (FileNotFoundError, ValueError) as exc:
+    except FileNotFoundError as exc:
+        fail(str(exc) if exc.filename is None else os_error_message(exc))
+    except OSError as exc:  # disk full, read-only run folder, unreadable fixes: one line, exit 2
+        fail(os_error_message(exc))
+    except ValueError as exc:
         fail(str(exc))
     for key, value in asdict(result.counts).items():
         typer.echo(f"{key}: {value}")
+    if result.counts.skipped_lines:
+        typer.echo(f"note: {result.counts.skipped_lines} corrupt line(s) of the fixes file were skipped "
+                   "(the warnings above name them); the file was left as it is")
     typer.echo(f"written: {result.path}")

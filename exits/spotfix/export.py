@@ -10,12 +10,21 @@ Per object, the latest decision wins (exits.spotfix.store):
 The output records the digest of the pseudo_labels.json it was merged from, so a stale
 merge (stage 1 re-run after the export) is detected by
 :meth:`exits.run_folder.RunFolder.training_labels` (the rule for what stage 2 trains on).
+
+Corrupt lines of fixes.jsonl are skipped with the store's warning (file and line number)
+and counted (``skipped_lines``). The output is written atomically (exits.io: a temporary
+``.pseudo_labels_fixed.json.*.tmp`` renamed over it); one export at a time runs on a run
+folder (an exclusive ``flock`` on the folder), and it first removes its own temporary files
+that an export killed mid-write left behind (never other stages' temporary files).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +35,8 @@ from exits.spotfix.masks import decode_rle, encode_rle, rle_area_bbox, rle_parts
 from exits.spotfix.store import FixesStore, FixRecord
 
 log = logging.getLogger(__name__)
+# exits.io.atomic_path names its temporary files ``.<output name>.<random>.tmp``
+TEMP_PREFIX = f".{FIXED_JSON}."
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class MergeCounts:
     unknown_ids: int  # decisions for objects not in the pseudo labels (ignored)
     invalid: int  # accepted masks that do not fit the image (ignored, object unchanged)
     records: int
+    skipped_lines: int = 0  # corrupt lines of fixes.jsonl (skipped with a warning naming each)
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,8 @@ class ExportResult:
     counts: MergeCounts
 
 
-def merge_fixes(pseudo: dict[str, Any], latest: dict[int, FixRecord], n_records: int = 0) -> tuple[dict[str, Any], MergeCounts]:
+def merge_fixes(pseudo: dict[str, Any], latest: dict[int, FixRecord], n_records: int = 0,
+                skipped_lines: int = 0) -> tuple[dict[str, Any], MergeCounts]:
     """Pure merge of the latest decision per ann_id over a pseudo-label COCO dict."""
     sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in pseudo.get("images", [])}
     out = copy.deepcopy({k: v for k, v in pseudo.items() if k != "annotations"})
@@ -73,7 +86,7 @@ def merge_fixes(pseudo: dict[str, Any], latest: dict[int, FixRecord], n_records:
     unknown = sum(1 for ann_id in latest if ann_id not in seen)
     counts = MergeCounts(objects_in=len(seen), accepted=accepted, rejected=rejected,
                          unchanged=len(seen) - accepted - rejected, objects_out=len(anns),
-                         unknown_ids=unknown, invalid=invalid, records=n_records)
+                         unknown_ids=unknown, invalid=invalid, records=n_records, skipped_lines=skipped_lines)
     return out, counts
 
 
@@ -101,13 +114,76 @@ def run_export(workdir: str | Path) -> ExportResult:
     annotation); then the merged annotations are written one at a time. Memory holds the
     other keys (images, categories) and the fixes, never the 860k annotations; the bytes are
     those of ``json.dump`` of :func:`merge_fixes`'s dict (annotations moved last, as there).
-    """
-    from exits.json_stream import iter_top_level
 
+    Raises:
+        FileNotFoundError: no pseudo_labels.json.
+        OSError: a file cannot be read or written (disk full, read-only folder), naming
+            it; the previous output is then unchanged and no temporary file is left.
+    """
     run = RunFolder(workdir)
     src = run.pseudo_json
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found: run stage 1 (`exits run`) first")
+    with _export_lock(run.root) as locked:
+        if locked:
+            _remove_own_temp_files(run.root, stale=True)
+        try:
+            return _export(run)
+        except OSError as exc:
+            if exc.filename is None and exc.errno is not None:  # a failed write/fsync names no file
+                raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(run.fixed_json)) from exc
+            raise
+        finally:
+            if locked:  # exits.io removes its temporary file on failure; this catches what it could not
+                _remove_own_temp_files(run.root, stale=False)
+
+
+def _remove_own_temp_files(root: Path, stale: bool) -> None:
+    """Remove ``.pseudo_labels_fixed.json.*.tmp`` in ``root`` (only the export writes those
+    names; the caller holds the export lock, so none belongs to a running export)."""
+    prefix = TEMP_PREFIX
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        path = root / name
+        try:
+            if not path.is_symlink() and path.is_file():
+                path.unlink()
+                if stale:
+                    log.info("removed %s, left by an export that did not finish", path)
+        except OSError as exc:  # a read-only folder: the write reports it
+            log.warning("could not remove the temporary file %s: %s", path, exc)
+
+
+@contextlib.contextmanager
+def _export_lock(root: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on the run folder while exporting: a second export waits
+    instead of removing the first one's temporary file. Yields whether the lock is held (a
+    file system without flock support: no lock, and no temporary files are removed)."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.debug("no export lock on %s: %s", root, exc)
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = True
+        except OSError as exc:
+            log.debug("no export lock on %s: %s", root, exc)
+            locked = False
+        yield locked
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _export(run: RunFolder) -> ExportResult:
+    from exits.json_stream import iter_top_level
+
+    src = run.pseudo_json
     digest = file_digest(src, memo=False)
     store = FixesStore(run.root)
     records = store.records()
@@ -157,7 +233,7 @@ def run_export(workdir: str | Path) -> ExportResult:
     counts = MergeCounts(objects_in=len(seen), accepted=accepted, rejected=rejected,
                          unchanged=len(seen) - accepted - rejected, objects_out=n_out,
                          unknown_ids=sum(1 for ann_id in latest if ann_id not in seen), invalid=invalid,
-                         records=len(records))
+                         records=len(records), skipped_lines=len(store.skipped_lines))
     info_last = "info" not in head  # merge_fixes' setdefault then appends it after the annotations
     info = {} if info_last else head["info"]
     info["spotfix"] = {

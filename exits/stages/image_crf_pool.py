@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from exits.data.images import image_file
 from exits.crf.image_refine import box_prior_crf_window, image_crf_prior, split_image_crf_params
 from exits.data.crops import CropWindow
 
@@ -164,4 +165,4 @@ class ImageCRFRefiner:
     def _work(self, i: int, crop_prob: torch.Tensor) -> tuple:
         d = self.dataset
         prior = image_crf_prior(crop_prob, d.windows[i], **self.prior)
-        return d.image_dir / d.file_names[i], d.windows[i], d.points_image[i], prior, self.crf
+        return image_file(d.image_dir, d.file_names[i]), d.windows[i], d.points_image[i], prior, self.crf

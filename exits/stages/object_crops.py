@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from exits.data.crops import CropWindow, crop_images
-from exits.data.images import read_rgb
+from exits.data.images import image_file, read_rgb
 from exits.data.instances_table import table_windows
 
 
@@ -70,7 +70,7 @@ class ObjectCropDataset(Dataset):
             if len(self.windows) else np.zeros((0, 4, 2), np.float32)
         self.boxes = np.stack([box_in_crop(p, w) for w, p in zip(self.windows, self.points_image)]) \
             if len(self.windows) else np.zeros((0, 4), np.float32)
-        self._load = lru_cache(maxsize=8)(lambda name: load_image_tensor(self.image_dir / name))
+        self._load = lru_cache(maxsize=8)(lambda name: load_image_tensor(image_file(self.image_dir, name)))
         self._crops: torch.Tensor | None = self._crop_all(progress) if cache else None
 
     def _crop_all(self, progress: bool) -> torch.Tensor:
@@ -79,7 +79,7 @@ class ObjectCropDataset(Dataset):
         for i, name in enumerate(self.file_names):
             by_file.setdefault(name, []).append(i)
         for name, rows in tqdm(by_file.items(), desc="cropping objects", disable=not progress, unit="img"):
-            img = load_image_tensor(self.image_dir / name)
+            img = load_image_tensor(image_file(self.image_dir, name))
             crops = crop_images(img, [self.windows[i] for i in rows])
             out[rows] = crops.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
         return out

@@ -6,6 +6,8 @@ const state = {
   history: [],      // [{clicks: [...], mask: {rle, png, area}, maskImg}] ; history[0] = the base mask
   clicks: [],       // clicks so far, including any still waiting for an answer
   busy: false, pending: false, showMask: true, view: null,
+  saving: false,    // a decision is on its way to the server
+  unsaved: null,    // {annId, decision, leaveArmed}: the server could not save it; the fix stays on the page
 };
 const $ = (id) => document.getElementById(id);
 const canvas = $("view");
@@ -116,8 +118,28 @@ async function refreshMeta() {
 // ---- one object --------------------------------------------------------------------------
 async function openAt(i) {
   if (i < 0 || i >= state.queue.length) { setStatus(i < 0 ? "first object" : "end of the queue"); return; }
+  const u = state.unsaved;
+  if (u && state.obj && u.annId === state.obj.ann_id && !u.leaveArmed) {
+    // Moving on would throw the unsaved fix away: the first try only warns.
+    u.leaveArmed = true;
+    setStatus(`#${u.annId}: your ${u.decision} was NOT saved. Press ${u.decision} again to retry, ` +
+      "or move on once more to discard this fix.", true);
+    return;
+  }
+  clearUnsaved();
+  const annId = state.queue[i].ann_id;
   state.index = i;
-  await openObject(state.queue[i].ann_id);
+  try {
+    await openObject(annId);
+  } catch (e) {  // e.g. its image is missing or outside the image folder: say so; n / p move past it
+    state.obj = null;
+    canvas.dataset.annId = "";
+    $("info").textContent = `#${annId} could not be opened`;
+    highlightQueue();
+    draw();
+    setStatus(`#${annId} did not open: ${e.message}`, true);
+    return;
+  }
   const next = state.queue[i + 1];
   if (next) api(`/api/objects/${next.ann_id}/prefetch`, {}).catch(() => {});
 }
@@ -247,8 +269,46 @@ function reset() {
   setStatus("reset to the starting mask");
 }
 
+function queueItem(annId) {
+  return [...$("queue").children].find((el) => el.dataset.annId === String(annId));
+}
+
+// The server could not store the decision (disk full, read-only run folder, conflict, network):
+// the mask and clicks stay as they are, the object is not marked decided, and pressing
+// accept / reject again sends the same fix.
+function markUnsaved(obj, decision, err) {
+  state.unsaved = { annId: obj.ann_id, decision, leaveArmed: false };
+  canvas.dataset.unsaved = decision;
+  const li = queueItem(obj.ann_id);
+  if (li) {
+    li.classList.add("unsaved");
+    const badge = li.querySelector(".badge");
+    if (badge) badge.textContent = "not saved";
+  }
+  const n = current().clicks.length;
+  const key = decision === "accept" ? "a" : "x";
+  const hint = err.status === 409
+    ? "Someone decided this object meanwhile: reload it (open it again) to see their decision."
+    : `Your mask and ${n} click(s) are still here: press ${decision} (${key}) again to retry.`;
+  setStatus(`#${obj.ann_id} NOT saved (${decision}): ${err.message}. ${hint}`, true);
+}
+
+function clearUnsaved() {
+  const u = state.unsaved;
+  if (!u) return;
+  state.unsaved = null;
+  delete canvas.dataset.unsaved;
+  const li = queueItem(u.annId);
+  if (li) {
+    li.classList.remove("unsaved");
+    const item = state.queue.find((q) => q.ann_id === u.annId);
+    const badge = li.querySelector(".badge");
+    if (badge && item) badge.textContent = item.status;
+  }
+}
+
 async function decide(decision) {
-  if (!state.obj || state.busy) return;
+  if (!state.obj || state.busy || state.saving) return;
   const obj = state.obj;
   const cur = current();
   const body = {
@@ -256,20 +316,28 @@ async function decide(decision) {
     clicks: cur.clicks.map(([x, y, p]) => ({ x, y, positive: p })),
   };
   if (decision === "accept") body.rle = cur.mask.rle;
+  state.saving = true;
+  canvas.dataset.saving = "1";
+  let res;
   try {
-    const res = await apiJson(`/api/objects/${obj.ann_id}/decision`, body);
-    obj.revision = res.revision;
-    const item = state.queue.find((q) => q.ann_id === obj.ann_id);
-    if (item) item.status = res.status;
-    const li = [...$("queue").children].find((el) => el.dataset.annId === String(obj.ann_id));
-    if (li) { li.className = res.status; li.querySelector(".badge").textContent = res.status; }
-    canvas.dataset.lastDecision = `${obj.ann_id}:${res.status}`;
-    refreshMeta().catch(() => {});
-    setStatus(`#${obj.ann_id} ${res.status} (saved)`);
-    if (state.index + 1 < state.queue.length) await openAt(state.index + 1);
+    res = await apiJson(`/api/objects/${obj.ann_id}/decision`, body);
   } catch (e) {
-    setStatus(e.message, true);
+    markUnsaved(obj, decision, e);
+    return;
+  } finally {
+    state.saving = false;
+    canvas.dataset.saving = "";
   }
+  clearUnsaved();
+  obj.revision = res.revision;
+  const item = state.queue.find((q) => q.ann_id === obj.ann_id);
+  if (item) item.status = res.status;
+  const li = queueItem(obj.ann_id);
+  if (li) { li.className = res.status; li.querySelector(".badge").textContent = res.status; }
+  canvas.dataset.lastDecision = `${obj.ann_id}:${res.status}`;
+  refreshMeta().catch(() => {});
+  setStatus(`#${obj.ann_id} ${res.status} (saved)`);
+  if (state.index + 1 < state.queue.length) await openAt(state.index + 1);
 }
 
 function onKey(ev) {
@@ -293,6 +361,9 @@ async function main() {
   canvas.addEventListener("mousedown", onMouseDown);
   canvas.addEventListener("contextmenu", (ev) => ev.preventDefault());
   document.addEventListener("keydown", onKey);
+  window.addEventListener("beforeunload", (ev) => {
+    if (state.unsaved) { ev.preventDefault(); ev.returnValue = ""; }  // the browser asks before losing it
+  });
   $("btn-undo").onclick = undo;
   $("btn-reset").onclick = reset;
   $("btn-accept").onclick = () => decide("accept");
