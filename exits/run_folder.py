@@ -17,6 +17,7 @@ spot-fix page, stage 2 and the benchmarks all ask it instead of building paths::
       shards/{points,pseudo}-NNNNN.parquet   per-shard outputs of 1b / 1d
       report/                  mIoU report (metrics.parquet, summary.json, report.md/.html)
       click_model/model.pt     the spot-fix click model (`exits train-clicks`)
+      click_model/eval_clicks.json  its robot-user evaluation (`exits eval-clicks`; picks `--editor auto`)
       fixes/fixes.jsonl        spot-fix decisions, append-only
       pseudo_labels_fixed.json fixes merged over the pseudo labels (`exits export`)
       detector/                stage 2 checkpoints, logs, predictions, metrics
@@ -157,6 +158,11 @@ class RunFolder:
     @property
     def click_model(self) -> Path:
         return self.click_model_dir / MODEL_FILE
+
+    @property
+    def click_eval(self) -> Path:
+        """``exits eval-clicks``' result for the run's click model (``--editor auto`` reads it)."""
+        return self.click_model_dir / "eval_clicks.json"
 
     @property
     def fixes_dir(self) -> Path:

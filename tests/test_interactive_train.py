@@ -189,10 +189,10 @@ def test_eval_json_and_commands(tiny_run: Path, tmp_path: Path):
                               "--set", "train_source=pseudo"])
     assert res.exit_code == 0, res.output
     assert (tiny_run / "click_model" / "model.pt").is_file()
-    from exits.spotfix.editors import BENCHMARK_WINNER, resolve_editor
+    from exits.spotfix.editors import DEFAULT_EDITOR, editor_from_eval, resolve_editor
 
-    kind, why = resolve_editor("auto", tiny_run)  # the run has a click model now: the benchmark's winner
-    assert kind == BENCHMARK_WINNER and f"--editor {'grabcut' if kind == 'clicks' else 'clicks'}" in why
+    kind, why = resolve_editor("auto", tiny_run)  # a click model, but nothing measured it yet
+    assert kind == DEFAULT_EDITOR == "grabcut" and "eval-clicks" in why
     bad = runner.invoke(app, ["train-clicks", "--workdir", str(tiny_run), "--set", "nope=1"])
     assert bad.exit_code != 0 and "nope" in bad.output
 
@@ -207,6 +207,10 @@ def test_eval_json_and_commands(tiny_run: Path, tmp_path: Path):
             assert m["objects"] == 3 and 0 <= m["NoC@90"] <= 3 and 0 <= m["NoF@90"] <= 3
     assert saved["protocols"]["scratch"]["grabcut"]["mIoU@0"] == 0.0
     assert saved["protocols"]["pseudo"]["click_model"]["mIoU@0"] > 0.5  # dilated GT as the start
+    # The run's own measurement, where eval-clicks writes it by default, now decides `auto`.
+    (tiny_run / "click_model" / "eval_clicks.json").write_text(json.dumps(saved))
+    kind, why = resolve_editor("auto", tiny_run)
+    assert (kind, why) == editor_from_eval(saved) and "this run's eval-clicks" in why
     res = runner.invoke(app, ["eval-clicks", "--workdir", str(tiny_run), "--gt", gt, "--out", str(out),
                               "--max-clicks", "2", "--protocol", "pseudo", "--no-grabcut"])
     assert res.exit_code == 0, res.output

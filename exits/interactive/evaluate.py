@@ -178,5 +178,5 @@ def run_eval_clicks(workdir: str | Path, gt_json: str | Path, *, out_path: str |
     }
     if keep_curves:
         result["curves"] = curves
-    write_json(out_path if out_path is not None else RunFolder(workdir).click_model_dir / "eval_clicks.json", result, indent=2)
+    write_json(out_path if out_path is not None else RunFolder(workdir).click_eval, result, indent=2)
     return result

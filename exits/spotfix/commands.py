@@ -57,8 +57,9 @@ def spotfix_command(
     token: Optional[str] = typer.Option(None, "--token", help=f"access token every request must carry "
                                         f"(default ${ENV_TOKEN}); required when --host is not loopback"),
     user: Optional[str] = typer.Option(None, "--user", help="name recorded with each decision (default: login name)"),
-    editor: str = typer.Option("auto", "--editor", help="what answers clicks: auto (the benchmark's winner, see "
-                               "docs/benchmarks.md), clicks (trained click model) or grabcut"),
+    editor: str = typer.Option("auto", "--editor", help="what answers clicks: auto (the editor this run's `exits eval-clicks` "
+                               "result favours, else GrabCut; the choice and why are printed), clicks (trained click "
+                               "model) or grabcut"),
     device: str = typer.Option("cpu", "--device", help="device of the click model (cpu, cuda, cuda:1)"),
     images: Optional[Path] = typer.Option(None, "--images", "-i", help="image folder (default: the one in run.json)"),
     threads: int = typer.Option(2, "--threads", min=1, help="CPU threads of the click model (2: ~9 ms per click at "
