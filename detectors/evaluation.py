@@ -27,6 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from exits.eval.ground_truth import gt_instances_from_coco
+from exits.json_stream import open_json_text
 from exits.eval.separated import separated_ann_ids
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -39,7 +40,7 @@ GtArg = str | os.PathLike | Mapping[str, Any]
 def _load_gt(gt_json: GtArg) -> dict[str, Any]:
     if isinstance(gt_json, Mapping):
         return copy.deepcopy(dict(gt_json))
-    with open(gt_json, "r", encoding="utf-8") as fh:
+    with open_json_text(gt_json) as fh:  # gzip / UTF-16 / BOM as the reader accepts them
         return json.load(fh)
 
 

@@ -18,7 +18,13 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageReadError(ValueError):
-    """An image file that cannot be decoded into 8-bit RGB (the message names the file)."""
+    """An image file that cannot be decoded into 8-bit RGB (the message names the file).
+
+    ``reason``: the validation reason code, ``corrupt_image`` or ``unsupported_image``."""
+
+    def __init__(self, message: str, reason: str = "corrupt_image"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class ImagePathError(ValueError):
@@ -42,7 +48,7 @@ def image_file(image_dir: str | Path, file_name: str) -> Path:
     """
     root = Path(image_dir)
     name = str(file_name)
-    if not name or Path(name).is_absolute() or name.startswith(("/", "\\")):
+    if not name or "\0" in name or Path(name).is_absolute() or name.startswith(("/", "\\")):
         raise ImagePathError(f"file_name {name!r} is not a path inside the image folder {root}")
     path = root / name
     try:
@@ -62,7 +68,8 @@ def _to_rgb(im: Image.Image, path: Path) -> np.ndarray:
         grey = np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     if im.mode == "F":
-        raise ImageReadError(f"{path}: 32-bit float image (mode F) has no 8-bit meaning; convert it to 8 or 16 bits")
+        raise ImageReadError(f"{path}: 32-bit float image (mode F) has no 8-bit meaning; convert it to 8 or 16 bits",
+                             "unsupported_image")
     return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
@@ -82,7 +89,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
         raise
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
 
 
@@ -100,9 +107,9 @@ def decode_check(path: str | Path) -> tuple[int, int]:
             im.load()
             if im.mode == "F":
                 raise ImageReadError(f"{path}: 32-bit float image (mode F) has no 8-bit meaning; "
-                                     "convert it to 8 or 16 bits")
+                                     "convert it to 8 or 16 bits", "unsupported_image")
             return size
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc

@@ -6,6 +6,7 @@ once and shards can be cut from it by row ranges.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +74,43 @@ def read_instances_rows(path: str | Path, start: int, stop: int) -> pa.Table:
     """Rows ``[start, stop)`` of the instances table (a shard), reading only the row groups
     that hold them: memory and time independent of the table's length."""
     return _conform(read_rows(path, start, stop), path)
+
+
+def read_image_rows(path: str | Path, image_ids: Sequence[int], columns: Sequence[str]) -> tuple[np.ndarray, pa.Table]:
+    """Every row of the instances table whose ``image_id`` is in ``image_ids``: their row
+    indices (ascending) and ``columns`` of those rows (same order), cast to ``SCHEMA``.
+
+    For a shard that needs the other objects of its images wherever they are in the table.
+    Row groups whose ``image_id`` statistics hold none of the ids are skipped unread (a table
+    ordered by image: the groups around the shard); of the others only the ``image_id``
+    column is read, and ``columns`` only of the groups with a match. Never the whole table
+    (``ROW_GROUP_ROWS`` rows per group)."""
+    ids = np.unique(np.asarray(list(image_ids), dtype=np.int64))
+    pf = pq.ParquetFile(path)
+    md = pf.metadata
+    names = pf.schema_arrow.names
+    if "image_id" not in names or any(c not in names for c in columns):
+        raise ValueError(f"{path}: instances table lacks image_id or one of {list(columns)}")
+    col = names.index("image_id")
+    rows, parts, offset = [], [], 0
+    for g in range(md.num_row_groups):
+        n = md.row_group(g).num_rows
+        stats = md.row_group(g).column(col).statistics
+        skip = len(ids) == 0
+        if not skip and stats is not None and stats.has_min_max:
+            lo, hi = np.searchsorted(ids, int(stats.min), "left"), np.searchsorted(ids, int(stats.max), "right")
+            skip = lo == hi
+        if not skip:
+            group_ids = pf.read_row_group(g, columns=["image_id"]).column(0).to_numpy()
+            hit = np.flatnonzero(np.isin(group_ids, ids))
+            if len(hit):
+                rows.append(hit + offset)
+                parts.append(pf.read_row_group(g, columns=list(columns)).take(pa.array(hit)))
+        offset += n
+    schema = pa.schema([SCHEMA.field(c) for c in columns])
+    if not parts:
+        return np.zeros(0, np.int64), schema.empty_table()
+    return np.concatenate(rows).astype(np.int64), pa.concat_tables(parts).select(list(columns)).cast(schema)
 
 
 def _conform(table: pa.Table, path: str | Path) -> pa.Table:

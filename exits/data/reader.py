@@ -7,9 +7,6 @@ mask (the labelling step) and only the points come out.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -19,53 +16,53 @@ import numpy as np
 from tqdm import tqdm
 
 from exits.data.extreme_points import box_from_extreme_points
-from exits.json_stream import JsonStreamError, iter_top_level
+from exits.json_stream import JsonFileError, JsonStreamError, iter_top_level, open_json_text
 from exits.data.point_labels import MaskToPoints
 from exits.data.records import CategoryRecord, ImageRecord, ObjectRecord, PointDataset, Rejection
 from exits.data.validation import (
     DatasetError,
+    RecordError,
     ValidationSummary,
+    as_int_id,
     check_extreme_points,
-    check_image_file,
+    check_image_files,
     find_duplicates,
+    id_problem,
+    parse_category_record,
     parse_extreme_points,
+    parse_image_record,
+    short_repr,
 )
 
 log = logging.getLogger(__name__)
 
 Format = Literal["auto", "coco", "lvis"]
 
+#: Rejections of these reasons are each logged at WARNING (up to this many), whatever else
+#: was rejected: a non-integer id is a sign the file was written by a broken tool.
+_WARN_EACH = {"bad_id": 50}
+_WARN_FIRST = 20
+
 
 def detect_format(dataset: dict) -> Literal["coco", "lvis"]:
     """LVIS json has per-category ``frequency`` and images named by ``coco_url``."""
     cats = dataset.get("categories") or []
-    if cats and all("frequency" in c for c in cats):
+    if isinstance(cats, list) and cats and all(isinstance(c, dict) and "frequency" in c for c in cats):
         return "lvis"
     images = dataset.get("images") or []
-    if images and "file_name" not in images[0] and "coco_url" in images[0]:
+    if (isinstance(images, list) and images and isinstance(images[0], dict)
+            and "file_name" not in images[0] and "coco_url" in images[0]):
         return "lvis"
     return "coco"
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError as exc:
-        raise DatasetError(f"annotation file not found: {path}") from exc
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: top level must be an object with images/annotations/categories")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DatasetError(f"{path}: missing or non-list '{key}'")
-    return data
-
-
-def _dataset_error(path: Path, exc: JsonStreamError) -> DatasetError:
+def _dataset_error(path: Path, exc: JsonStreamError | JsonFileError) -> DatasetError:
+    if isinstance(exc, JsonFileError):
+        return DatasetError(str(exc))
     if exc.top_level:
         return DatasetError(f"{path}: top level must be an object with images/annotations/categories")
+    if not exc.invalid:
+        return DatasetError(f"{path}: {exc.detail}")
     return DatasetError(f"{path}: not valid JSON ({exc.detail})")
 
 
@@ -73,16 +70,19 @@ class _StreamedJson:
     """An instances json read key by key: ``images``, ``categories`` (and every other key)
     whole, ``annotations`` one at a time (:mod:`exits.json_stream`), so a COCO-sized file
     never sits in memory as one dict. When ``annotations`` comes before ``images`` or
-    ``categories`` in the file, the annotations are held as a list instead."""
+    ``categories`` in the file, the annotations are held as a list instead. The file is
+    opened with :func:`exits.json_stream.open_json_text` (gzip, UTF-8/16/32, BOM)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.head: dict[str, Any] = {}
         self._fh = None
         try:
-            self._fh = open(path, encoding="utf-8")
+            self._fh = open_json_text(path)
         except FileNotFoundError as exc:
             raise DatasetError(f"annotation file not found: {path}") from exc
+        except JsonFileError as exc:
+            raise _dataset_error(path, exc) from None
         self._it = iter_top_level(self._fh, stream="annotations", source=str(path))
         self.annotations: Iterator[Any] | list[Any] | None = None
         try:
@@ -95,9 +95,9 @@ class _StreamedJson:
                         break
                 else:
                     self.head[key] = value
-        except JsonStreamError as exc:
+        except (JsonStreamError, JsonFileError) as exc:
             self.close()
-            raise _dataset_error(path, exc) from exc
+            raise _dataset_error(path, exc) from None
         for key in ("images", "categories"):
             if not isinstance(self.head.get(key), list):
                 self.close()
@@ -112,8 +112,8 @@ class _StreamedJson:
             if not isinstance(self.annotations, list):
                 for key, value in self._it:  # keys after the annotations (validates the tail)
                     self.head[key] = value
-        except JsonStreamError as exc:
-            raise _dataset_error(self.path, exc) from exc
+        except (JsonStreamError, JsonFileError) as exc:
+            raise _dataset_error(self.path, exc) from None
         finally:
             self.close()
 
@@ -126,7 +126,8 @@ class _StreamedJson:
 class _SegmentationDecoder:
     """What :class:`MaskToPoints` needs of the dataset API: ``annToMask``, decoding a polygon,
     uncompressed or compressed RLE exactly as pycocotools' ``COCO.annToRLE`` and lvis'
-    ``LVIS.ann_to_rle`` do, given the image sizes (no index over all annotations)."""
+    ``LVIS.ann_to_rle`` do, given the image sizes (no index over all annotations). An RLE
+    whose ``size`` is not its image's is refused (its mask would be another image's pixels)."""
 
     def __init__(self, sizes: dict[int, tuple[int, int]]):
         self.sizes = sizes
@@ -137,19 +138,142 @@ class _SegmentationDecoder:
         h, w = self.sizes[ann["image_id"]]
         segm = ann["segmentation"]
         if isinstance(segm, list):
+            _check_polygons(segm, h, w)
             rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-        elif isinstance(segm["counts"], list):
-            rle = mask_utils.frPyObjects(segm, h, w)
         else:
-            rle = segm
+            size = segm.get("size") if isinstance(segm, dict) else None
+            if not isinstance(size, list) or [as_int_id(v) for v in size] != [h, w]:
+                raise ValueError(f"RLE size {short_repr(size)} is not the image's [height, width] [{h}, {w}]")
+            counts = segm.get("counts")
+            if isinstance(counts, list):
+                _check_counts(counts, h, w)
+                rle = mask_utils.frPyObjects(segm, h, w)
+            elif isinstance(counts, (str, bytes)):
+                rle = segm
+            else:
+                raise ValueError(f"RLE counts {short_repr(counts)} is neither a list nor a string")
         return mask_utils.decode(rle)
 
 
-def _image_record(img: dict, fmt: str) -> ImageRecord:
-    name = img.get("file_name")
-    if not name and fmt == "lvis":
-        name = str(img["coco_url"]).rsplit("/", 1)[-1]
-    return ImageRecord(image_id=int(img["id"]), file_name=str(name), width=int(img["width"]), height=int(img["height"]))
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_polygons(polygons: list, h: int, w: int) -> None:
+    """Polygons pycocotools can rasterise safely: lists of >= 3 finite [x, y] number pairs
+    within one image size of the image (its ``rleFrPoly`` walks every upsampled pixel along
+    each edge: a coordinate like 1e9 exhausts memory, 1e308 crashes the process)."""
+    for poly in polygons:
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not all(_is_number(v) for v in poly):
+            raise ValueError(f"polygon {short_repr(poly)} is not a list of >= 3 [x, y] number pairs")
+        xs, ys = np.asarray(poly[0::2], dtype=np.float64), np.asarray(poly[1::2], dtype=np.float64)
+        if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+            raise ValueError(f"polygon {short_repr(poly)} has non-finite coordinates")
+        if xs.min() < -w or xs.max() > 2 * w or ys.min() < -h or ys.max() > 2 * h:
+            raise ValueError(f"polygon {short_repr(poly)} reaches far outside the {w}x{h} image")
+
+
+def _check_counts(counts: list, h: int, w: int) -> None:
+    """Uncompressed RLE counts: non-negative integers adding up to the image's h * w."""
+    if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2 ** 32 for c in counts):
+        raise ValueError(f"RLE counts {short_repr(counts)} are not non-negative integers")
+    if sum(counts) != h * w:
+        raise ValueError(f"RLE counts add up to {sum(counts)}, not the image's {h} x {w} = {h * w} pixels")
+
+
+def _image_records(src: str, raw_images: list, fmt: str, rejections: list[Rejection]
+                   ) -> tuple[dict[int, ImageRecord], dict[int, tuple[str, str]]]:
+    """The valid image records by id, and for every other integer image id the (reason,
+    message) its annotations are rejected with."""
+    parsed: list[tuple[int, Any, ImageRecord | RecordError]] = []
+    for index, img in enumerate(raw_images):
+        try:
+            parsed.append((index, img, parse_image_record(img, fmt)))
+        except RecordError as exc:
+            parsed.append((index, img, exc))
+    ids = [rec.image_id if isinstance(rec, ImageRecord) else as_int_id(img.get("id")) if isinstance(img, dict)
+           else None for _, img, rec in parsed]
+    dups = find_duplicates(i for i in ids if i is not None)
+    images: dict[int, ImageRecord] = {}
+    refused: dict[int, tuple[str, str]] = {}
+    for (index, img, rec), image_id in zip(parsed, ids):
+        if isinstance(rec, RecordError):
+            rejections.append(Rejection(src, rec.reason, rec.message, image_id=image_id, record="image", index=index))
+            if image_id is not None and image_id not in dups:
+                refused[image_id] = ("unknown_image", f"image {image_id} is not usable: its record was rejected "
+                                                      f"({rec.reason}: {rec.message})")
+        elif image_id in dups:
+            rejections.append(Rejection(src, "duplicate_id", f"image id {image_id} appears more than once",
+                                        image_id=image_id, record="image", index=index))
+        else:
+            images[image_id] = rec
+    for image_id in dups:
+        refused[image_id] = ("unknown_image", f"image id {image_id} appears more than once in the images list, "
+                                              "so it is ambiguous which image is meant")
+    return images, refused
+
+
+def _category_records(src: str, raw_categories: list, rejections: list[Rejection]
+                      ) -> tuple[dict[int, CategoryRecord], dict[int, str]]:
+    """The valid categories by id, and for every other integer category id why its
+    annotations are rejected (``unknown_category``)."""
+    parsed: list[tuple[int, Any, CategoryRecord | RecordError]] = []
+    for index, cat in enumerate(raw_categories):
+        try:
+            parsed.append((index, cat, parse_category_record(cat)))
+        except RecordError as exc:
+            parsed.append((index, cat, exc))
+    ids = [rec.id if isinstance(rec, CategoryRecord) else as_int_id(cat.get("id")) if isinstance(cat, dict)
+           else None for _, cat, rec in parsed]
+    dups = find_duplicates(i for i in ids if i is not None)
+    categories: dict[int, CategoryRecord] = {}
+    refused: dict[int, str] = {}
+    for (index, cat, rec), cat_id in zip(parsed, ids):
+        if isinstance(rec, RecordError):
+            rejections.append(Rejection(src, rec.reason, rec.message, category_id=cat_id, record="category",
+                                        index=index))
+            if cat_id is not None and cat_id not in dups:
+                refused[cat_id] = f"its category was rejected: {rec.message}"
+        elif cat_id in dups:
+            rejections.append(Rejection(src, "duplicate_id", f"category id {cat_id} appears more than once "
+                                        f"(this one named {rec.name!r})", category_id=cat_id, record="category",
+                                        index=index))
+        else:
+            categories[cat_id] = rec
+    for cat_id in dups:
+        refused[cat_id] = (f"category id {cat_id} appears more than once in the categories list, so it is "
+                           "ambiguous which category is meant")
+    return categories, refused
+
+
+def _listable_id(value: Any) -> Any:
+    """A bad id as it can stand in ``Rejection.ann_id`` / ``rejections.json``: a short json
+    scalar as found (``"1"``, ``true``, ``100.5``, ``2**70``), else None (NaN and infinities
+    are not json; lists, objects and long strings are named by the message and index)."""
+    if isinstance(value, (bool, int)) or (isinstance(value, str) and len(value) <= 100):
+        return value
+    if isinstance(value, float) and np.isfinite(value):
+        return value
+    return None
+
+
+def _log_rejections(src: str, summary: ValidationSummary, rejections: list[Rejection]) -> None:
+    log.info("%s: %s", src, summary)
+    shown = 0
+    counts: dict[str, int] = {}
+    for r in rejections:
+        limit = _WARN_EACH.get(r.reason)
+        if limit is not None:
+            counts[r.reason] = counts.get(r.reason, 0) + 1
+            if counts[r.reason] <= limit:
+                log.warning("%s", r)
+        elif shown < _WARN_FIRST:
+            shown += 1
+            log.warning("%s", r)
+    for reason, limit in _WARN_EACH.items():
+        if counts.get(reason, 0) > limit:
+            log.warning("%s: %d more records rejected with [%s] (see the full list: exits validate)",
+                        src, counts[reason] - limit, reason)
 
 
 def load_point_dataset(
@@ -165,8 +289,11 @@ def load_point_dataset(
 ) -> PointDataset:
     """Load and validate an instances json for extreme-point training.
 
-    Every rejected record is listed in ``PointDataset.rejections`` with the file and id.
-    Raises ``DatasetError`` only when the file itself is unusable or nothing valid is left.
+    Every rejected record (annotation, image or category) is listed in
+    ``PointDataset.rejections`` with the file, its ids (or its position when its id is not
+    an integer) and a reason of :data:`exits.data.validation.REJECTION_REASONS`.
+    Raises ``DatasetError`` (one line naming the file) only when the file itself is
+    unusable or nothing valid is left.
     """
     path = Path(annotations)
     image_dir = Path(image_dir)
@@ -176,64 +303,82 @@ def load_point_dataset(
     src = str(path)
     rejections: list[Rejection] = []
 
-    images: dict[int, ImageRecord] = {}
-    dup_images = find_duplicates(img.get("id") for img in data["images"])
-    for img in data["images"]:
-        try:
-            rec = _image_record(img, fmt)
-        except (KeyError, TypeError, ValueError) as exc:
-            rejections.append(Rejection(src, "bad_image_record", f"image record {img!r:.120} is malformed: {exc}"))
-            continue
-        if rec.image_id in dup_images:
-            rejections.append(Rejection(src, "duplicate_id", f"image id {rec.image_id} appears more than once", image_id=rec.image_id))
-            continue
-        images[rec.image_id] = rec
-
-    categories = {int(c["id"]): CategoryRecord(int(c["id"]), str(c.get("name", c["id"]))) for c in data["categories"]}
-
-    bad_images: dict[int, tuple[str, str]] = {}
-    for rec in tqdm(list(images.values()), desc="checking images", disable=not progress, unit="img"):
-        problem = check_image_file(image_dir, rec, open_file=check_images)
+    images, refused_images = _image_records(src, data["images"], fmt, rejections)
+    records = list(images.values())
+    bar = lambda it: tqdm(it, total=len(records), desc="checking images", disable=not progress, unit="img")  # noqa: E731
+    for rec, problem in zip(records, check_image_files(image_dir, records, check_images, wrap=bar)):
         if problem:
-            bad_images[rec.image_id] = problem
-            rejections.append(Rejection(src, problem[0], problem[1], image_id=rec.image_id))
+            del images[rec.image_id]
+            refused_images[rec.image_id] = problem
+            rejections.append(Rejection(src, problem[0], problem[1], image_id=rec.image_id, record="image"))
+    categories, refused_categories = _category_records(src, data["categories"], rejections)
 
     # One pass over the annotations, streamed. Outcomes are kept in file order (an object or
     # a rejection each); ids that turn out to be duplicated are rejected afterwards, in place,
     # exactly as if they had been known up front.
     mask_to_points: MaskToPoints | None = None
     outcomes: list[ObjectRecord | Rejection] = []
-    seen_ids: dict[Any, int] = {}
+    seen_ids: dict[int, int] = {}
     n_annotations = 0
-    for ann in tqdm(streamed.iter_annotations(), desc="checking annotations", disable=not progress, unit="ann"):
+    for index, ann in enumerate(tqdm(streamed.iter_annotations(), desc="checking annotations",
+                                     disable=not progress, unit="ann")):
         n_annotations += 1
         if not isinstance(ann, dict):
-            outcomes.append(Rejection(src, "bad_annotation", f"annotation {ann!r:.80} is not an object"))
+            outcomes.append(Rejection(src, "bad_annotation", f"the annotation is not an object: {short_repr(ann)}",
+                                      record="annotation", index=index))
             continue
-        ann_id = ann.get("id")
-        image_id = ann.get("image_id")
-        if ann_id is not None:
-            try:
-                seen_ids[ann_id] = seen_ids.get(ann_id, 0) + 1
-            except TypeError:  # an unhashable id (a list...) cannot be a duplicate of anything
-                pass
+        if ann.get("id") is None:
+            image_note = f" (image {short_repr(ann['image_id'])})" if "image_id" in ann else ""
+            outcomes.append(Rejection(src, "bad_annotation", f"the annotation has no 'id'{image_note}",
+                                      record="annotation", index=index))
+            continue
+        problem = id_problem(ann["id"])
+        if problem:
+            raw_id = _listable_id(ann["id"])
+            outcomes.append(Rejection(src, "bad_id", f"id {short_repr(ann['id'])} {problem}, not an integer id",
+                                      ann_id=raw_id, record="annotation", index=index,
+                                      image_id=as_int_id(ann.get("image_id")) if raw_id is not None else None))
+            continue
+        ann_id = as_int_id(ann["id"])
+        seen_ids[ann_id] = seen_ids.get(ann_id, 0) + 1
+        image_id: int | None = None
 
         def reject(reason: str, message: str) -> None:
-            outcomes.append(Rejection(src, reason, message, ann_id=ann_id, image_id=image_id))
+            outcomes.append(Rejection(src, reason, message, ann_id=ann_id, image_id=image_id,
+                                      record="annotation", index=index))
 
-        if ann_id is None or image_id is None:
-            reject("bad_annotation", "annotation lacks 'id' or 'image_id'")
+        missing = [k for k in ("image_id", "category_id") if ann.get(k) is None]
+        if missing:
+            reject("bad_annotation", f"annotation lacks {' and '.join(repr(k) for k in missing)}")
+            continue
+        bad_refs = [f"{k} {short_repr(ann[k])} {id_problem(ann[k])}" for k in ("image_id", "category_id")
+                    if id_problem(ann[k])]
+        if bad_refs:
+            reject("bad_id", "; ".join(bad_refs) + ", not an integer id")
+            continue
+        image_id = as_int_id(ann["image_id"])
+        category_id = as_int_id(ann["category_id"])
+        if image_id in refused_images:
+            reject(*refused_images[image_id])
             continue
         if image_id not in images:
-            reject("unknown_image", f"image id {image_id} is not in the images list (or was rejected)")
+            reject("unknown_image", f"image id {image_id} is not in the images list")
             continue
-        if image_id in bad_images:
-            reject(bad_images[image_id][0], bad_images[image_id][1])
+        if category_id in refused_categories:
+            reject("unknown_category", refused_categories[category_id])
             continue
-        if ann.get("category_id") not in categories:
-            reject("unknown_category", f"category id {ann.get('category_id')!r} is not in the categories list")
+        if category_id not in categories:
+            reject("unknown_category", f"category id {category_id} is not in the categories list")
             continue
-        if ann.get("iscrowd", 0):
+        crowd = ann.get("iscrowd", 0)
+        if crowd is None:
+            crowd = 0
+        if isinstance(crowd, bool):
+            crowd = int(crowd)
+        if crowd not in (0, 1) or not isinstance(crowd, (int, float)):
+            reject("bad_annotation", f"iscrowd is {short_repr(ann.get('iscrowd'))}; it must be 0 or 1")
+            continue
+        if crowd:
             reject("crowd", "crowd annotations have no extreme points of one object")
             continue
 
@@ -252,20 +397,21 @@ def load_point_dataset(
                     {i: (im.height, im.width) for i, im in images.items()}))
             try:
                 pts = mask_to_points(ann)
-            except ValueError as exc:
-                reject("no_points", str(exc))
+            except (ValueError, RecursionError) as exc:
+                reject("no_points", str(exc) if not isinstance(exc, RecursionError)
+                       else "segmentation is nested too deeply to decode")
                 continue
         else:
             reject("no_points", "annotation has no extreme_points (derive_missing_points is off)")
             continue
 
-        problem = check_extreme_points(pts, image.width, image.height, point_tolerance_px)
-        if problem:
-            reject(*problem)
+        problem_pts = check_extreme_points(pts, image.width, image.height, point_tolerance_px)
+        if problem_pts:
+            reject(*problem_pts)
             continue
         outcomes.append(
             ObjectRecord(
-                ann_id=int(ann_id), image_id=int(image_id), category_id=int(ann["category_id"]),
+                ann_id=ann_id, image_id=image_id, category_id=category_id,
                 extreme_points=pts, bbox=box_from_extreme_points(pts), points_source=source, split=split,
             )
         )
@@ -274,21 +420,21 @@ def load_point_dataset(
     objects: list[ObjectRecord] = []
     for out in outcomes:
         ann_id = out.ann_id
-        if ann_id is not None and ann_id in dup_anns and not (isinstance(out, Rejection) and out.reason == "bad_annotation"):
+        own_id_ok = isinstance(out, ObjectRecord) or (out.has_int_ann_id and out.reason != "bad_annotation")
+        if own_id_ok and ann_id in dup_anns:
             out = Rejection(src, "duplicate_id", f"annotation id {ann_id} appears more than once", ann_id=ann_id,
-                            image_id=out.image_id)
+                            image_id=out.image_id, record="annotation",
+                            index=out.index if isinstance(out, Rejection) else None)
         if isinstance(out, Rejection):
             rejections.append(out)
         else:
             objects.append(out)
-    del outcomes
+    outcomes.clear()  # the objects and rejections hold what is needed
 
     summary = ValidationSummary.of(n_annotations, len(objects), rejections)
-    log.info("%s: %s", src, summary)
-    for r in rejections[:20]:
-        log.warning("%s", r)
+    _log_rejections(src, summary, rejections)
     if not objects:
         detail = f" ({summary})" if n_annotations else " (no annotations)"
         raise DatasetError(f"{src}: no valid objects{detail}")
     return PointDataset(source=src, images=images, categories=categories, objects=objects,
-                        image_dir=str(image_dir), rejections=rejections)
+                        image_dir=str(image_dir), rejections=rejections, n_annotations=n_annotations)

@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from exits.data.ids import as_int_id
 from exits.eval.rle import Rle, rle_area, segmentation_to_rle
+from exits.json_stream import JsonFileError, open_json_text
 
 
 @dataclass(frozen=True)
@@ -50,29 +53,47 @@ class GtFormatError(ValueError):
 
 
 def read_gt_json(json_path: str | os.PathLike) -> dict[str, Any]:
-    """Load a COCO/LVIS json into a dict (call once, then use the ``*_from_coco`` helpers)."""
+    """Load a COCO/LVIS json into a dict (call once, then use the ``*_from_coco`` helpers).
+
+    The file is opened as the annotation reader opens its input
+    (:func:`exits.json_stream.open_json_text`: gzip, UTF-8 with or without BOM, UTF-16/32).
+    Raises ``FileNotFoundError`` for a missing file and a one-line :class:`GtFormatError`
+    naming the file for everything else that makes it unreadable.
+    """
     path = Path(json_path)
     try:
-        with open(path, "r", encoding="utf-8") as fh:
+        with open_json_text(path) as fh:
             data = json.load(fh)
+    except JsonFileError as exc:
+        raise GtFormatError(str(exc)) from None
     except json.JSONDecodeError as exc:
-        raise GtFormatError(f"{path}: not valid JSON ({exc})") from exc
+        raise GtFormatError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise GtFormatError(f"{path}: a value is nested too deeply to decode (more than about "
+                            f"{sys.getrecursionlimit()} levels of lists/objects)") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise GtFormatError(f"{path}: a value cannot be decoded ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise GtFormatError(f"{path}: expected a COCO/LVIS json object with an 'annotations' list")
     return data
 
 
 def _as_int(value: Any, what: str, source: str, ann_id: Any) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise GtFormatError(f"{source}: annotation {ann_id}: '{what}' must be an integer, got {value!r}")
-    return int(value)
+    # The reader's id rule (exits.data.ids): "1", True and 1.5 are not ids; 5.0 is 5.
+    out = as_int_id(value)
+    if out is None:
+        raise GtFormatError(f"{source}: annotation {ann_id}: '{what}' must be an integer, got {value!r:.60}")
+    return out
 
 
 def _image_sizes(images: Iterable[dict[str, Any]], source: str) -> dict[int, tuple[int, int]]:
     sizes: dict[int, tuple[int, int]] = {}
     for img in images:
+        image_id = as_int_id(img.get("id")) if isinstance(img, dict) else None
         try:
-            sizes[int(img["id"])] = (int(img["height"]), int(img["width"]))
+            if image_id is None:
+                raise ValueError("no integer id")
+            sizes[image_id] = (int(img["height"]), int(img["width"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise GtFormatError(f"{source}: image entry {img!r:.120} lacks an integer id/height/width") from exc
     return sizes
@@ -139,7 +160,12 @@ def gt_instances_from_coco(
 
 def category_names_from_coco(data: dict[str, Any]) -> dict[int, str]:
     """``{category_id: name}`` from a COCO/LVIS json's ``categories``."""
-    return {int(c["id"]): str(c.get("name", c["id"])) for c in data.get("categories") or []}
+    out: dict[int, str] = {}
+    for c in data.get("categories") or []:
+        cat_id = as_int_id(c.get("id")) if isinstance(c, dict) else None
+        if cat_id is not None:  # a malformed category names nothing (its objects show their id)
+            out[cat_id] = str(c.get("name", cat_id))
+    return out
 
 
 def load_gt_masks(json_path: str | os.PathLike, ann_ids: set[int] | None = None) -> dict[int, GtInstance]:

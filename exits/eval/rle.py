@@ -49,8 +49,14 @@ def polygons_to_rle(polygons: list[Any], height: int, width: int) -> Rle | None:
             raise ValueError(f"polygon {k} holds non-numeric coordinates")
         if len(poly) % 2 != 0:
             raise ValueError(f"polygon {k} has an odd number of coordinates ({len(poly)})")
-        if not np.all(np.isfinite(np.asarray(poly, dtype=np.float64))):
+        coords = np.asarray(poly, dtype=np.float64)
+        if not np.all(np.isfinite(coords)):
             raise ValueError(f"polygon {k} holds non-finite coordinates")
+        # pycocotools' rleFrPoly walks every up-sampled pixel along each edge: a coordinate
+        # like 1e9 exhausts memory and 1e308 crashes the process. Nothing real lies that far out.
+        xs, ys = coords[0::2], coords[1::2]
+        if xs.size and (xs.min() < -width or xs.max() > 2 * width or ys.min() < -height or ys.max() > 2 * height):
+            raise ValueError(f"polygon {k} reaches far outside the {width}x{height} image")
         if len(poly) >= 6:
             kept.append([float(v) for v in poly])
     if not kept:

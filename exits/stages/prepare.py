@@ -26,8 +26,7 @@ def prepare_instances(annotations: Path, images: Path, workdir: Path, *, crop_ma
     table = build_instances_table(ds, margin=crop_margin, min_margin_px=crop_min_margin_px, crop_size=crop_size)
     run = RunFolder(workdir)
     write_instances_table(table, run.instances)
-    summary = ValidationSummary.of(len(ds.objects) + sum(r.ann_id is not None for r in ds.rejections),
-                                   len(ds.objects), ds.rejections)
+    summary = ValidationSummary.of(ds.n_annotations, len(ds.objects), ds.rejections)
     write_json(run.rejections, {
         "summary": asdict(summary),
         "rejections": [asdict(r) for r in ds.rejections],

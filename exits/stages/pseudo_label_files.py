@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from exits.data.ids import as_int_id
 from exits.eval.separated import count_parts_rle
 from exits.io import atomic_open, atomic_path
+from exits.json_stream import iter_top_level, open_json_text
 from exits.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,9 @@ def rejected_image_ids(workdir: Path) -> set[int]:
         listed = json.load(fh).get("rejections", [])
     for r in listed:
         image_id = as_int_id(r.get("image_id"))
-        if r.get("ann_id") is None and image_id is not None:
+        # "record" (since it was added) says what was rejected; older files: no annotation id.
+        is_image = r.get("record") == "image" if "record" in r else r.get("ann_id") is None
+        if is_image and image_id is not None:
             out.add(image_id)
     return out
 
@@ -163,14 +166,13 @@ def write_pseudo_label_files(annotations_json: Path, tables: Iterable[pa.Table],
     its files again on each pass); it is read twice, once for the columns the json needs and
     once for the Parquet rows.
     """
-    from exits.json_stream import iter_top_level
 
     cols = MergeColumns(tables)
     run = RunFolder(workdir)
     rejected = rejected_image_ids(workdir)
     order: list[int] = []
     categories: dict[int, str] = {}
-    with open(annotations_json, encoding="utf-8") as src, atomic_open(run.pseudo_json) as out:
+    with open_json_text(annotations_json) as src, atomic_open(run.pseudo_json) as out:
         out.write("{")
         first, saw_info = True, False
         for key, value in iter_top_level(src, stream="annotations", source=str(annotations_json)):
@@ -211,7 +213,7 @@ def merge_pseudo_labels_in_memory(annotations_json: Path, table: pa.Table,
                                   rejected_images: set[int] = frozenset()) -> dict[str, Any]:
     """Reference merge: the whole input json as a dict, annotations replaced (what
     :func:`write_pseudo_label_files` streams; kept for tests and small inputs)."""
-    with open(annotations_json, encoding="utf-8") as fh:
+    with open_json_text(annotations_json) as fh:
         data = json.load(fh)
     data["images"] = kept_images(data["images"], set(rejected_images))
     cols = MergeColumns([table])

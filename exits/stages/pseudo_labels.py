@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from exits.data.ids import as_int_id
+from exits.json_stream import open_json_text
 from exits.baselines import box_mask_full
 from exits.eval.rle import encode_rle_json as encode_rle
 from exits.eval.separated import count_parts_rle
@@ -169,7 +170,7 @@ def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float
 def write_pseudo_labels(annotations_json: Path, rows: list[dict], scores: dict[int, dict[str, float]],
                         workdir: Path) -> dict[str, Path]:
     """:func:`write_pseudo_label_files` from pasted rows and scores (ids/categories from the json)."""
-    with open(annotations_json, encoding="utf-8") as fh:
+    with open_json_text(annotations_json) as fh:
         # Keyed by the strict int id: a rejected "1" or True must not stand in for object 1.
         meta = {as_int_id(a["id"]): (a["image_id"], a["category_id"]) for a in json.load(fh)["annotations"]
                 if isinstance(a, dict) and as_int_id(a.get("id")) is not None}
