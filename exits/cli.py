@@ -2,20 +2,29 @@
 
 Configs are validated here, at the edge; the commands below hand plain values or the
 validated config sections to the library.
+
+Errors end a command with one ``error:`` line: exit status 2 for what the user can fix (a bad
+value or input, a file that cannot be read or written: ``<file>: <reason> (<ERRNO>)``), 1 for
+a bug; ``exits --debug COMMAND ...`` (or ``EXITS_DEBUG=1``) shows the traceback instead
+(:mod:`exits.cli_support`).
 """
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from exits.cli_support import fail, setup_logging
+from exits.cli_support import (DEBUG_ENV, ExitsGroup, check_input_file, debug_enabled, error_text, fail,
+                               quiet_tracebacks, report_error, set_debug, setup_logging)
 from exits.config import ConfigError, load_config
-from exits.data import DatasetError
 
 app = typer.Typer(
+    cls=ExitsGroup,
     add_completion=False,
     no_args_is_help=True,
     help="EXITS: extreme points -> instance masks -> Mask R-CNN. Run `exits COMMAND --help` for details.",
@@ -23,6 +32,15 @@ app = typer.Typer(
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file, or a name in configs/ (demo, coco, lvis, voc)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config value, e.g. --set generator.optim.epochs=3 (repeatable)")
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help=f"show the traceback of an error (also {DEBUG_ENV}=1); "
+                               "without it an error is one line"),
+) -> None:
+    """EXITS: extreme points -> instance masks -> Mask R-CNN. Run `exits COMMAND --help` for details."""
+    set_debug(debug)
 
 
 @app.command("demo-data")
@@ -60,8 +78,8 @@ def validate(
         ds = load_point_dataset(annotations, images, derive_missing_points=cfg.data.derive_missing_points,
                                 point_tolerance_px=cfg.data.point_tolerance_px, check_images=cfg.data.check_images,
                                 progress=True)
-    except (ConfigError, DatasetError) as exc:
-        fail(str(exc))
+    except ConfigError as exc:
+        fail(error_text(exc))
     for r in ds.rejections:
         typer.echo(str(r))
     typer.echo(f"{len(ds.objects)} objects in {len(ds.images)} images are usable; {len(ds.rejections)} records rejected")
@@ -88,30 +106,55 @@ def run(
     setup_logging(verbose)
     try:
         cfg = load_config(config, overrides or [])
+        _check_trainable(cfg)
         _check_inputs(images, annotations, gt)
         _check_inputs(images, annotations, val)
+        _check_workdir(workdir)
         from flows.pipeline import run_pipeline_flow
 
+        quiet_tracebacks()  # Prefect installed its console handlers on import
         result = run_pipeline_flow(images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt, val_gt=val)
-    except (ConfigError, DatasetError) as exc:
-        fail(str(exc))
-    except RuntimeError as exc:
-        from flows.prefect_env import prefect_startup_hint
-
-        hint = prefect_startup_hint(exc)
-        if hint is None:
-            raise
-        fail(hint)
+    except ConfigError as exc:
+        fail(error_text(exc))
+    # any other error (an OSError in a stage, Prefect's temporary server not starting): one
+    # line by ExitsGroup
     result.pop("task_states", None)  # per-task detail stays in WORKDIR/run_summary.json
     typer.echo(_format_summary(result))
+
+
+def _check_trainable(cfg) -> None:
+    """Stop before Prefect starts when the config would train a large ViT from random init
+    without saying so (paper configs with no ``backbone.pretrained_path``)."""
+    refusal = cfg.backbone.random_init_refusal()
+    if refusal:
+        fail(refusal)
 
 
 def _check_inputs(images: Path, annotations: Path, gt: Optional[Path]) -> None:
     if not images.is_dir():
         fail(f"image folder not found: {images}")
     for path in (annotations, gt):
-        if path is not None and not path.is_file():
-            fail(f"annotation file not found: {path}")
+        if path is not None:
+            check_input_file(path)
+
+
+def _check_workdir(workdir: Path) -> None:
+    """The run folder can be created and written: checked before Prefect's temporary server
+    starts (seconds), so a read-only or mistyped ``--workdir`` fails at once, naming it.
+
+    Raises the OSError (``<workdir>: Permission denied (EACCES)``, ``Not a directory``, ...).
+    """
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a regular file
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(workdir)) from None
+    try:
+        with tempfile.TemporaryFile(dir=workdir):  # root ignores mode bits; a read-only mount does not
+            pass
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), str(workdir)) from None
 
 
 @app.command()
@@ -136,14 +179,16 @@ def serve(
     setup_logging(False)
     try:
         cfg = load_config(config, overrides or [])
+        _check_trainable(cfg)
         _check_inputs(images, annotations, gt)
         _check_inputs(images, annotations, val)
         from flows.deploy import serve_pipeline
 
+        quiet_tracebacks()
         serve_pipeline(cron=cron, images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt, name=name,
                        timezone=timezone, val_gt=val)
     except (ConfigError, ValueError) as exc:
-        fail(str(exc))
+        fail(error_text(exc))
 
 
 @app.command()
@@ -158,9 +203,11 @@ def report(
     from exits.stages.report import write_report
 
     try:
+        if gt is not None:
+            check_input_file(gt, "GT json")
         summary = write_report(workdir, gt=gt, separated_ids=separated_ids, n_worst=worst)
     except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
+        fail(error_text(exc))
     from exits.eval import format_summary_markdown
 
     typer.echo(format_summary_markdown(summary))
@@ -189,7 +236,12 @@ app.command("export")(export_command)
 
 
 def main() -> None:  # pragma: no cover - console entry
-    sys.exit(app())
+    try:
+        sys.exit(app())
+    except Exception as exc:  # what escaped ExitsGroup (it re-raises with --debug: typer shows the traceback)
+        if debug_enabled():
+            raise
+        sys.exit(report_error(exc))
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m exits.cli`

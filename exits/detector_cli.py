@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from exits.cli_support import fail, run_config, setup_logging
+from exits.cli_support import check_input_file, error_text, fail, run_config, setup_logging
 from exits.config import ConfigError
 
 WorkdirOpt = typer.Option(..., "--workdir", "-w", help="run folder with pseudo_labels.json (stage 1 done)")
@@ -48,7 +48,7 @@ def train_detector_command(
         cfg = detector_config(workdir, config, overrides or [], backend)
         record = train_detector_stage(workdir, cfg, images)
     except (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError) as exc:
-        fail(str(exc))
+        fail(error_text(exc))
     typer.echo(f"trained {record['backend']} on {record['train_json']} in {record['seconds']:.0f} s")
     typer.echo(f"checkpoint: {record['checkpoint']}")
 
@@ -67,12 +67,11 @@ def evaluate_detector_command(
     from exits.stages.detector import evaluate_detector_stage, metrics_summary, run_images_dir
 
     setup_logging(False)
-    if not gt.is_file():
-        fail(f"GT json not found: {gt}")
+    check_input_file(gt, "GT json")
     try:
         cfg = detector_config(workdir, config, overrides or [], backend)
         metrics = evaluate_detector_stage(workdir, gt, images or run_images_dir(workdir), cfg, checkpoint)
     except (ConfigError, FileNotFoundError, ValueError, KeyError, ImportError) as exc:
-        fail(str(exc))
+        fail(error_text(exc))
     typer.echo(json.dumps(metrics_summary(metrics), indent=1))
     typer.echo(f"metrics: {workdir / 'detector' / f'metrics-{gt.stem}.json'}")

@@ -7,6 +7,7 @@ and fsynced, then moved over the destination with ``os.replace``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +15,20 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+def format_os_error(exc: OSError) -> str:
+    """``<filename>: <strerror> (<errno name>)``, e.g. ``/runs/a/report.md: No space left on
+    device (ENOSPC)``; without a file name just ``<strerror> (<errno name>)``."""
+    if exc.errno is None:
+        return str(exc) or type(exc).__name__
+    what = f"{exc.strerror or os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    if exc.filename is None:
+        return what
+    name = os.fsdecode(exc.filename)
+    if exc.filename2 is not None:
+        name = f"{name} -> {os.fsdecode(exc.filename2)}"
+    return f"{name}: {what}"
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -24,14 +39,18 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success rename it over ``dest``.
 
     For writers that want a path (``pq.write_table``, ``torch.save``, ``PIL.Image.save``).
-    On any exception the temporary file is removed and ``dest`` is untouched.
+    On any exception the temporary file is removed and ``dest`` is untouched. An ``OSError``
+    (disk full, read-only folder, a directory where the file should be) is re-raised naming
+    ``dest`` (not the temporary file, and not nothing, as a failed ``write``/``fsync`` does),
+    so the one-line message of the command says what could not be written.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        _make_parent(dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -39,10 +58,35 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         # so reports and labels can be shared/served like any other file.
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        tmp_path = None  # it is dest now
+    except OSError as exc:
+        _name_destination(exc, dest, tmp_path)
         raise
+    finally:
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):  # never hide the write's own error
+                tmp_path.unlink()
+
+
+def _make_parent(folder: Path) -> None:
+    """``mkdir -p folder``; a regular file in the way is "Not a directory" (ENOTDIR) naming
+    it, not mkdir's "File exists"."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder)) from exc
+
+
+def _name_destination(exc: OSError, dest: Path, tmp: Path | None) -> None:
+    """Make ``exc`` name ``dest`` where it names the temporary file (mkstemp, os.replace) or
+    no file at all (a failed write or fsync: ENOSPC, EIO); an error about another file (an
+    input read inside the block) keeps its name."""
+    if exc.errno is None:
+        return
+    name = None if exc.filename is None else os.fsdecode(exc.filename)
+    if name is None or name == str(tmp) or os.path.basename(name).startswith(f".{dest.name}."):
+        exc.filename = str(dest)
+        del exc.filename2  # unset (None would print as "-> None")
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ with other settings).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -55,29 +56,35 @@ def folder_fingerprint(path: str | os.PathLike) -> str:
     """Digest of the sorted (relative path, size, mtime) of every file under ``path``.
 
     Cheap stand-in for the bytes of an image folder (one ``stat`` per file): any added,
-    removed, resized, replaced or touched file changes it.
+    removed, resized, replaced or touched file changes it. Names are hashed as the bytes the
+    file system holds (``os.fsencode``), so a name that is not valid UTF-8 (``caf\\xe9.png``
+    from a Latin-1 machine) is fingerprinted like any other; for UTF-8 names the digest is
+    the one of the text.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise NotADirectoryError(f"{root} is not a folder")
+    root = os.fsencode(path)
+    if not os.path.isdir(root):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fspath(path))
     entries = []
     for dirpath, _, names in os.walk(root):
         for name in names:
             p = os.path.join(dirpath, name)
             st = os.stat(p)
-            entries.append(f"{os.path.relpath(p, root)}\0{st.st_size}\0{st.st_mtime_ns}")
+            entries.append(b"%s\0%d\0%d" % (os.path.relpath(p, root), st.st_size, st.st_mtime_ns))
     entries.sort()
-    return hashlib.blake2b("\n".join(entries).encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(b"\n".join(entries), digest_size=16).hexdigest()
 
 
 def path_digest(path: str | os.PathLike) -> str | None:
-    """Content digest of a file, or of every file (name + bytes) under a folder; None when absent."""
+    """Content digest of a file, or of every file (name + bytes) under a folder; None when absent.
+
+    Names are hashed as bytes (``os.fsencode``), as in :func:`folder_fingerprint`."""
     p = Path(path)
     if p.is_file():
         return file_digest(p)
     if p.is_dir():
-        parts = sorted(f"{f.relative_to(p)}\0{file_digest(f)}" for f in p.rglob("*") if f.is_file())
-        return hashlib.blake2b("\n".join(parts).encode(), digest_size=16).hexdigest()
+        parts = sorted(os.fsencode(f.relative_to(p)) + b"\0" + file_digest(f).encode()
+                       for f in p.rglob("*") if f.is_file())
+        return hashlib.blake2b(b"\n".join(parts), digest_size=16).hexdigest()
     return None
 
 

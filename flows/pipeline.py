@@ -23,6 +23,7 @@ from exits.pipeline import write_run_files
 from exits.run_folder import RunFolder
 from flows.detector import train_detector_flow
 from flows.generator import train_generator_flow
+from flows.prefect_env import tie_temporary_server_to_process
 from flows.prepare import prepare_instances_flow
 from flows.pseudo_labels import pseudo_labels_flow
 from flows.report import report_flow
@@ -93,6 +94,10 @@ def exits_pipeline(images: str, annotations: str, workdir: str, config: dict[str
 
 def run_pipeline_flow(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig,
                       gt: Path | None = None, val_gt: Path | None = None) -> dict[str, Any]:
-    """Run :func:`exits_pipeline` in this process (``exits run``); returns its summary."""
+    """Run :func:`exits_pipeline` in this process (``exits run``); returns its summary.
+
+    A temporary Prefect server it starts dies with this process, even a SIGKILLed one
+    (:func:`flows.prefect_env.tie_temporary_server_to_process`)."""
+    tie_temporary_server_to_process()
     return exits_pipeline(images=str(images), annotations=str(annotations), workdir=str(workdir),
                           config=config_dict(cfg), gt=str(gt) if gt else None, val_gt=str(val_gt) if val_gt else None)

@@ -52,6 +52,43 @@ def test_folder_fingerprint_follows_file_list_sizes_and_mtimes(tmp_path):
         folder_fingerprint(tmp_path / "x.jpg")
 
 
+def _write_raw(folder: Path, name: bytes, data: bytes) -> None:
+    """Write ``data`` to ``folder/name`` with a name given as raw bytes (maybe not UTF-8)."""
+    fd = os.open(os.path.join(os.fsencode(folder), name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def test_fingerprints_take_a_file_name_that_is_not_utf8(tmp_path):
+    """A Latin-1 name (b"caf\\xe9.png") in an image folder crashed the run's cache key."""
+    (tmp_path / "a.png").write_bytes(b"1")
+    _write_raw(tmp_path, b"caf\xe9.png", b"12345")
+    f0 = folder_fingerprint(tmp_path)
+    assert len(f0) == 32 and folder_fingerprint(str(tmp_path)) == f0 == folder_fingerprint(os.fsencode(tmp_path))
+    _write_raw(tmp_path, b"caf\xe9.png", b"123456")  # changed size
+    f1 = folder_fingerprint(tmp_path)
+    assert f1 != f0
+    _bump_mtime(Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"))))
+    assert folder_fingerprint(tmp_path) not in (f0, f1)
+    # same for the content digest of an output folder
+    d0 = path_digest(tmp_path)
+    assert d0 is not None and path_digest(tmp_path) == d0
+    _write_raw(tmp_path, b"caf\xe9.png", b"654321")
+    assert path_digest(tmp_path) != d0
+
+
+def test_folder_fingerprint_of_utf8_names_is_unchanged(tmp_path):
+    """Hashing names as bytes keeps the digest of UTF-8 names (existing caches stay valid)."""
+    import hashlib
+
+    (tmp_path / "é.png").write_bytes(b"abc")
+    (tmp_path / "b.png").write_bytes(b"x")
+    entries = sorted(f"{p.name}\0{p.stat().st_size}\0{p.stat().st_mtime_ns}" for p in tmp_path.iterdir())
+    assert folder_fingerprint(tmp_path) == hashlib.blake2b("\n".join(entries).encode(), digest_size=16).hexdigest()
+
+
 def test_path_digest_of_folder_is_content_based(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "a.txt").write_text("one")

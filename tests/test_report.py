@@ -254,3 +254,32 @@ def test_notebook_matches_its_generator_and_runs(run, monkeypatch, tmp_path):
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) == 3 + min(6, n)  # three plots + the gallery of the selection
     assert sum("text/markdown" in o.get("data", {}) for o in outputs) >= 5  # facts + tables
+
+
+def test_report_md_shows_html_in_category_names_as_text(run, tmp_path):
+    """A category name is data: report.md must not carry it as raw HTML (report.html escapes it
+    already), and a ``|`` in it must not add a table column."""
+    work = tmp_path / "run"
+    shutil.copytree(run["work"], work)
+    coco = json.loads((run["data"] / "instances.json").read_text())
+    evil = "<img src=x onerror=alert(1)> | [x](javascript:alert(2))"
+    evil_id = run["coco"]["annotations"][0]["category_id"]
+    for cat in coco["categories"]:
+        if cat["id"] == evil_id:
+            cat["name"] = evil
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(coco))
+    write_report(work, gt=gt, n_worst=len(run["expected"]), publish=False)  # every object in the gallery
+
+    md = (work / "report" / "report.md").read_text()
+    assert "<img" not in md and "onerror=alert(1)>" not in md
+    assert not re.search(r"(?<!\\)\[x(?<!\\)\]\(javascript", md)  # no live link either
+    shown = r"&lt;img src=x onerror=alert(1)&gt; \| \[x\](javascript:alert(2))"
+    rows = [line for line in md.splitlines() if line.startswith("| " + shown)]
+    assert len(rows) == 1  # the category table's row, still 6 columns (7 unescaped pipes)
+    assert len(re.findall(r"(?<!\\)\|", rows[0])) == 7
+    n_evil = sum(a["category_id"] == evil_id for a in coco["annotations"])
+    assert md.count(f"· {shown} ·") == n_evil  # gallery captions
+    assert md.count(f"| {shown} |") == n_evil + 1  # worst-objects table + category table
+    page = (work / "report" / "report.html").read_text()
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page

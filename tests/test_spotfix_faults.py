@@ -706,7 +706,7 @@ def test_export_command_in_a_chmod_read_only_run_folder_exits_2(run: Path) -> No
     finally:
         os.chmod(run, 0o755)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].endswith(f": {EACCES_TEXT}")
+    assert proc.stderr.strip().splitlines()[-1].endswith(f": {EACCES_TEXT} (EACCES)")
 
 
 def test_export_lock_is_on_the_run_folder(run: Path) -> None:

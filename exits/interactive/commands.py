@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from exits.cli_support import fail, run_config, setup_logging
+from exits.cli_support import check_input_file, error_text, fail, run_config, setup_logging
 from exits.config import ConfigError
 from exits.interactive.config import ClickModelConfig
 
@@ -53,7 +53,7 @@ def train_clicks_command(
     try:
         cfg = load_click_config(workdir, config, set_)
     except ConfigError as exc:
-        fail(str(exc))
+        fail(error_text(exc))
     changes: dict[str, Any] = {}
     if train_json is not None:
         changes.update(train_source="coco", train_json=str(train_json))
@@ -71,7 +71,7 @@ def train_clicks_command(
         cfg = cfg.replace(**changes) if changes else cfg
         path, summary = train_click_model(workdir, cfg, out_path=out)
     except USER_ERRORS as exc:
-        fail(str(exc))
+        fail(error_text(exc))
     typer.echo(f"wrote {path}: {json.dumps(summary)}")
 
 
@@ -90,14 +90,13 @@ def eval_clicks_command(
     """NoC@85/90, NoF@90 and mIoU@k of the click model (and GrabCut) with the robot user."""
     from exits.interactive.evaluate import DEFAULT_PROTOCOLS, run_eval_clicks  # torch & co. only when the command runs
 
-    if not gt.is_file():
-        fail(f"GT json not found: {gt}")
+    check_input_file(gt, "GT json")
     try:
         result = run_eval_clicks(workdir, gt, out_path=out, model_path=model, num_objects=num_objects or None,
                                  max_clicks=max_clicks, protocols=tuple(protocol or DEFAULT_PROTOCOLS),
                                  progressive=progressive, with_grabcut=grabcut, device=device)
     except USER_ERRORS as exc:
-        fail(str(exc))
+        fail(error_text(exc))
     for name, methods in result["protocols"].items():
         for method, m in methods.items():
             typer.echo(f"{name:8s} {method:12s} NoC@85 {m['NoC@85']:.2f}  NoC@90 {m['NoC@90']:.2f}  "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -120,18 +121,39 @@ def rows_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title:
                      ["r" if rows and isinstance(rows[0].get(c), (int, float)) else "l" for c in columns])
 
 
+_MD_PUNCT = str.maketrans({c: "\\" + c for c in "\\`[]|"})
+
+
+def md_text(text: Any) -> str:
+    """Text from the data (category names, paths, the run folder's name) made inert in
+    Markdown: HTML escaped as report.html does (``<img ...>`` shows as text, never as a tag),
+    backslash, backtick, brackets (no links or images) and ``|`` (no extra table column)
+    escaped, line breaks joined. Renders as the original text."""
+    return html.escape(str(text), quote=False).translate(_MD_PUNCT).replace("\r", " ").replace("\n", " ")
+
+
+def md_code(text: Any) -> str:
+    """``text`` as an inline code span (shown verbatim): fenced with more backticks than it
+    holds, so a backtick in a path cannot end the span early."""
+    text = str(text).replace("\r", " ").replace("\n", " ")
+    runs = [len(r) for r in re.findall(r"`+", text)]
+    fence = "`" * (max(runs, default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return md_text(text)
 
 
 def markdown_table(spec: TableSpec, heading: str = "##") -> str:
     """A GitHub-flavoured Markdown table (with its title as a heading and note below)."""
-    lines = [f"{heading} {spec.title}", ""] if spec.title else []
+    lines = [f"{heading} {md_text(spec.title)}", ""] if spec.title else []
     lines.append("| " + " | ".join(_md_cell(h) for h in spec.header) + " |")
     lines.append("|" + "|".join("---:" if a == "r" else "---" for a in spec.align) + "|")
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in spec.rows]
     if spec.note:
-        lines += ["", spec.note]
+        lines += ["", md_text(spec.note)]
     return "\n".join(lines) + "\n"
 
 
@@ -167,9 +189,9 @@ def render_markdown(summary: Mapping[str, Any], *, title: str, worst_rows: Seque
     Without ``figure_paths``/``gallery_paths`` (e.g. a Prefect artifact) the images are left
     out; the worst objects are listed as a table either way.
     """
-    parts = [f"# {title}", ""]
-    parts += [f"- {fact}" for fact in key_facts(summary)]
-    parts += [""] + [f"- {k}: `{v}`" for k, v in _inputs_lines(summary)] + [""]
+    parts = [f"# {md_text(title)}", ""]
+    parts += [f"- {md_text(fact)}" for fact in key_facts(summary)]
+    parts += [""] + [f"- {md_text(k)}: {md_code(v)}" for k, v in _inputs_lines(summary)] + [""]
     parts += [markdown_table(t) for t in summary_tables(summary)]
     for name, path in (figure_paths or {}).items():
         parts += [f"## {FIGURE_TITLES.get(name, name)}", "", f"![{name}]({path})", ""]
@@ -180,7 +202,7 @@ def render_markdown(summary: Mapping[str, Any], *, title: str, worst_rows: Seque
                       "pseudo mask (orange) | GT mask (green).", ""]
             for r in worst_rows:
                 if int(r["ann_id"]) in gallery_paths:
-                    parts += [f"**{_gallery_caption(r)}**", "",
+                    parts += [f"**{md_text(_gallery_caption(r))}**", "",
                               f"![ann {r['ann_id']}]({gallery_paths[int(r['ann_id'])]})", ""]
     return "\n".join(parts).rstrip() + "\n"
 

@@ -48,7 +48,8 @@ from exits.spotfix.editors import EditorRunner, MaskEditor
 from exits.spotfix.masks import decode_rle, encode_rle, overlay_data_url, rle_area_bbox
 from exits.spotfix.schemas import MAX_CLICKS, ClickIn, DecisionIn, PredictIn, RleIn
 from exits.spotfix.security import SECURITY_HEADERS, TOKEN_COOKIE, TOKEN_QUERY, make_guard, token_matches
-from exits.spotfix.store import APP_VERSION, FixesStore, FixRecord, RevisionConflict, describe_os_error
+from exits.io import format_os_error
+from exits.spotfix.store import APP_VERSION, FixesStore, FixRecord, RevisionConflict
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20
@@ -73,7 +74,7 @@ class ApiError(Exception):
 
 def os_error_response(exc: OSError, action: str | None = None, **extra: Any) -> JSONResponse:
     """JSON answer to a file system error: the path and the errno's meaning, never a bare 500."""
-    message = describe_os_error(exc)
+    message = format_os_error(exc)
     if action:
         message = f"{action}: {message}"
     body = {"detail": message, "error": message, "errno": errno.errorcode.get(exc.errno or 0, str(exc.errno)),
@@ -132,7 +133,7 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
 
     @app.exception_handler(OSError)
     async def _os_error(request: Request, exc: OSError) -> JSONResponse:
-        log.warning("%s %s: %s", request.method, request.url.path, describe_os_error(exc))
+        log.warning("%s %s: %s", request.method, request.url.path, format_os_error(exc))
         return os_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -281,7 +282,7 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
         except RevisionConflict as exc:
             raise HTTPException(409, str(exc)) from exc
         except OSError as exc:  # disk full, read-only run folder: the page keeps the fix and can retry
-            log.warning("the fix of object %d was not saved: %s", ann_id, describe_os_error(exc))
+            log.warning("the fix of object %d was not saved: %s", ann_id, format_os_error(exc))
             return os_error_response(exc, f"could not save the fix of object {ann_id}", saved=False, ann_id=ann_id)
         return {"ann_id": ann_id, "revision": revision, "status": status_of(record), "record_id": record.record_id,
                 "time": record.time, "user": record.user}

@@ -99,7 +99,7 @@ def export_command(
     """Merge the spot-fix decisions over the pseudo labels -> WORKDIR/pseudo_labels_fixed.json (stage 2 uses it)."""
     setup_logging(False)
     from exits.spotfix.export import run_export
-    from exits.spotfix.store import describe_os_error as os_error_message
+    from exits.io import format_os_error as os_error_message
 
     try:
         result = run_export(workdir)

@@ -301,13 +301,6 @@ def _naming(exc: OSError, path: Path) -> OSError:
     return exc
 
 
-def describe_os_error(exc: OSError) -> str:
-    """``<path>: <errno meaning>`` (``runs/x/fixes/fixes.jsonl: No space left on device``);
-    the meaning alone where the error names no file."""
-    meaning = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
-    return f"{os.fsdecode(exc.filename)}: {meaning}" if exc.filename is not None else meaning
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
