@@ -645,3 +645,13 @@ def test_gt_side_uses_the_same_id_rule_and_refuses_far_out_polygons():
     for far in (1e308, 4e8, -1e6):
         with pytest.raises(ValueError, match="far outside"):
             segmentation_to_rle([[0.0, 0.0, far, 0.0, far, 5.0]], 10, 10)
+
+
+def test_readme_lists_every_rejection_reason():
+    from pathlib import Path
+
+    from exits.data.validation import REJECTION_REASONS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Validation**"):readme.index("**GT masks never reach training.**")]
+    assert [r for r in REJECTION_REASONS if f"| `{r}` |" not in section] == []
