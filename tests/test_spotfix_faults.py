@@ -684,7 +684,7 @@ EXPORT_WITH_FAULT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("fault, text", [("enospc", ENOSPC_TEXT), ("erofs", EROFS_TEXT)])
+@pytest.mark.parametrize("fault, text", [("enospc", f"{ENOSPC_TEXT} (ENOSPC)"), ("erofs", f"{EROFS_TEXT} (EROFS)")])
 def test_export_command_on_a_full_or_read_only_disk_exits_2_with_one_line(run: Path, fault: str, text: str) -> None:
     FixesStore(run).append(FixRecord(2, "reject", "a", [], None))
     proc = subprocess.run([sys.executable, "-c", EXPORT_WITH_FAULT, str(run), fault], capture_output=True, text=True,
