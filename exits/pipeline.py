@@ -27,8 +27,8 @@ from exits.models import load_mask_model
 from exits.stages.common import model_from_config, require_backbone_weights, train_settings
 from exits.stages.generator import GeneratorLoss, GeneratorTask, point_label_masks, train_generator
 from exits.stages.object_crops import ObjectCropDataset
-from exits.stages.point_retrieval import (RetrievalParams, merge_points, read_points, read_points_rows,
-                                         retrieve_dataset_points)
+from exits.stages.point_retrieval import (RetrievalParams, image_neighbours, merge_points, read_points,
+                                         read_points_rows, retrieve_dataset_points)
 from exits.stages.prepare import prepare_instances
 from exits.run_folder import RunFolder
 from exits.stages.image_crf_pool import ImageCRFRefiner, resolve_crf_workers
@@ -84,10 +84,17 @@ def shard_dataset(paths: RunFolder, images: Path, crop_size: int, start: int, st
 
 def stage_retrieval_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, start: int, stop: int, out: Path,
                           device: torch.device, key: str | None = None, progress: bool = False) -> Path:
-    """Stage 1b for instances rows ``[start, stop)``: one ``POINTS_SCHEMA`` shard file at ``out``."""
-    _, dataset = shard_dataset(paths, images, cfg.data.crop_size, start, stop)
+    """Stage 1b for instances rows ``[start, stop)``: one ``POINTS_SCHEMA`` shard file at ``out``.
+
+    Neighbour BG seeds come from all the objects of the shard's images, also those in other
+    shards (:func:`exits.stages.point_retrieval.image_neighbours`): the points do not depend
+    on ``flows.shard_size``."""
+    rows, dataset = shard_dataset(paths, images, cfg.data.crop_size, start, stop)
     extractor = load_mask_model(paths.similarity)
-    table = retrieve_dataset_points(extractor, dataset, retrieval_params(cfg), device, progress=progress)
+    params = retrieval_params(cfg)
+    groups, others = image_neighbours(paths.instances, rows, start, stop, cfg.data.crop_size) \
+        if params.neighbour_bg != "none" else (None, None)
+    table = retrieve_dataset_points(extractor, dataset, params, device, progress=progress, groups=groups, others=others)
     return write_shard(table, out, key)
 
 

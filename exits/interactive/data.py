@@ -27,7 +27,8 @@ from exits.data.crops import CropWindow, crop_images, crop_mask, crop_window
 from exits.data.extreme_points import derive_extreme_points
 from exits.eval.rle import segmentation_to_rle
 from exits.run_folder import RunFolder
-from exits.stages.object_crops import load_image_tensor
+from exits.interactive.prototypes import image_edge_sides
+from exits.stages.object_crops import box_in_crop, load_image_tensor
 
 __all__ = ["ClickTrainingSet", "run_crop_margins", "pseudo_masks_by_score", "read_windows",
            "build_training_set", "decode_segmentation"]
@@ -37,11 +38,17 @@ MIN_TARGET_PIXELS = 16  # crops whose mask covers fewer crop pixels teach nothin
 
 @dataclass
 class ClickTrainingSet:
-    """K objects: crops (K, 3, S, S) uint8 and target masks (K, S, S) bool at crop size S."""
+    """K objects: crops (K, 3, S, S) uint8 and target masks (K, S, S) bool at crop size S;
+    ``at_edge`` (K, 4) bool the crop sides (left, top, right, bottom) on the image edge and
+    ``boxes`` (K, 4) float32 the extreme-point boxes in crop pixel-edge coordinates, for the
+    decoder's prototype background (:class:`exits.interactive.decoder.StaticInputs`; None:
+    unknown)."""
 
     ann_ids: list[int]
     crops: torch.Tensor
     targets: torch.Tensor
+    at_edge: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ann_ids)
@@ -69,19 +76,23 @@ def pseudo_masks_by_score(workdir: Path, top_fraction: float, max_objects: int,
     return anns[:keep]
 
 
-def read_windows(workdir: Path, crop_size: int) -> dict[int, tuple[str, CropWindow, tuple[int, int]]]:
-    """ann_id -> (file_name, crop window at ``crop_size``, (H, W)) from ``instances.parquet``."""
-    table = pq.read_table(RunFolder(workdir).instances, columns=["ann_id", "file_name", "crop_box", "width", "height"])
+def read_windows(workdir: Path, crop_size: int) -> dict[int, tuple[str, CropWindow, tuple[int, int], np.ndarray]]:
+    """ann_id -> (file_name, crop window at ``crop_size``, (H, W), (4, 2) extreme points)
+    from ``instances.parquet``."""
+    table = pq.read_table(RunFolder(workdir).instances,
+                          columns=["ann_id", "file_name", "crop_box", "width", "height", "extreme_points"])
     out = {}
     for row in table.to_pylist():
         out[int(row["ann_id"])] = (str(row["file_name"]), CropWindow(*map(int, row["crop_box"]), size=crop_size),
-                                   (int(row["height"]), int(row["width"])))
+                                   (int(row["height"]), int(row["width"])),
+                                   np.asarray(row["extreme_points"], np.float64).reshape(4, 2))
     return out
 
 
-def _crop_objects(items: list[tuple[int, str, CropWindow, np.ndarray]], images_dir: Path, crop_size: int
+def _crop_objects(items: list[tuple[int, str, CropWindow, np.ndarray, np.ndarray]], images_dir: Path, crop_size: int
                   ) -> ClickTrainingSet:
-    """items: (ann_id, file_name, window, full-image mask) -> cropped set (small masks dropped)."""
+    """items: (ann_id, file_name, window, full-image mask, extreme points) -> cropped set
+    (small masks dropped), with each crop's sides on the image edge and its box."""
     by_file: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         by_file.setdefault(item[1], []).append(i)
@@ -93,12 +104,18 @@ def _crop_objects(items: list[tuple[int, str, CropWindow, np.ndarray]], images_d
         for i in rows:
             targets[i] = crop_mask(torch.from_numpy(items[i][3]), items[i][2]) >= 0.5
     keep = [i for i in range(len(items)) if int(targets[i].sum()) >= MIN_TARGET_PIXELS]
-    return ClickTrainingSet(ann_ids=[items[i][0] for i in keep], crops=crops[keep], targets=targets[keep])
+    at_edge = torch.tensor([image_edge_sides(*items[i][2].as_list(), image_width=items[i][3].shape[1],
+                                             image_height=items[i][3].shape[0]) for i in keep],
+                           dtype=torch.bool).reshape(-1, 4)
+    boxes = torch.from_numpy(np.asarray([box_in_crop(items[i][4], items[i][2]) for i in keep],
+                                        np.float32).reshape(-1, 4))
+    return ClickTrainingSet(ann_ids=[items[i][0] for i in keep], crops=crops[keep], targets=targets[keep],
+                            at_edge=at_edge, boxes=boxes)
 
 
 def _coco_items(train_json: str | Path, workdir: Path, crop_size: int, max_objects: int, exclude: set[int],
-                id_offset: int | None) -> list[tuple[int, str, CropWindow, np.ndarray]]:
-    """(ann_id, file_name, window, mask) of a COCO json's masks; ``id_offset`` not None:
+                id_offset: int | None) -> list[tuple[int, str, CropWindow, np.ndarray, np.ndarray]]:
+    """(ann_id, file_name, window, mask, extreme points) of a COCO json's masks; ``id_offset`` not None:
     ids become -(id_offset + k) for the k-th object (not the run's objects)."""
     data = json.loads(Path(train_json).read_text(encoding="utf-8"))
     img_info = {int(im["id"]): im for im in data["images"]}
@@ -117,27 +134,29 @@ def _coco_items(train_json: str | Path, workdir: Path, crop_size: int, max_objec
         window = crop_window(points, int(im["width"]), int(im["height"]), margin=margin, min_margin_px=min_px,
                              size=crop_size)
         ann_id = int(ann["id"]) if id_offset is None else -(id_offset + len(items) + 1)
-        items.append((ann_id, str(im["file_name"]), window, mask))
+        items.append((ann_id, str(im["file_name"]), window, mask, points))
     return items
 
 
 def _pseudo_items(workdir: Path, crop_size: int, top_fraction: float, max_objects: int, exclude: set[int]
-                  ) -> list[tuple[int, str, CropWindow, np.ndarray]]:
+                  ) -> list[tuple[int, str, CropWindow, np.ndarray, np.ndarray]]:
     windows = read_windows(workdir, crop_size)
     items = []
     for ann in pseudo_masks_by_score(workdir, top_fraction, max_objects, exclude):
         ann_id = int(ann["id"])
         if ann_id not in windows:
             continue
-        name, window, (h, w) = windows[ann_id]
+        name, window, (h, w), points = windows[ann_id]
         mask = decode_segmentation(ann["segmentation"], h, w)
         if mask is not None:
-            items.append((ann_id, name, window, mask))
+            items.append((ann_id, name, window, mask, points))
     return items
 
 
 def _concat(a: ClickTrainingSet, b: ClickTrainingSet) -> ClickTrainingSet:
-    return ClickTrainingSet(a.ann_ids + b.ann_ids, torch.cat([a.crops, b.crops]), torch.cat([a.targets, b.targets]))
+    both = lambda x, y: None if x is None or y is None else torch.cat([x, y])  # noqa: E731
+    return ClickTrainingSet(a.ann_ids + b.ann_ids, torch.cat([a.crops, b.crops]), torch.cat([a.targets, b.targets]),
+                            both(a.at_edge, b.at_edge), both(a.boxes, b.boxes))
 
 
 def build_training_set(workdir: Path, crop_size: int, *, source: str = "pseudo", top_fraction: float = 0.6,

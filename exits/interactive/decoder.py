@@ -9,7 +9,10 @@ decoded at Z x Z pixels (features cached, see :mod:`exits.interactive.features`)
      X = F + E  (the "click-involved features"; maps = 2 disk + 5 state + previous mask)
   3. I-MSA blocks (optional): X <- X + I-MSA(X, F) + FFN  (InterFormer)
   4. SPM (optional): max/min cosine-similarity click vectors (similarity-constrained net)
-  5. SGC + GPA (optional): prototypes of the current mask's / background's features (ASGNet)
+  5. SGC + GPA (optional): prototypes of the current mask's / background's features (ASGNet);
+     with no background label yet, the region's border cells, except crop sides on the image
+     edge (:func:`exits.interactive.prototypes.border_background`; the object's ``at_edge``
+     and ``object_box`` come with :class:`StaticInputs`)
   6. FDM (optional): click-conditioned non-local feature diffusion (CDNet)
   7. head: 2x (bilinear + conv) up to Z/2, then Z fused with a low-level branch on
      [RGB, maps_R] -> (B, 1, Z, Z) logits (:meth:`ClickDecoder._head_logits`); latent heads (CDNet diversified training) read
@@ -47,7 +50,7 @@ from exits.interactive.attention import InteractiveAttentionBlock
 from exits.interactive.clicks import DEFINITE_BG, DEFINITE_FG, NUM_MAP_CHANNELS, POSSIBLE_BG, POSSIBLE_FG, PREV_CHANNEL
 from exits.interactive.config import ClickModelConfig
 from exits.interactive.diffusion import FeatureDiffusion, PixelDiffusion
-from exits.interactive.prototypes import PrototypeGuidance
+from exits.interactive.prototypes import PrototypeGuidance, border_background
 from exits.interactive.spm import SimilarityPropagation, sample_click_vectors
 from exits.interactive.zoom import paste_roi_logits, roi_points, roi_resample, zoom_box
 
@@ -87,11 +90,18 @@ class StaticInputs:
     at the coarse pass's size and ``coarse_pdm`` PDM's colour affinities of it (None without
     PDM). The predictor keeps it per object with the cached features (at 512 px ~6 of ~40
     ms per click: the projection of 64 x 64 tokens, the crop's antialiased resize and 3
-    affinity maps)."""
+    affinity maps). ``at_edge`` (B, 4) bool: which crop sides (left, top, right, bottom) lie
+    on the image edge (:func:`exits.interactive.prototypes.image_edge_sides` of the crop
+    window and the image size; None: none does); ``object_box`` (B, 4) float the
+    extreme-point box in crop pixel-edge coordinates, or None. Both only choose the
+    background cells of the prototypes before any background label
+    (:func:`exits.interactive.prototypes.border_background`)."""
 
     feat: torch.Tensor
     image_coarse: torch.Tensor
     coarse_pdm: dict[int, torch.Tensor] | None = None
+    at_edge: torch.Tensor | None = None
+    object_box: torch.Tensor | None = None
 
 
 @dataclass
@@ -149,21 +159,32 @@ class ClickDecoder(nn.Module):
                 nn.init.zeros_(m.bias)
         return head
 
-    def grid_cells(self, maps: torch.Tensor, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def grid_cells(self, maps: torch.Tensor, grid: tuple[int, int], regions: torch.Tensor | None = None,
+                   crop_size: float | None = None, at_edge: torch.Tensor | None = None,
+                   object_box: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(B, h, w) fg and bg cells of the current mask/clicks for the prototypes.
 
         fg: cells at least half DEFINITE/POSSIBLE_FG or touched by a positive disk; bg likewise;
-        with no background information the crop's border cells (the crop is the
-        extreme-point box plus a margin, so its border is background).
+        with no background information the region's border cells (the crop is the
+        extreme-point box plus a margin, so its border is background), except on crop sides
+        at the image edge (``at_edge``), where the crop window was clipped and its border can
+        run through the object; with every side there, the cells outside ``object_box``
+        (:func:`exits.interactive.prototypes.border_background`). ``regions`` (B, 4) the
+        pass's regions in crop pixel-edge coordinates (None: the whole crop, ``crop_size``).
         """
         pool = lambda t: F.adaptive_avg_pool2d(t[:, None], grid)[:, 0]  # noqa: E731
         touch = lambda t: F.adaptive_max_pool2d(t[:, None], grid)[:, 0] > 0  # noqa: E731
         fg = (pool(_state(maps, DEFINITE_FG) + _state(maps, POSSIBLE_FG)) >= 0.5) | touch(maps[:, 0])
         bg = (pool(_state(maps, DEFINITE_BG) + _state(maps, POSSIBLE_BG)) >= 0.5) | touch(maps[:, 1])
-        border = torch.ones(grid, dtype=torch.bool, device=maps.device)
-        border[1:-1, 1:-1] = False
-        bg = torch.where(bg.flatten(1).any(1)[:, None, None], bg, border[None])
-        return fg.cpu().numpy(), bg.cpu().numpy()
+        b = maps.shape[0]
+        size = float(crop_size) if crop_size is not None else 1.0
+        regions_np = np.tile([0.0, 0.0, size, size], (b, 1)) if regions is None else regions.detach().cpu().numpy()
+        fallback = border_background(grid, regions_np, size,
+                                     None if at_edge is None else at_edge.detach().cpu().numpy(),
+                                     None if object_box is None else object_box.detach().cpu().numpy())
+        bg_np = bg.cpu().numpy()
+        bg_np = np.where(bg_np.reshape(b, -1).any(1)[:, None, None], bg_np, fallback)
+        return fg.cpu().numpy(), bg_np
 
     def grid_cap(self, z: int) -> int:
         """Token cells a side for a pass decoded at z px: min(``max_grid``, z / 8), one cell
@@ -173,14 +194,16 @@ class ClickDecoder(nn.Module):
 
     def decode_pass(self, feat: torch.Tensor, image: torch.Tensor, maps: torch.Tensor, clicks: torch.Tensor,
                     valid: torch.Tensor, boxes: torch.Tensor | None, z: int,
-                    image_z: torch.Tensor | None = None, pdm_weights: dict[int, torch.Tensor] | None = None
+                    image_z: torch.Tensor | None = None, pdm_weights: dict[int, torch.Tensor] | None = None,
+                    at_edge: torch.Tensor | None = None, object_box: torch.Tensor | None = None
                     ) -> PassOutput:
         """One pass over the regions ``boxes`` (B, 4) (None = the whole crop) at z x z.
 
         feat (B, D, h, w) projected tokens of the crop; image (B, 3, S, S); maps (B, 8, M, M)
         in the map frame (M = S / k); clicks (B, K, 3) crop pixel coords; valid (B, K); the
         token grid is capped at :meth:`grid_cap` cells a side; ``image_z`` the whole crop
-        already at z x z and ``pdm_weights`` PDM's affinities of it (whole-crop pass only).
+        already at z x z and ``pdm_weights`` PDM's affinities of it (whole-crop pass only);
+        ``at_edge``, ``object_box`` as in :class:`StaticInputs` (the prototypes' background).
         """
         b, _, s, _ = image.shape
         cap = self.grid_cap(z)
@@ -208,7 +231,7 @@ class ClickDecoder(nn.Module):
             x_grid = x.transpose(1, 2).reshape(b, -1, h, w)
             x = self.spm(x, sample_click_vectors(x_grid, clicks_r, (z, z)), valid)
         if self.prototypes is not None:
-            fg, bg = self.grid_cells(maps_r, grid)
+            fg, bg = self.grid_cells(maps_r, grid, boxes, s, at_edge, object_box)
             x = self.prototypes(x, feat_tokens, grid, fg, bg)
         if self.fdm is not None:
             x = self.fdm(x, F.adaptive_max_pool2d(maps_r[:, :2], grid).flatten(2))
@@ -254,9 +277,13 @@ class ClickDecoder(nn.Module):
                  for i in range(len(fg))]
         return torch.as_tensor(np.stack(boxes) * k, dtype=torch.float32, device=coarse_prob.device)
 
-    def static_inputs(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor) -> StaticInputs:
+    def static_inputs(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor,
+                      at_edge: torch.Tensor | np.ndarray | list | None = None,
+                      object_box: torch.Tensor | np.ndarray | list | None = None) -> StaticInputs:
         """The click-independent part of a call (:class:`StaticInputs`); tokens (B, h*w, C),
-        image (B, 3, S, S)."""
+        image (B, 3, S, S); ``at_edge`` (B, 4) bool crop sides on the image edge and
+        ``object_box`` (B, 4) the extreme-point box in crop pixel-edge coordinates, plain
+        values (None: unknown; see :class:`StaticInputs`)."""
         b, n, c = tokens.shape
         h, w = grid
         if n != h * w or c != self.embed_dim:
@@ -265,8 +292,11 @@ class ClickDecoder(nn.Module):
         zc = min(s, self.config.coarse_size)
         image_c = image if zc == s else F.interpolate(image, size=(zc, zc), mode="bilinear", align_corners=False,
                                                       antialias=True)
+        edge = None if at_edge is None else torch.as_tensor(np.asarray(at_edge, bool).reshape(b, 4))
+        box = None if object_box is None else torch.as_tensor(np.asarray(object_box, np.float32).reshape(b, 4))
         return StaticInputs(feat=self.proj(tokens.transpose(1, 2).reshape(b, c, h, w)), image_coarse=image_c,
-                            coarse_pdm=None if self.pdm is None else self.pdm.affinities(image_c))
+                            coarse_pdm=None if self.pdm is None else self.pdm.affinities(image_c),
+                            at_edge=edge, object_box=box)
 
     def forward_all(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor, maps: torch.Tensor,
                     clicks: torch.Tensor, valid: torch.Tensor, static: StaticInputs | None = None) -> DecoderOutput:
@@ -294,7 +324,7 @@ class ClickDecoder(nn.Module):
                              f"this call needs {zc} px, batch {image.shape[0]}")
         feat = static.feat
         coarse = self.decode_pass(feat, image, maps, clicks, valid, None, zc, image_z=static.image_coarse,
-                                  pdm_weights=static.coarse_pdm)
+                                  pdm_weights=static.coarse_pdm, at_edge=static.at_edge, object_box=static.object_box)
         coarse_m = coarse.logits if zc == m else F.interpolate(coarse.logits, size=(m, m), mode="bilinear",
                                                                align_corners=False)
         if not self.config.use_zoom:
@@ -305,7 +335,8 @@ class ClickDecoder(nn.Module):
         # and maps be cut by slicing (roi_resample), the RoI growing by < 1 px.
         boxes = self.zoom_boxes(coarse_prob[:, 0], clicks, valid, s, integral=s > z)
         maps_fine = torch.cat([maps[:, :PREV_CHANNEL], coarse_prob], dim=1)
-        refine = self.decode_pass(feat, image, maps_fine, clicks, valid, boxes, z)
+        refine = self.decode_pass(feat, image, maps_fine, clicks, valid, boxes, z, at_edge=static.at_edge,
+                                  object_box=static.object_box)
         logits = paste_roi_logits(refine.logits, boxes * (m / s), m, coarse_m)
         return DecoderOutput(logits=logits, coarse=coarse, refine=refine)
 

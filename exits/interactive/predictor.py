@@ -39,9 +39,10 @@ from exits.interactive.inference import decode_probs
 from exits.interactive.model_io import CLICK_MODEL_PATH, load_click_model
 from exits.run_folder import RunFolder
 from exits.interactive.progressive import progressive_update
+from exits.interactive.prototypes import image_edge_sides
 from exits.interactive.session import ClickSessions
 from exits.models.factory import load_mask_model
-from exits.stages.object_crops import load_image_tensor
+from exits.stages.object_crops import box_in_crop, load_image_tensor
 
 __all__ = ["ClickPredictor", "ObjectInfo", "read_objects"]
 
@@ -120,11 +121,18 @@ class ClickPredictor:
 
     @torch.no_grad()
     def _static(self, f: ObjectFeatures) -> StaticInputs:
-        """The decoder's click-independent inputs of the object, kept with its features."""
+        """The decoder's click-independent inputs of the object, kept with its features (with
+        the crop sides on the image edge and the extreme-point box in the crop, for the
+        prototypes' background)."""
         key = ("static", id(self.decoder), self.decoder.config.coarse_size)
         static = f.derived.get(key)
         if static is None:
-            static = self.decoder.static_inputs(f.tokens[None].to(self.device), f.grid, f.crop[None].to(self.device))
+            win, (h, w) = f.window, f.image_size
+            info = self.objects.get(int(f.ann_id))
+            static = self.decoder.static_inputs(
+                f.tokens[None].to(self.device), f.grid, f.crop[None].to(self.device),
+                at_edge=[image_edge_sides(*win.as_list(), image_width=w, image_height=h)],
+                object_box=None if info is None else box_in_crop(info.extreme_points, win)[None])
             static = f.derived.setdefault(key, static)
         return static
 

@@ -19,6 +19,15 @@ prototype C_i = cos(f, S_i); the guide feature is the most similar prototype
 G = S_{argmax_i C_i} and the probability map P = mean_i C_i (ASGNet sums; the mean keeps
 the scale independent of the adaptive k). Refined features: X + W [X, G_fg, P_fg, G_bg, P_bg]
 (1x1 convolution W), with prototypes of the foreground and of the background.
+
+Background cells without background labels (:func:`border_background`). Before any negative
+click or previous mask the decoder knows no background pixel; the crop is the extreme-point
+box plus a margin, so its border is background -- except on a side where the crop window is
+clipped by the image edge: an object touching the image's left edge has its crop start at
+x = 0 and the crop's left border runs through the object. The border cells of such sides are
+left out (the window's position and the image size decide, :func:`image_edge_sides`); when
+every side is at the image edge, the cells entirely outside the extreme-point box are the
+background; without a box, none (no background prototype rather than a wrong one).
 """
 from __future__ import annotations
 
@@ -30,7 +39,64 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-__all__ = ["maskslic_seeds", "sgc_prototypes", "prototype_count", "gpa", "PrototypeGuidance"]
+__all__ = ["maskslic_seeds", "sgc_prototypes", "prototype_count", "gpa", "PrototypeGuidance", "image_edge_sides",
+           "border_background"]
+
+
+def image_edge_sides(x0: int, y0: int, width: int, height: int, *, image_width: int, image_height: int
+                     ) -> tuple[bool, bool, bool, bool]:
+    """Which sides (left, top, right, bottom) of the crop window (x0, y0, width, height) lie
+    on the edge of an image_width x image_height image (the window was clipped there)."""
+    return (int(x0) <= 0, int(y0) <= 0, int(x0) + int(width) >= int(image_width),
+            int(y0) + int(height) >= int(image_height))
+
+
+def border_background(grid: tuple[int, int], regions: np.ndarray, crop_size: float, at_edge: np.ndarray | None = None,
+                      boxes: np.ndarray | None = None) -> np.ndarray:
+    """(B, h, w) bool: the cells of each region's h x w token grid taken as background when
+    nothing else says where the background is (module docstring).
+
+    Args:
+        grid: (h, w) cells of the region.
+        regions: (B, 4) [x0, y0, x1, y1] the decoded region in crop pixel-edge coordinates
+            (the whole crop [0, 0, S, S], or a zoom RoI).
+        crop_size: S.
+        at_edge: (B, 4) bool crop sides (left, top, right, bottom) on the image edge
+            (:func:`image_edge_sides`); None: none is.
+        boxes: (B, 4) the extreme-point box in crop pixel-edge coordinates, or None.
+    Rule: the border cells of every region side, except a side lying on a crop side that is on
+    the image edge (a zoom RoI's inner sides are borders of the grown foreground, background);
+    with every side left out, the cells entirely outside the box; with no box, none.
+    """
+    h, w = grid
+    regions = np.asarray(regions, np.float64).reshape(-1, 4)
+    b = len(regions)
+    edge = np.zeros((b, 4), bool) if at_edge is None else np.asarray(at_edge, bool).reshape(b, 4)
+    tol = 1e-3 * float(crop_size)
+    on_crop_side = np.stack([regions[:, 0] <= tol, regions[:, 1] <= tol, regions[:, 2] >= crop_size - tol,
+                             regions[:, 3] >= crop_size - tol], axis=1)
+    usable = ~(on_crop_side & edge)  # (B, 4)
+    out = np.zeros((b, h, w), bool)
+    for i in range(b):
+        left, top, right, bottom = usable[i]
+        if left:
+            out[i, :, 0] = True
+        if top:
+            out[i, 0, :] = True
+        if right:
+            out[i, :, -1] = True
+        if bottom:
+            out[i, -1, :] = True
+        if usable[i].any() or boxes is None:
+            continue
+        x0, y0, x1, y1 = regions[i]
+        bx0, by0, bx1, by1 = np.asarray(boxes, np.float64).reshape(b, 4)[i]
+        xs = x0 + (x1 - x0) * np.arange(w + 1) / w  # cell edges
+        ys = y0 + (y1 - y0) * np.arange(h + 1) / h
+        out_x = (xs[1:] <= bx0) | (xs[:-1] >= bx1)
+        out_y = (ys[1:] <= by0) | (ys[:-1] >= by1)
+        out[i] = out_y[:, None] | out_x[None, :]
+    return out
 
 
 def prototype_count(cells: int, cells_per_prototype: int, max_prototypes: int) -> int:

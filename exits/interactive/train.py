@@ -28,7 +28,7 @@ from scipy import ndimage
 from exits.interactive.clicks import Click, click_label_map, state_map, update_with_prediction
 from exits.interactive.config import ClickModelConfig
 from exits.interactive.data import ClickTrainingSet, build_training_set
-from exits.interactive.decoder import ClickDecoder, DecoderOutput
+from exits.interactive.decoder import ClickDecoder, DecoderOutput, StaticInputs
 from exits.interactive.features import encode_crops
 from exits.interactive.inference import build_inputs, decode_probs
 from exits.interactive.losses import click_loss
@@ -71,9 +71,11 @@ def sample_rounds(rng: np.random.Generator, max_rounds: int, decay: float) -> in
 
 
 def simulate_clicks(decoder: ClickDecoder, tokens: torch.Tensor, grid: tuple[int, int], crops: torch.Tensor,
-                    targets: np.ndarray, config: ClickModelConfig, rng: np.random.Generator
+                    targets: np.ndarray, config: ClickModelConfig, rng: np.random.Generator,
+                    static: StaticInputs | None = None
                     ) -> tuple[list[list[Click]], list[np.ndarray | None], list[np.ndarray | None]]:
-    """Clicks, previous masks and carried state maps for the final (gradient) step of a batch."""
+    """Clicks, previous masks and carried state maps for the final (gradient) step of a batch;
+    ``static`` the decoder's click-independent inputs of the batch (None: computed per round)."""
     prevs: list[np.ndarray | None] = []
     clicks: list[list[Click]] = []
     states: list[np.ndarray | None] = []
@@ -85,7 +87,7 @@ def simulate_clicks(decoder: ClickDecoder, tokens: torch.Tensor, grid: tuple[int
         clicks.append([first] if first is not None else [])
         states.append(None)
     for _ in range(sample_rounds(rng, config.max_sim_rounds, config.sim_round_decay)):
-        preds = decode_probs(decoder, tokens, grid, crops, clicks, prevs, states) > 0.5
+        preds = decode_probs(decoder, tokens, grid, crops, clicks, prevs, states, static=static) > 0.5
         for i, target in enumerate(targets):
             labels = click_label_map(clicks[i], (size, size), config.disk_radius)
             pred = np.where(labels != 0, labels > 0, preds[i])
@@ -166,12 +168,18 @@ def train_click_decoder(tokens: torch.Tensor, grid: tuple[int, int], train_set: 
         tok = tokens[idx].to(device)
         crops = train_set.crops[idx].float().div(255).to(device)
         target = targets_np[idx]
+        # the crop sides on the image edge and the boxes choose the prototypes' background
+        edge = None if train_set.at_edge is None else train_set.at_edge[idx]
+        boxes = None if train_set.boxes is None else train_set.boxes[idx]
         decoder.eval()
-        clicks, prevs, states = simulate_clicks(decoder, tok, grid, crops, target, config, rng)
+        with torch.no_grad():
+            static = decoder.static_inputs(tok, grid, crops, at_edge=edge, object_box=boxes)
+        clicks, prevs, states = simulate_clicks(decoder, tok, grid, crops, target, config, rng, static=static)
         decoder.train()
         maps, pts, valid = build_inputs(clicks, prevs, crops.shape[-1], config.disk_radius, device, states,
                                         map_size=config.map_size)
-        out = decoder.forward_all(tok, grid, crops, maps, pts, valid)
+        out = decoder.forward_all(tok, grid, crops, maps, pts, valid,
+                                  decoder.static_inputs(tok, grid, crops, at_edge=edge, object_box=boxes))
         loss, _ = training_loss(out, torch.from_numpy(target).to(device), config, pem)
         optim.zero_grad(set_to_none=True)
         loss.backward()

@@ -4,7 +4,9 @@ Per batch of crops: S = head/layer-mean attention over patch tokens (B, n, n) ->
 Sinkhorn -> T = (A + A^T)/2 -> random walks from P_FG and P_BG -> thresholds. The result
 is one Parquet row per object with its patch indices (the labels of the point loss).
 BG seeds from the image's other objects (``exits.propagation.neighbours``) are stored in
-``seed_bg_extra`` so the generator's point loss uses the same seeds as the retrieval.
+``seed_bg_extra`` so the generator's point loss uses the same seeds as the retrieval. A
+shard takes them from all the objects of its images in the instances table
+(:func:`image_neighbours`), so they do not depend on where the shard boundaries fall.
 Dataset-wide runs compute it per shard of objects (``exits.stages.shards``) and merge the
 shard files into ``points.parquet`` with :func:`merge_points`.
 """
@@ -22,12 +24,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from exits.data.instances_table import read_image_rows, table_windows
 from exits.io import atomic_path
 from exits.stages.shards import ROW_GROUP_ROWS, iter_shards, read_rows, write_table_streaming
 from exits.models import similarity_matrix
 from exits.propagation import retrieve_points, seed_masks
 from exits.propagation.appearance import mix_similarity
-from exits.propagation.neighbours import neighbour_bg_seeds
+from exits.propagation.neighbours import NeighbourObjects, neighbour_bg_seeds
+from exits.stages.object_crops import box_in_crop
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +69,43 @@ class RetrievalParams:
     neighbour_bg: str = "fallback"   # none | fallback (only objects with no BG seed) | always
 
 
+def image_neighbours(instances: Path, table: pa.Table, start: int, stop: int,
+                     crop_size: int) -> tuple[list[int], NeighbourObjects]:
+    """The image id of each of a shard's objects (``table`` = rows ``[start, stop)`` of the
+    instances table at ``instances``) and the other objects of the same images outside the
+    shard, read with :func:`exits.data.instances_table.read_image_rows` (only the row groups
+    holding them). Their crop points and boxes are computed as ``ObjectCropDataset``'s."""
+    groups = [int(i) for i in table.column("image_id").to_pylist()]
+    rows, found = read_image_rows(instances, sorted(set(groups)), ["image_id", "extreme_points", "crop_box"])
+    outside = np.flatnonzero((rows < start) | (rows >= stop))
+    found = found.take(pa.array(outside, type=pa.int64()))
+    windows = table_windows(found, crop_size)
+    points = [np.asarray(p, dtype=np.float64).reshape(4, 2) for p in found.column("extreme_points").to_pylist()]
+    points_crop = np.stack([w.image_to_crop(p) for w, p in zip(windows, points)]).astype(np.float32) \
+        if windows else np.zeros((0, 4, 2), np.float32)
+    boxes = np.stack([box_in_crop(p, w) for w, p in zip(windows, points)]) if windows else np.zeros((0, 4), np.float32)
+    others = NeighbourObjects(groups=[int(i) for i in found.column("image_id").to_pylist()], windows=windows,
+                              points_crop=points_crop, boxes_crop=boxes)
+    return groups, others
+
+
 @torch.no_grad()
 def retrieve_dataset_points(model: torch.nn.Module, dataset: torch.utils.data.Dataset, params: RetrievalParams,
-                            device: torch.device, progress: bool = True) -> pa.Table:
-    """One row per dataset item (in order): seeds and retrieved patch indices."""
+                            device: torch.device, progress: bool = True, groups: list | None = None,
+                            others: NeighbourObjects | None = None) -> pa.Table:
+    """One row per dataset item (in order): seeds and retrieved patch indices.
+
+    Neighbour BG seeds (``params.neighbour_bg``) come from the objects with the same
+    ``groups`` key (default: the dataset's file names) among the dataset's objects and
+    ``others`` (a shard: :func:`image_neighbours`, the image's objects outside it)."""
     model = model.to(device).eval()
     loader = DataLoader(dataset, batch_size=params.batch_size, shuffle=False)
     rows: dict[str, list] = {name: [] for name in POINTS_SCHEMA.names}
     ann_ids = getattr(dataset, "ann_ids")
     extra_all = None
     if params.neighbour_bg != "none":
-        extra_all = neighbour_bg_seeds(dataset.file_names, dataset.windows, dataset.points_crop, dataset.boxes,
-                                       params.grid, params.delta_px)
+        extra_all = neighbour_bg_seeds(dataset.file_names if groups is None else groups, dataset.windows,
+                                       dataset.points_crop, dataset.boxes, params.grid, params.delta_px, others=others)
     for batch in tqdm(loader, desc="retrieving points", disable=not progress, unit="batch"):
         images = batch["image"].to(device)
         S = similarity_matrix(model, images, layers=params.layers).float()
