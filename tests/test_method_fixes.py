@@ -147,6 +147,27 @@ def test_image_crf_prior_is_unbiased_at_the_box_edges():
     assert np.abs(inside - expected).max() < 1e-6, (inside.min(), expected)
 
 
+def test_crop_refinement_paste_keeps_the_box_edges():
+    """``pseudo.refine_at: crop``: the crop probability is pasted, thresholded and cut to the
+    box. A constant 0.9 inside the box must give the whole box (pasting the zeros outside it
+    as values dropped its edge rows/columns under 0.5)."""
+    from exits.baselines import box_mask_full
+    from exits.data.crops import CropWindow, paste_mask
+    from exits.stages.object_crops import box_in_crop, box_mask
+    from exits.stages.pseudo_labels import paste_box_prob
+
+    s = 32
+    window = CropWindow(x0=10, y0=7, width=53, height=41, size=s)
+    points = np.array([[30, 12], [16, 25], [36, 42], [56, 30]], float)
+    prob = 0.9 * box_mask(box_in_crop(points, window), s).float()
+    box = box_mask_full(points, 60, 70).astype(bool)
+    old = (paste_mask(prob, window, 60, 70) >= 0.5).numpy() & box
+    new = (paste_box_prob(prob, window, 60, 70) >= 0.5).numpy() & box
+    assert old.sum() < box.sum()  # the bias this fixes
+    assert (new == box).all()
+    assert np.abs(paste_box_prob(prob, window, 60, 70).numpy()[box] - 0.9).max() < 1e-5
+
+
 # ---------------------------------------------------------------- (a) BG prototypes at the image edge
 
 S_A, G_A = 48, 6  # crop pixels, token cells a side (8 px cells)
