@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 
@@ -181,19 +181,27 @@ def _check_counts(counts: list, h: int, w: int) -> None:
         raise ValueError(f"RLE counts add up to {sum(counts)}, not the image's {h} x {w} = {h * w} pixels")
 
 
+def _parse_records(raw: list, parse: Callable[[Any], Any], id_of: Callable[[Any], int]
+                   ) -> tuple[list[tuple[int, Any, Any]], list[int | None], set[int]]:
+    """(index, raw record, parsed record or its RecordError) per record, each record's integer
+    id (None where it has none), and the ids that appear more than once."""
+    parsed: list[tuple[int, Any, Any]] = []
+    for index, record in enumerate(raw):
+        try:
+            parsed.append((index, record, parse(record)))
+        except RecordError as exc:
+            parsed.append((index, record, exc))
+    ids = [as_int_id(rec.get("id")) if isinstance(out, RecordError) and isinstance(rec, dict)
+           else None if isinstance(out, RecordError) else id_of(out) for _, rec, out in parsed]
+    return parsed, ids, find_duplicates(i for i in ids if i is not None)
+
+
 def _image_records(src: str, raw_images: list, fmt: str, rejections: list[Rejection]
                    ) -> tuple[dict[int, ImageRecord], dict[int, tuple[str, str]]]:
     """The valid image records by id, and for every other integer image id the (reason,
     message) its annotations are rejected with."""
-    parsed: list[tuple[int, Any, ImageRecord | RecordError]] = []
-    for index, img in enumerate(raw_images):
-        try:
-            parsed.append((index, img, parse_image_record(img, fmt)))
-        except RecordError as exc:
-            parsed.append((index, img, exc))
-    ids = [rec.image_id if isinstance(rec, ImageRecord) else as_int_id(img.get("id")) if isinstance(img, dict)
-           else None for _, img, rec in parsed]
-    dups = find_duplicates(i for i in ids if i is not None)
+    parsed, ids, dups = _parse_records(raw_images, lambda img: parse_image_record(img, fmt),
+                                       lambda rec: rec.image_id)
     images: dict[int, ImageRecord] = {}
     refused: dict[int, tuple[str, str]] = {}
     for (index, img, rec), image_id in zip(parsed, ids):
@@ -217,15 +225,7 @@ def _category_records(src: str, raw_categories: list, rejections: list[Rejection
                       ) -> tuple[dict[int, CategoryRecord], dict[int, str]]:
     """The valid categories by id, and for every other integer category id why its
     annotations are rejected (``unknown_category``)."""
-    parsed: list[tuple[int, Any, CategoryRecord | RecordError]] = []
-    for index, cat in enumerate(raw_categories):
-        try:
-            parsed.append((index, cat, parse_category_record(cat)))
-        except RecordError as exc:
-            parsed.append((index, cat, exc))
-    ids = [rec.id if isinstance(rec, CategoryRecord) else as_int_id(cat.get("id")) if isinstance(cat, dict)
-           else None for _, cat, rec in parsed]
-    dups = find_duplicates(i for i in ids if i is not None)
+    parsed, ids, dups = _parse_records(raw_categories, parse_category_record, lambda rec: rec.id)
     categories: dict[int, CategoryRecord] = {}
     refused: dict[int, str] = {}
     for (index, cat, rec), cat_id in zip(parsed, ids):
