@@ -6,6 +6,9 @@ parameters, which its cache key is built from); what they do is the same and liv
 """
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -18,10 +21,46 @@ from exits.stages.shards import shard_key, shard_ranges
 from flows.caching import current_cache_key, keyed_checkpoint_dir, output_record, prune_other_dirs, run_shards, run_task
 from flows.runtime import config_from, crop_dataset
 
-__all__ = ["compute_shard", "train_stage", "map_and_merge"]
+__all__ = ["SharedPathError", "check_shared_paths", "compute_shard", "train_stage", "map_and_merge"]
 
 ShardFn = Callable[..., Path]  # (cfg, images, run, start, stop, out, device, key=) -> shard file
 TrainFn = Callable[..., Path]  # (cfg, dataset, run, device, progress, checkpoint_dir=) -> model file
+
+
+class SharedPathError(RuntimeError):
+    """The process running a shard cannot see a path of the run (a Dask worker without the
+    shared storage). Not an ``OSError``: a shard fails at once instead of being retried."""
+
+
+def where_this_runs() -> tuple[str, bool]:
+    """(``Dask worker tcp://10.0.0.5:38211 on host gpu-3``, True) inside a Dask worker, else
+    (``host gpu-3 (pid 1234)``, False): who to blame in an error."""
+    host = socket.gethostname()
+    if "distributed" in sys.modules:  # never import Dask for the thread runner
+        from distributed import get_worker
+
+        try:
+            return f"Dask worker {get_worker().address} on host {host}", True
+        except ValueError:  # not in a Dask worker
+            pass
+    return f"host {host} (pid {os.getpid()})", False
+
+
+def check_shared_paths(workdir: str, images: str) -> None:
+    """Raise :class:`SharedPathError` naming the path and the worker when the run folder, its
+    instances table or the image folder is not visible here (a Dask worker on a machine
+    without the shared storage), instead of a cryptic error deep inside a stage."""
+    run = RunFolder(workdir)
+    for what, path, exists in (("run folder", Path(workdir), Path.is_dir),
+                               ("instances table", run.instances, Path.is_file),
+                               ("image folder", Path(images), Path.is_dir)):
+        if not exists(path):
+            who, in_dask = where_this_runs()
+            here = "" if path.is_absolute() else f" (relative: {path.absolute()} there)"
+            hint = ("Every Dask worker needs the run folder, the images and the annotation json at the same "
+                    "absolute paths as the machine that starts the run (shared storage such as NFS; README, "
+                    "'Task runners')." if in_dask else "Was it moved, deleted or unmounted during the run?")
+            raise SharedPathError(f"{who} cannot see the {what} {path}{here}. {hint}")
 
 
 def compute_shard(stage_fn: ShardFn, stage: str, config: Mapping[str, Any], images: str, workdir: str,
@@ -29,8 +68,10 @@ def compute_shard(stage_fn: ShardFn, stage: str, config: Mapping[str, Any], imag
     """Rows ``[start, stop)`` of a sharded stage into ``shards/<stage>-NNNNN.parquet``.
 
     A shard file already written under the running task's cache key (a run killed after
-    writing it, before Prefect stored the result) is kept, not recomputed.
+    writing it, before Prefect stored the result) is kept, not recomputed. A worker that
+    cannot see the run's paths fails the shard with :class:`SharedPathError`.
     """
+    check_shared_paths(workdir, images)
     cfg = config_from(config)
     run = RunFolder(workdir)
     out = run.shard(stage, shard)
