@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,7 +20,11 @@ import torch
 from detectors import DetectorConfig, get_backend
 from detectors import registry
 from detectors.torchvision_backend.engine import lr_factor
-from tests.conftest import make_coco, mask_forms
+from exits.io import file_digest
+from exits.run_folder import FIXED_SOURCE_DIGEST
+from tests.conftest import make_coco, mask_forms, rle_of
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_choosing_detectron2_without_it_fails_at_once_with_install_command(monkeypatch) -> None:
@@ -307,3 +312,242 @@ def test_evaluator_is_lvis_for_lvis_gt_and_runs(trained, tiny: Path, tmp_path: P
     assert isinstance(ExitsTrainer.build_evaluator(d2cfg, co.name), COCOEvaluator)
     results = ExitsTrainer.test(d2cfg, model)
     assert set(results) == {"bbox", "segm"} and "APr" in results["segm"] and "APf" in results["segm"]
+
+
+# --- register_run: a run folder for users' own Detectron2 configs -----------------------------
+
+def _box_pseudo_labels(gt: dict) -> dict:
+    """GT json -> pseudo_labels.json as stage 1 writes it: here each mask is its box, the
+    categories listed in reverse (thing_classes must follow the ids, not the list)."""
+    data = copy.deepcopy(gt)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
+    for ann in data["annotations"]:
+        m = np.zeros(sizes[ann["image_id"]], np.uint8)
+        x, y, w, h = (int(round(v)) for v in ann["bbox"])
+        m[y:y + h, x:x + w] = 1
+        ann["segmentation"], ann["score"] = rle_of(m), 0.5
+    data["categories"] = data["categories"][::-1]
+    return data
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny: Path, tmp_path_factory) -> Path:
+    """A run folder as stage 1 leaves it (pseudo_labels.json, run.json naming a GT json)."""
+    run = tmp_path_factory.mktemp("d2reg") / "run"
+    run.mkdir()
+    (run / "pseudo_labels.json").write_text(json.dumps(_box_pseudo_labels(json.loads(tiny.read_text()))))
+    (run / "run.json").write_text(json.dumps({"images": str(tiny.parent / "images"), "annotations": str(tiny),
+                                              "gt": str(tiny)}))
+    return run
+
+
+def _objects(dicts: list[dict]) -> int:
+    return sum(len(d["annotations"]) for d in dicts)
+
+
+def test_register_run_registers_pseudo_labels_as_load_coco_json_would(d2, run_dir: Path, tiny: Path) -> None:
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_coco_json
+    from detectron2.structures import BoxMode
+
+    from detectors.detectron2_backend import register_run
+
+    images = tiny.parent / "images"
+    reg = register_run(run_dir, "exits_reg1")
+    # The run's `gt` is the training images' GT (mIoU report): never registered as val.
+    assert (reg.train, reg.val, reg.val_json) == ("exits_reg1_train", None, None)
+    assert "exits_reg1_val" not in DatasetCatalog.list()
+    assert reg.train_json == run_dir / "pseudo_labels.json" and reg.image_dir == images
+    assert (reg.thing_classes, reg.category_ids, reg.num_classes, reg.evaluator_type) == (["one", "two"], [1, 2], 2, "coco")
+    pseudo = json.loads(reg.train_json.read_text())
+    by_id = {a["id"]: a for a in pseudo["annotations"]}
+
+    dicts = DatasetCatalog.get(reg.train)  # built now, from the file
+    assert [d["image_id"] for d in dicts] == [1, 2, 3] and dicts[2]["annotations"] == []
+    assert _objects(dicts) == len(pseudo["annotations"]) == 3
+    for d in dicts:
+        assert Path(d["file_name"]) == (images / f"im{d['image_id']}.png").resolve() and (d["height"], d["width"]) == (48, 64)
+        for a in d["annotations"]:
+            src = by_id[a["id"]]
+            assert a["bbox"] == [float(v) for v in src["bbox"]] and a["bbox_mode"] == BoxMode.XYWH_ABS
+            assert a["category_id"] == src["category_id"] - 1 and a["iscrowd"] == 0
+            assert np.array_equal(mask_utils.decode(a["segmentation"]), mask_utils.decode(src["segmentation"]))
+    meta = MetadataCatalog.get(reg.train)
+    assert meta.thing_classes == ["one", "two"] and meta.thing_dataset_id_to_contiguous_id == {1: 0, 2: 1}
+    assert meta.evaluator_type == "coco" and meta.json_file == str(reg.train_json.resolve())
+    assert meta.image_root == str(images.resolve())
+
+    # Detectron2's own loader on the same file: same metadata, same records.
+    ref = load_coco_json(str(reg.train_json), str(images), dataset_name="exits_reg1_ref", extra_annotation_keys=["id"])
+    ref_meta = MetadataCatalog.get("exits_reg1_ref")
+    assert ref_meta.thing_classes == meta.thing_classes
+    assert ref_meta.thing_dataset_id_to_contiguous_id == meta.thing_dataset_id_to_contiguous_id
+    assert len(ref) == len(dicts)
+    for mine, theirs in zip(dicts, sorted(ref, key=lambda r: r["image_id"])):
+        assert Path(mine["file_name"]) == Path(theirs["file_name"]).resolve()
+        assert all(mine[k] == theirs[k] for k in ("height", "width", "image_id"))
+        ours = {a["id"]: a for a in mine["annotations"]}
+        assert sorted(ours) == sorted(a["id"] for a in theirs["annotations"])
+        for a in theirs["annotations"]:
+            assert {k: ours[a["id"]][k] for k in a} == a
+
+
+def test_register_run_fixed_or_plain_labels_and_reregistration(d2, run_dir: Path, tmp_path: Path) -> None:
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from detectors.detectron2_backend import register_run
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    pseudo = json.loads((run / "pseudo_labels.json").read_text())
+    fixed = dict(copy.deepcopy(pseudo), info={"spotfix": {FIXED_SOURCE_DIGEST: file_digest(run / "pseudo_labels.json", memo=False)}})
+    fixed["annotations"] = fixed["annotations"][:2]  # a fix deleted one object
+    (run / "pseudo_labels_fixed.json").write_text(json.dumps(fixed))
+
+    reg = register_run(run, "exits_reg2")  # fixed=True: stage 2's rule, the current fixes
+    assert reg.train_json == run / "pseudo_labels_fixed.json" and _objects(DatasetCatalog.get(reg.train)) == 2
+    # Same name again (a notebook cell re-run): replaced, no "already registered" error.
+    plain = register_run(run, "exits_reg2", fixed=False)
+    assert plain.train == reg.train and plain.train_json == run / "pseudo_labels.json"
+    assert _objects(DatasetCatalog.get(plain.train)) == 3
+    assert MetadataCatalog.get(plain.train).json_file == str((run / "pseudo_labels.json").resolve())
+    # Metadata is replaced too (Detectron2 refuses to change a set attribute in place).
+    renamed = copy.deepcopy(pseudo)
+    renamed["categories"] = [{"id": 1, "name": "uno"}, {"id": 2, "name": "dos"}]
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    (other / "pseudo_labels.json").write_text(json.dumps(renamed))
+    assert register_run(other, "exits_reg2").thing_classes == ["uno", "dos"]
+    assert MetadataCatalog.get("exits_reg2_train").thing_classes == ["uno", "dos"]
+    # Pseudo labels regenerated after the export: the stale merge is not used.
+    (run / "pseudo_labels.json").write_text(json.dumps(dict(pseudo, info={"rerun": 1})))
+    assert register_run(run, "exits_reg2").train_json == run / "pseudo_labels.json"
+
+
+def test_register_run_val_set_lvis_and_one_line_errors(d2, run_dir: Path, tiny: Path, tmp_path: Path) -> None:
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from detectors.detectron2_backend import register_run
+
+    gt = json.loads(tiny.read_text())
+    reg = register_run(run_dir, "exits_reg3", val_json=tiny)
+    assert reg.val == "exits_reg3_val" and reg.val_json == tiny
+    val = DatasetCatalog.get(reg.val)
+    assert len(val) == 3 and _objects(val) == len(gt["annotations"])
+    gt_masks = {a["id"]: mask_utils.decode(a["segmentation"]) for a in gt["annotations"]}
+    for a in (a for d in val for a in d["annotations"]):
+        assert np.array_equal(mask_utils.decode(a["segmentation"]), gt_masks[a["id"]])
+    vmeta = MetadataCatalog.get(reg.val)
+    assert vmeta.evaluator_type == "coco" and vmeta.json_file == str(tiny.resolve())
+    assert vmeta.thing_classes == reg.thing_classes and vmeta.thing_dataset_id_to_contiguous_id == {1: 0, 2: 1}
+
+    lvis_val = tmp_path / "lvis_val.json"
+    lvis_val.write_text(json.dumps(_as_lvis(gt)))
+    lv = register_run(run_dir, "exits_reg3", val_json=lvis_val)
+    assert MetadataCatalog.get(lv.val).evaluator_type == "lvis" and lv.evaluator_type == "coco"
+    assert Path(DatasetCatalog.get(lv.val)[0]["file_name"]).is_file()  # named by coco_url
+    register_run(run_dir, "exits_reg3")  # no val this time: the earlier one is not left behind
+    assert "exits_reg3_val" not in DatasetCatalog.list() and "exits_reg3_val" not in MetadataCatalog.list()
+
+    # An LVIS-format run (pseudo labels keep the input's format), without run.json.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "pseudo_labels.json").write_text(json.dumps(_as_lvis(json.loads((run_dir / "pseudo_labels.json").read_text()))))
+    with pytest.raises(FileNotFoundError, match=r"run\.json not found .*pass image_dir="):
+        register_run(bare, "exits_reg3b")
+    lvr = register_run(bare, "exits_reg3b", image_dir=tiny.parent / "images")
+    assert lvr.evaluator_type == "lvis" and MetadataCatalog.get(lvr.train).evaluator_type == "lvis"
+    assert _objects(DatasetCatalog.get(lvr.train)) == 3
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for fixed in (True, False):
+        with pytest.raises(FileNotFoundError, match=r"no pseudo_labels\.json \(run stage 1 first: `exits run`\)"):
+            register_run(empty, "exits_reg3c", fixed=fixed)
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        register_run(bare, "exits_reg3c", image_dir=tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="val json not found"):
+        register_run(run_dir, "exits_reg3c", val_json=tmp_path / "missing.json")
+    (empty / "pseudo_labels.json").write_text("{not json")
+    with pytest.raises(ValueError, match="pseudo_labels.json"):
+        register_run(empty, "exits_reg3c", image_dir=tiny.parent / "images")
+    assert "exits_reg3c_train" not in DatasetCatalog.list()  # nothing registered on failure
+
+
+# --- what Detectron2 users expect in the trainer's output folder -------------------------------
+
+def test_training_writes_metrics_json_last_checkpoint_and_events(trained) -> None:
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from detectors.detectron2_backend.predict import load_trained_model
+    from detectors.detectron2_backend.trainer import tensorboard_missing
+
+    ckpt, cfg = trained
+    out = ckpt.parent
+    lines = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    steps = [r for r in lines if "total_loss" in r]
+    assert steps[-1]["iteration"] == 2 and {"loss_mask", "lr"} <= set(steps[-1])  # 0-based, as Detectron2 counts
+    # The final evaluation, as Detectron2's EvalHook logs it (after training: iteration = max_iter).
+    assert lines[-1]["iteration"] == 3 and "segm/AP" in lines[-1] and "bbox/AP" in lines[-1]
+    assert (out / "last_checkpoint").read_text() == "last_checkpoint.pth"
+    # Detectron2's checkpointer finds the latest checkpoint through the tag and loads it.
+    model, _, _ = load_trained_model(ckpt, cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    checkpointer = DetectionCheckpointer(model, save_dir=str(out))
+    assert checkpointer.has_checkpoint() and checkpointer.get_checkpoint_file() == str(out / "last_checkpoint.pth")
+    rest = checkpointer.resume_or_load("", resume=True)
+    assert rest["iteration"] == 3
+    final = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+    events = list(out.glob("events.out.tfevents.*"))
+    assert bool(events) == (tensorboard_missing() is None)
+
+
+def test_without_tensorboard_the_other_files_are_written(d2, tmp_path: Path, monkeypatch, caplog) -> None:
+    from detectors.detectron2_backend import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "tensorboard_missing", lambda: "ImportError: no module named 'tensorboard'")
+    with caplog.at_level("WARNING"):
+        writers = trainer_mod.event_writers(tmp_path, 5)
+    try:
+        assert [type(w).__name__ for w in writers] == ["CommonMetricPrinter", "JSONWriter"]
+        assert "pip install tensorboard" in caplog.text
+    finally:
+        for w in writers:
+            w.close()
+
+
+# --- docs/detectron2.md: the LazyConfig example, run as written ---------------------------------
+
+def _doc_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "detectron2.md").read_text(), re.S)
+
+
+@pytest.mark.slow
+def test_docs_lazyconfig_example_trains_and_evaluates(d2, run_dir: Path, tiny: Path, tmp_path: Path) -> None:
+    blocks = _doc_blocks()
+    settings = next(b for b in blocks if b.startswith("WORKDIR"))
+    train = next(b for b in blocks if "LazyConfig.load(" in b)
+    evaluate = next(b for b in blocks if b.startswith("model = instantiate("))
+    zoo = Path(d2.__file__).parent / "model_zoo" / "configs" / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_1x.py"
+    if not zoo.is_file():
+        pytest.skip("Detectron2's config files are not installed (a source checkout on PYTHONPATH)")
+    torch.set_num_threads(2)
+    ns: dict = {}
+    exec(compile(settings, "docs/detectron2.md", "exec"), ns)  # the doc's own settings run
+    out = tmp_path / "lazy"
+    ns.update(WORKDIR=str(run_dir), VAL_JSON=str(tiny), OUTPUT_DIR=str(out), MAX_ITER=2, IMS_PER_BATCH=2,
+              BASE_LR=0.01, MIN_SIZE=48, MAX_SIZE=64, DEVICE="cpu", NUM_WORKERS=0)
+    exec(compile(train, "docs/detectron2.md", "exec"), ns)
+    assert ns["reg"].train == "demo_train" and ns["cfg"].model.roi_heads.num_classes == 2
+    assert (out / "model_final.pth").is_file() and (out / "last_checkpoint").read_text() == "model_final.pth"
+    lines = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    # The final evaluation is logged (two iterations from random init detect nothing yet: bbox only, NaN).
+    assert [r["iteration"] for r in lines if "total_loss" in r][-1] == 1 and "bbox/AP" in lines[-1]
+    # Two iterations from random init leave background scores near 1.0 (fg probability 0.0 in float32):
+    # keep every candidate so that the evaluation has detections to score.
+    ns["cfg"].model.roi_heads.box_predictor.test_score_thresh = -1.0
+    exec(compile(evaluate, "docs/detectron2.md", "exec"), ns)
+    assert {"bbox", "segm"} <= set(ns["results"])

@@ -6,7 +6,12 @@ install command (the registry imports this module only when the backend is chose
 Layout written to ``out_dir`` (the torchvision backend's): ``model_final.pth``
 (``{"model", "meta"}``), ``last_checkpoint.pth`` (full training state, for resume),
 ``train_log.json`` (per-iteration losses and lr) and, with ``cfg.eval_json``,
-``eval_metrics.json`` (COCOEvaluator / LVISEvaluator results as fractions in [0, 1]).
+``eval_metrics.json`` (COCOEvaluator / LVISEvaluator results as fractions in [0, 1]); and
+what Detectron2 users expect there: ``metrics.json``, ``last_checkpoint`` and TensorBoard
+events (see :mod:`detectors.detectron2_backend.trainer`).
+
+:func:`register_run` registers a run folder's training labels (and a val json) in
+Detectron2's catalogs for a user's own config (``docs/detectron2.md``).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from detectors.base import Detector, ImagesArg, PathLike, training_meta
 from detectors.config import DetectorConfig
 from detectors.detectron2_backend.datasets import register_coco_json
 from detectors.detectron2_backend.predict import predict_images
+from detectors.detectron2_backend.registration import RegisteredRun, register_run
 from detectors.detectron2_backend.settings import build_detectron2_cfg
 from detectors.detectron2_backend.trainer import train_detectron2
 from detectors.registry import register
@@ -78,4 +84,4 @@ class Detectron2Detector(Detector):
         return predict_images(checkpoint, image_dir, images, cfg, image_ids)
 
 
-__all__ = ["Detectron2Detector", "INSTALL_HINT"]
+__all__ = ["Detectron2Detector", "INSTALL_HINT", "RegisteredRun", "register_run"]

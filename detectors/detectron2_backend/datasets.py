@@ -142,6 +142,49 @@ def dataset_name(json_path: str | os.PathLike, image_dir: str | os.PathLike, rol
     return f"exits_{role}_{path.stem}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
+def register_json_file(
+    name: str,
+    json_path: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    category_ids: Sequence[int],
+    categories: Sequence[Mapping[str, Any]],
+    evaluator_type: str,
+    box_source: str,
+    replace: bool = False,
+) -> None:
+    """Register ``json_path`` under ``name``: its dicts are read from the file when Detectron2
+    asks (:func:`load_dataset_dicts`), the metadata is set now.
+
+    ``category_ids``: the label space (contiguous label i = the i-th sorted id);
+    ``categories``: the json's category records (for ``thing_classes`` names). Metadata:
+    ``thing_classes``, ``thing_dataset_id_to_contiguous_id``, ``json_file`` (read by
+    COCOEvaluator / LVISEvaluator), ``image_root``, ``evaluator_type`` ("coco" | "lvis").
+    ``replace``: drop an earlier registration of ``name`` first (Detectron2 refuses to
+    register a name twice, and to change metadata that is set).
+    """
+    if box_source not in BOX_SOURCES:
+        raise ValueError(f"box_source must be one of {BOX_SOURCES}, got {box_source!r}")
+    mapping = CategoryMapping(category_ids)
+    if replace:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
+            MetadataCatalog.remove(name)
+    # Read again from the file when Detectron2 asks (as its register_coco_instances does):
+    # the catalog is process-global, and holding the dicts of every json ever registered
+    # would keep large pseudo-label sets in memory for the process's life.
+    DatasetCatalog.register(name, functools.partial(
+        load_dataset_dicts, str(json_path), str(image_dir), tuple(mapping.category_ids), box_source))
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+    MetadataCatalog.get(name).set(
+        thing_classes=[names.get(c, str(c)) for c in mapping.category_ids],
+        thing_dataset_id_to_contiguous_id={c: mapping.to_label(c) - 1 for c in mapping.category_ids},
+        json_file=str(Path(json_path).resolve()),
+        image_root=str(Path(image_dir).resolve()),
+        evaluator_type=evaluator_type,
+    )
+
+
 def register_coco_json(
     data: Mapping[str, Any],
     json_path: str | os.PathLike,
@@ -162,19 +205,8 @@ def register_coco_json(
     name = dataset_name(json_path, image_dir, role, mapping.category_ids, box_source)
     evaluator_type = "lvis" if is_lvis(data) else "coco"
     if name not in DatasetCatalog.list():
-        # Read again from the file when Detectron2 asks (as its register_coco_instances
-        # does): the catalog is process-global, and holding the dicts of every json ever
-        # registered would keep large pseudo-label sets in memory for the process's life.
-        DatasetCatalog.register(name, functools.partial(
-            load_dataset_dicts, str(json_path), str(image_dir), tuple(mapping.category_ids), box_source))
-        names = {int(c["id"]): str(c.get("name", c["id"])) for c in data.get("categories", [])}
-        MetadataCatalog.get(name).set(
-            thing_classes=[names.get(c, str(c)) for c in mapping.category_ids],
-            thing_dataset_id_to_contiguous_id={c: mapping.to_label(c) - 1 for c in mapping.category_ids},
-            json_file=str(Path(json_path).resolve()),
-            image_root=str(Path(image_dir).resolve()),
-            evaluator_type=evaluator_type,
-        )
+        register_json_file(name, json_path, image_dir, mapping.category_ids, data.get("categories", []),
+                           evaluator_type, box_source)
     return RegisteredDataset(
         name=name,
         category_ids=list(mapping.category_ids),

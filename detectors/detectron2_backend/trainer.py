@@ -7,8 +7,23 @@ written every ``checkpoint_every`` iterations and at the end; ``out_dir/model_fi
 ``{"iterations", "history": [{"iteration", "lr", "loss", "seconds", "loss_*"...}]}``. With
 an eval set, ``out_dir/eval_metrics.json``: ``{"gt_json", "evaluator", "history": [{"iteration",
 "format", "<format>": {"bbox": {...}, "segm": {...}}}]}`` in [0, 1] (-1.0: no GT in a bucket),
-the convention of :mod:`detectors.evaluation`. Detectron2's own checkpointer, json and
-tensorboard writers are not used, so every file is written atomically.
+the convention of :mod:`detectors.evaluation`. These are written atomically.
+
+Beside them, what Detectron2 users look for in an output folder:
+
+- ``metrics.json``: Detectron2's JSONWriter (one json line per 20 iterations and at the
+  end: losses, lr, timings and, after an evaluation, ``bbox/AP``... in percent, as
+  Detectron2 reports them; appended to on resume, as Detectron2 does);
+- ``events.out.tfevents.*``: the same scalars for TensorBoard (Detectron2's
+  TensorboardXWriter), when ``tensorboard`` is installed (a dependency of a pip-installed
+  Detectron2); without it a warning says so and the other files are written;
+- ``last_checkpoint``: Detectron2's checkpoint tag, the name of the latest full checkpoint
+  (``last_checkpoint.pth``), so ``DetectionCheckpointer(model, out_dir).resume_or_load(...,
+  resume=True)`` finds and loads it (its ``"model"`` and ``"trainer"`` keys are the ones
+  DefaultTrainer's checkpointer reads).
+
+Detectron2's own periodic checkpointer is not used (its ``model_NNNNNNN.pth`` files are not
+the shared layout).
 
 Resume restores model, optimizer, scheduler, AMP scaler and the iteration count. Unlike the
 torchvision backend it does not replay the exact batches: Detectron2's infinite sampler
@@ -30,11 +45,11 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
 from detectron2.modeling import build_model
 from detectron2.solver import get_default_optimizer_params
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.events import CommonMetricPrinter
+from detectron2.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
 
 from detectors.config import DetectorConfig
 from detectors.evaluation import COCO_STAT_NAMES, LVIS_STAT_NAMES, numpy_float_alias
-from exits.io import atomic_path, write_json
+from exits.io import atomic_open, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +58,9 @@ LAST_CHECKPOINT = "last_checkpoint.pth"
 FINAL_CHECKPOINT = "model_final.pth"
 TRAIN_LOG = "train_log.json"
 EVAL_METRICS = "eval_metrics.json"
+# Detectron2's names (JSONWriter's file in default_writers; fvcore Checkpointer's tag file).
+D2_METRICS = "metrics.json"
+D2_CHECKPOINT_TAG = "last_checkpoint"
 
 
 def with_full_model_clipping(optimizer_cls: type[torch.optim.Optimizer], max_norm: float) -> type[torch.optim.Optimizer]:
@@ -75,6 +93,38 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def save_last_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
+    """:func:`save_checkpoint`, then Detectron2's ``last_checkpoint`` tag naming it (as
+    fvcore's ``Checkpointer.tag_last_checkpoint`` writes it: the bare file name)."""
+    save_checkpoint(path, payload)
+    with atomic_open(path.parent / D2_CHECKPOINT_TAG) as fh:
+        fh.write(path.name)
+    return path
+
+
+def tensorboard_missing() -> str | None:
+    """Why TensorBoard events cannot be written (``None`` when they can)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except Exception as exc:  # ImportError without tensorboard; anything it raises on import
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def event_writers(out_dir: Path, max_iter: int) -> list[EventWriter]:
+    """Detectron2's ``default_writers`` (printer, ``metrics.json``, TensorBoard events), less
+    the TensorBoard writer when tensorboard cannot be imported (it would only fail at the
+    first write, 20 iterations in)."""
+    writers: list[EventWriter] = [CommonMetricPrinter(max_iter), JSONWriter(str(out_dir / D2_METRICS))]
+    missing = tensorboard_missing()
+    if missing is None:
+        writers.append(TensorboardXWriter(str(out_dir)))
+    else:
+        log.warning("no TensorBoard events in %s: tensorboard is not importable (%s); pip install tensorboard. "
+                    "%s has the same scalars.", out_dir, missing, D2_METRICS)
+    return writers
+
+
 class HistoryHook(HookBase):
     """Appends the torchvision backend's per-iteration record to ``history``.
 
@@ -99,7 +149,8 @@ class HistoryHook(HookBase):
 
 
 class CheckpointHook(HookBase):
-    """Saves ``last_checkpoint.pth`` every ``period`` iterations and after the last one."""
+    """Saves ``last_checkpoint.pth`` (and the ``last_checkpoint`` tag) every ``period``
+    iterations and after the last one."""
 
     def __init__(self, path: Path, period: int, payload_fn: Callable[[int], dict[str, Any]]) -> None:
         self.path, self.period, self.payload_fn = path, period, payload_fn
@@ -107,12 +158,12 @@ class CheckpointHook(HookBase):
     def after_step(self) -> None:
         done = self.trainer.iter + 1
         if self.period and done % self.period == 0 and done < self.trainer.max_iter:
-            save_checkpoint(self.path, self.payload_fn(done))
+            save_last_checkpoint(self.path, self.payload_fn(done))
 
     def after_train(self) -> None:
         # trainer.iter == max_iter only when the loop finished (Detectron2's convention).
         if self.trainer.iter >= self.trainer.max_iter:
-            save_checkpoint(self.path, self.payload_fn(self.trainer.max_iter))
+            save_last_checkpoint(self.path, self.payload_fn(self.trainer.max_iter))
 
 
 class ExitsTrainer(DefaultTrainer):
@@ -161,8 +212,8 @@ class ExitsTrainer(DefaultTrainer):
         with numpy_float_alias():  # lvis 0.5.3 needs np.float (see detectors.evaluation)
             return super().test(cfg, model, evaluators)
 
-    def build_writers(self) -> list:
-        return [CommonMetricPrinter(self.max_iter)]
+    def build_writers(self) -> list[EventWriter]:
+        return event_writers(self.out_dir, self.max_iter)
 
     def _payload(self, done: int) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "trainer": self.state_dict(), "iteration": done,
