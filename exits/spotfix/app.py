@@ -224,13 +224,18 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
         if category_id is not None and category_id not in catalog.categories:
             raise HTTPException(422, f"unknown category id {category_id}")
         latest = store.latest()
-        items = []
-        for obj in catalog.queue(QueueFilter(category_id, separated, min_score, max_score)):
-            st = status_of(latest.get(obj.ann_id))
-            if status == "all" or st == status or (status == "decided" and st != "todo"):
-                items.append(obj)
-        return {"total": len(items), "offset": offset,
-                "items": [summary(o, latest.get(o.ann_id)) for o in items[offset:offset + limit]]}
+        flt = QueueFilter(category_id, separated, min_score, max_score)
+        # One scan of the catalog's score-sorted columns keeps only the page; the status filter
+        # is the decided ids (few: human decisions), excluded for "todo", the only ones otherwise.
+        if status == "all":
+            page = catalog.page(flt, offset, limit)
+        elif status == "todo":
+            page = catalog.page(flt, offset, limit, exclude=latest.keys())
+        else:
+            page = catalog.page(flt, offset, limit, only=[a for a, r in latest.items()
+                                                          if status in ("decided", status_of(r))])
+        return {"total": page.total, "offset": offset,
+                "items": [summary(o, latest.get(o.ann_id)) for o in page.items]}
 
     @app.get("/api/objects/{ann_id}")
     def object_detail(ann_id: AnnId) -> dict[str, Any]:

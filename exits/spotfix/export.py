@@ -25,9 +25,12 @@ import fcntl
 import json
 import logging
 import os
+from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 from exits.io import atomic_open, file_digest
 from exits.run_folder import FIXED_JSON, FIXED_SOURCE_DIGEST, PSEUDO_JSON, RunFolder
@@ -110,10 +113,11 @@ def run_export(workdir: str | Path) -> ExportResult:
     """Write ``WORKDIR/pseudo_labels_fixed.json`` (atomically) and return it with counts.
 
     Streaming: ``pseudo_labels.json`` is read key by key (:mod:`exits.json_stream`),
-    three times: the image sizes; the counts (:func:`merge_fixes`'s rule, annotation by
-    annotation); then the merged annotations are written one at a time. Memory holds the
-    other keys (images, categories) and the fixes, never the 860k annotations; the bytes are
-    those of ``json.dump`` of :func:`merge_fixes`'s dict (annotations moved last, as there).
+    twice: the other keys, image sizes and counts (:func:`merge_fixes`'s rule, annotation
+    by annotation); then the merged annotations are written one at a time. Memory holds the
+    other keys (images, categories), the fixes and 8 B per annotation id, never the 860k
+    annotations; the bytes are those of ``json.dump`` of :func:`merge_fixes`'s dict
+    (annotations moved last, as there).
 
     Raises:
         FileNotFoundError: no pseudo_labels.json.
@@ -181,6 +185,14 @@ def _export_lock(root: Path) -> Iterator[bool]:
 
 
 def _export(run: RunFolder) -> ExportResult:
+    """Two passes over ``pseudo_labels.json``: read (the other keys, the counts), then write.
+
+    Held in memory: the keys other than ``annotations`` (images, categories: what the output
+    writes before the annotations), the image sizes, the fixes, the annotations that have a
+    decision (to count accepted vs. invalid once every image size is known), and one int64
+    per annotation id (to count distinct ids and the decisions of unknown ids): ~8 B per
+    object, never the annotations themselves.
+    """
     from exits.json_stream import iter_top_level
 
     src = run.pseudo_json
@@ -189,50 +201,52 @@ def _export(run: RunFolder) -> ExportResult:
     records = store.records()
     latest = store.latest()
     head: dict[str, Any] = {}
-    accepted = rejected = invalid = n_out = 0
-    seen: set[int] = set()
+    sizes: dict[int, tuple[int, int]] = {}
+    ids = array("q")  # every annotation id, in file order (ids past int64: `big`)
+    big: set[int] = set()
+    rejected = n_in = 0
+    accepting: list[tuple[dict[str, Any], FixRecord]] = []  # annotations with an accepted fix, in order
 
-    def merged_annotations(fh) -> Iterator[dict[str, Any]]:
-        """The output annotations in order (a pass over the file; ``head`` filled on the way)."""
-        nonlocal accepted, rejected, invalid
+    # pass 1: the keys other than annotations, the image sizes and the counts (they go into
+    # "info", which the output writes before the annotations)
+    with open(src, encoding="utf-8") as fh:
         for key, value in iter_top_level(fh, stream="annotations", source=str(src)):
             if key != "annotations":
                 head[key] = value
+                if key == "images":
+                    sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in value}
                 continue
             for ann in value:
                 ann_id = int(ann["id"])
-                seen.add(ann_id)
+                n_in += 1
+                try:
+                    ids.append(ann_id)
+                except OverflowError:
+                    big.add(ann_id)
                 rec = latest.get(ann_id)
                 if rec is None:
-                    yield ann
-                elif rec.decision == "reject":
+                    continue
+                if rec.decision == "reject":
                     rejected += 1
                 else:
-                    fixed = _apply_fix(ann, rec, sizes.get(int(ann["image_id"])) if sizes is not None else None)
-                    if fixed is None:
-                        invalid += 1
-                        yield ann
-                    else:
-                        accepted += 1
-                        yield fixed
+                    accepting.append((ann, rec))
+    unique = np.unique(np.frombuffer(ids, dtype=np.int64)) if len(ids) else np.zeros(0, np.int64)
+    del ids
+    # the decisions' fixes are applied again while writing; here only whether each one fits
+    invalid = sum(1 for ann, rec in accepting if _apply_fix(ann, rec, sizes.get(int(ann["image_id"]))) is None)
+    accepted = len(accepting) - invalid
+    del accepting
+    seen = len(unique) + len(big)
 
-    # pass 1: the keys other than annotations, the image sizes, and the counts (the counts go
-    # into "info", which comes before the annotations in the output)
-    sizes: dict[int, tuple[int, int]] | None = None
-    with open(src, encoding="utf-8") as fh:
-        for key, value in iter_top_level(fh, stream="annotations", source=str(src)):
-            if key == "images":
-                sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in value}
-            if key == "annotations":
-                for _ in value:
-                    pass
-    sizes = sizes or {}
-    with open(src, encoding="utf-8") as fh:
-        for _ in merged_annotations(fh):
-            n_out += 1
-    counts = MergeCounts(objects_in=len(seen), accepted=accepted, rejected=rejected,
-                         unchanged=len(seen) - accepted - rejected, objects_out=n_out,
-                         unknown_ids=sum(1 for ann_id in latest if ann_id not in seen), invalid=invalid,
+    def known(ann_id: int) -> bool:
+        if ann_id in big:
+            return True
+        j = int(np.searchsorted(unique, ann_id)) if -2**63 <= ann_id < 2**63 else len(unique)
+        return j < len(unique) and int(unique[j]) == ann_id
+
+    counts = MergeCounts(objects_in=seen, accepted=accepted, rejected=rejected,
+                         unchanged=seen - accepted - rejected, objects_out=n_in - rejected,
+                         unknown_ids=sum(1 for ann_id in latest if not known(ann_id)), invalid=invalid,
                          records=len(records), skipped_lines=len(store.skipped_lines))
     info_last = "info" not in head  # merge_fixes' setdefault then appends it after the annotations
     info = {} if info_last else head["info"]
@@ -240,16 +254,28 @@ def _export(run: RunFolder) -> ExportResult:
         "source": PSEUDO_JSON, FIXED_SOURCE_DIGEST: digest, "counts": asdict(counts),
         "rule": "latest decision per object wins; accepted masks replace pseudo masks; rejected objects removed",
     }
-    # pass 3: write; json.dump of merge_fixes' dict has every other key first (in file order),
+    # pass 2: write; json.dump of merge_fixes' dict has every other key first (in file order),
     # then the annotations, then "info" when the input had none
     written = {k: json.dumps(v) for k, v in head.items()}
+    del head
     with atomic_open(run.fixed_json) as out, open(src, encoding="utf-8") as fh:
         out.write("{")
         for key, text in written.items():
             out.write(json.dumps(key) + ": " + text + ", ")
+        del written
         out.write('"annotations": [')
-        for k, ann in enumerate(merged_annotations(fh)):
-            out.write((", " if k else "") + json.dumps(ann))
+        k = 0
+        for key, value in iter_top_level(fh, stream="annotations", source=str(src)):
+            if key != "annotations":
+                continue
+            for ann in value:
+                rec = latest.get(int(ann["id"]))
+                if rec is not None:
+                    if rec.decision == "reject":
+                        continue
+                    ann = _apply_fix(ann, rec, sizes.get(int(ann["image_id"]))) or ann
+                out.write((", " if k else "") + json.dumps(ann))
+                k += 1
         out.write("]")
         if info_last:
             out.write(', "info": ' + json.dumps(info))
