@@ -20,9 +20,16 @@ hides another's), with 2 torch/BLAS threads:
     pseudo_shard     one pseudo-label shard (demo config, random-init generator) with its reads
     merge_points     the point shards -> points.parquet
     merge            the pseudo shards -> pseudo_labels.json / .parquet
-    report           the mIoU report over all rows (GT = the polygons of the json)
+    report           the mIoU report over all rows (GT = the polygons of the json), streamed:
+                     GT json one annotation at a time, pseudo masks by row group,
+                     metrics.parquet written incrementally (exits.report.build.build_report)
+    report_in_memory the report as it was before streaming (GT json loaded whole, a dict per
+                     object: exits.report.build.build_report_in_memory); not in the default
+                     stages, ask for it with --stages
     export           ``exits export``: 1,000 fixes merged over the pseudo labels
-    queue            the spot-fix catalog + the worst-first queue (its first page)
+    queue            the spot-fix server: catalog load, /api/queue first pages of 8 filters (cold,
+                     warm median), 100 thumbnails, RSS (measure_queue_api); its own peak RSS:
+                     own_peak_rss_mb (VmHWM; wait4's figure is floored at the parent's peak)
 
 The shards of the sharded stages other than the measured one are synthesised in an untimed
 setup step: points shards with random patch lists, pseudo shards with the object's polygon
@@ -52,6 +59,7 @@ SIZES: dict[str, dict[str, int]] = {
 }
 IMAGE_W, IMAGE_H = 640, 480
 STAGES = ("baseline", "prepare", "plan", "retrieval_shard", "pseudo_shard", "merge_points", "merge", "report", "export", "queue")
+EXTRA_STAGES = ("report_in_memory",)  # measured only when named (--stages)
 N_FIXES = 1000
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 
@@ -242,7 +250,8 @@ def run_stage(stage: str, data: Path, run: Path, shard_size: int) -> dict[str, A
     if stage in ("plan", "baseline"):
         from flows.caching import folder_fingerprint
     if stage == "queue":
-        from exits.spotfix.catalog import QueueFilter, RunCatalog
+        import exits.spotfix.app  # noqa: F401  (the server's imports: fastapi, cv2)
+        from fastapi.testclient import TestClient  # noqa: F401
     if stage == "export":
         from exits.spotfix.export import run_export
     if stage == "merge_points":
@@ -251,6 +260,8 @@ def run_stage(stage: str, data: Path, run: Path, shard_size: int) -> dict[str, A
         from exits.stages.pseudo_labels import merge_pseudo_labels
     if stage == "report":
         from exits.stages.report import write_report
+    if stage == "report_in_memory":
+        from exits.report.build import build_report_in_memory
 
     rss_before = _rss_mb()
     t0 = time.perf_counter()
@@ -273,19 +284,113 @@ def run_stage(stage: str, data: Path, run: Path, shard_size: int) -> dict[str, A
     elif stage == "merge":
         n = len(shard_ranges(rf.num_instances(), shard_size))
         merge_pseudo_labels([rf.shard("pseudo", i) for i in range(n)], ann, run)
-    elif stage == "report":
-        summary = write_report(run, gt=ann, publish=False)
-        extra = {"miou": summary["all"]["miou"], "evaluated": summary["all"]["count"]}
+    elif stage in ("report", "report_in_memory"):
+        report = write_report if stage == "report" else build_report_in_memory
+        cpu0 = time.process_time()
+        summary = report(run, gt=ann, publish=False)
+        # CPU seconds (all threads): what the wall time would be on a quiet core, under load
+        extra = {"miou": summary["all"]["miou"], "evaluated": summary["all"]["count"],
+                 "retrieval": "retrieval" in summary, "cpu_seconds": round(time.process_time() - cpu0, 2)}
     elif stage == "export":
         counts = run_export(run).counts
-        extra = {"accepted": counts.accepted, "rejected": counts.rejected, "objects_out": counts.objects_out}
+        extra = {"accepted": counts.accepted, "rejected": counts.rejected, "objects_out": counts.objects_out,
+                 "own_peak_rss_mb": own_peak_rss_mb()}
     elif stage == "queue":
-        catalog = RunCatalog.load(run)
-        page = [o.ann_id for _, o in zip(range(500), catalog.queue(QueueFilter()))]
-        extra = {"objects": len(catalog.objects), "first": page[:3]}
+        extra = measure_queue_api(run)
     else:
         raise ValueError(f"unknown stage {stage!r}")
     return {"seconds": time.perf_counter() - t0, "rss_after_imports_mb": rss_before, **extra}
+
+
+# --- the spot-fix queue as a server answers it -------------------------------------------
+# /api/queue requests of the measured queue stage: (label, query); first page = limit 500 (the page's default)
+QUEUE_REQUESTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("todo", {}),
+    ("all", {"status": "all"}),
+    ("category", {"category_id": 1}),
+    ("separated", {"separated": "true"}),
+    ("score_range", {"min_score": 0.5, "max_score": 0.6}),
+    ("decided", {"status": "decided"}),
+    ("category_score_todo", {"category_id": 2, "min_score": 0.4, "separated": "false"}),
+    ("deep_page", {"status": "all"}),  # offset: half the objects (set when measured)
+)
+QUEUE_REPEATS = 7
+QUEUE_THUMBS = 100  # thumbnails of the first page fetched after the queue requests
+
+
+class _NoEditor:
+    """The app needs an editor; the queue benchmark never calls it."""
+
+    def prepare(self, ann_id: int) -> None:
+        pass
+
+    def predict(self, ann_id, clicks, prev_mask):
+        raise NotImplementedError
+
+
+def measure_queue_api(run: Path) -> dict[str, Any]:
+    """The spot-fix server on ``run``: catalog load, then ``/api/queue`` first pages (limit 500)
+    through the app (FastAPI TestClient, in this process): the first request of each filter
+    (cold) and the median of ``QUEUE_REPEATS`` more (warm), plus this process's RSS after
+    the catalog load and after the requests and its own peak (:func:`own_peak_rss_mb`)."""
+    from statistics import median
+
+    from fastapi.testclient import TestClient
+
+    from exits.spotfix.app import create_app
+    from exits.spotfix.catalog import RunCatalog
+
+    t0 = time.perf_counter()
+    catalog = RunCatalog.load(run)
+    load_s = time.perf_counter() - t0
+    rss_loaded = _rss_mb()
+    n = len(catalog.objects)
+    out: dict[str, Any] = {"objects": n, "catalog_load_seconds": round(load_s, 3), "rss_after_load_mb": rss_loaded,
+                           "requests": {}}
+    with TestClient(create_app(run, _NoEditor(), user="bench", catalog=catalog)) as client:
+        for label, query in QUEUE_REQUESTS:
+            params = dict(query)
+            if label == "deep_page":
+                params["offset"] = n // 2  # a page in the middle of the whole queue
+            times, body = [], None
+            for _ in range(1 + QUEUE_REPEATS):
+                t = time.perf_counter()
+                r = client.get("/api/queue", params=params)
+                times.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    raise RuntimeError(f"/api/queue {params}: {r.status_code} {r.text[:200]}")
+                body = r.json()
+            out["requests"][label] = {"params": params, "cold_ms": round(1000 * times[0], 1),
+                                      "warm_median_ms": round(1000 * median(times[1:]), 1),
+                                      "total": body["total"], "items": len(body["items"]),
+                                      "first": [i["ann_id"] for i in body["items"][:3]]}
+        # what the page asks next: the first page's thumbnails (object, pseudo mask, image crop)
+        items = client.get("/api/queue", params={"status": "all", "limit": QUEUE_THUMBS}).json()["items"]
+        times = []
+        for item in items:
+            t = time.perf_counter()
+            if client.get(item["thumb_url"]).status_code != 200:
+                raise RuntimeError(f"{item['thumb_url']} failed")
+            times.append(time.perf_counter() - t)
+        out["thumbs"] = {"count": len(times), "median_ms": round(1000 * median(times), 1),
+                         "total_s": round(sum(times), 2)}
+    out["first"] = out["requests"]["all"]["first"]
+    out["first_page_seconds"] = round(load_s + out["requests"]["todo"]["cold_ms"] / 1000, 3)
+    out["rss_after_requests_mb"] = _rss_mb()
+    out["own_peak_rss_mb"] = own_peak_rss_mb()
+    return out
+
+
+def own_peak_rss_mb() -> float:
+    """This process's own peak RSS (MiB): VmHWM of its address space. ``os.wait4``'s
+    ``ru_maxrss`` of a child is at least the *parent's* peak when it was spawned (Linux keeps
+    the high-water mark across fork/vfork + exec), so a small stage run after the parent
+    generated a full-size dataset reads the parent's peak there, not its own."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 def _rss_mb() -> float:
@@ -349,7 +454,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["coco", "lvis"], choices=sorted(SIZES))
     ap.add_argument("--scales", nargs="+", type=float, default=[0.01, 0.1, 1.0])
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES + EXTRA_STAGES))
     ap.add_argument("--work", type=Path, default=Path("/tmp/exits_scale"))
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--out", type=Path, default=RESULTS)

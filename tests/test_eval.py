@@ -396,3 +396,75 @@ def test_part_count_agrees_with_scipy_labelling():
         mask = np.logical_and(mask, rng.random((40, 50)) < 0.9)
         for floor, frac in [(16, 0.05), (1, 0.0), (4, 0.2)]:
             assert count_mask_parts(mask, floor, frac) == reference(mask, floor, frac)
+
+# ---------------------------------------------------------------- streaming forms (the report's)
+
+
+def test_summarize_miou_columns_equals_summarize_miou_exactly():
+    """The column form (the streaming report's) gives the same dict, float for float: every
+    mean adds the same IoUs in the same order (by ann id), crowd left out, NaN area large."""
+    from exits.eval import summarize_miou_columns
+
+    rng = np.random.default_rng(11)
+    n = 5000
+    ids = np.sort(rng.choice(10**7, n, replace=False))
+    m = np.zeros((4, 4), bool)
+    m[0, 0] = True
+    area = rng.choice([10.0, 1023.9, 1024.0, 5000.0, 9215.5, 9216.0, 1e6, float("nan")], n)
+    cat = rng.integers(1, 40, n)
+    crowd = rng.random(n) < 0.05
+    iou = rng.random(n)
+    iou[::97] = 0.0
+    sep = rng.random(n) < 0.3
+    gt = {int(i): make_inst(int(i), m, category_id=int(c), area=float(a), iscrowd=bool(k))
+          for i, c, a, k in zip(ids, cat, area, crowd)}
+    ious = {int(i): float(v) for i, v in zip(ids, iou)}
+    separated = {int(i) for i in ids[sep]}
+    names = {c: f"cat{c}" for c in range(1, 30)}  # some ids without a name
+    for include_crowd in (False, True):
+        want = summarize_miou(ious, gt, separated, names, include_crowd=include_crowd)
+        got = summarize_miou_columns(iou, crowd, sep, area, cat, names, include_crowd=include_crowd)
+        assert json.dumps(got) == json.dumps(want)
+
+
+def test_streamed_gt_masks_equal_the_loaded_json_whatever_the_key_order(tmp_path):
+    """load_gt_masks streams the json (GtJsonStream); annotations before images (read twice),
+    categories last, gzip: the same instances as gt_instances_from_coco of the loaded dict,
+    the same errors for a repeated id and for a file that is not an instances json."""
+    import gzip
+
+    from exits.eval import GtJsonStream
+
+    poly = [[2.0, 2.0, 20.0, 2.5, 20.0, 18.0, 3.0, 17.0]]
+    rle = encode_mask(np.pad(np.ones((5, 6), bool), ((3, 22), (4, 20))))
+    rle = {"size": rle["size"], "counts": rle["counts"].decode()}
+    anns = [{"id": 3, "image_id": 1, "category_id": 1, "segmentation": poly, "area": 12.5},
+            {"id": 1, "image_id": 2, "category_id": 2, "segmentation": rle, "iscrowd": 1},
+            {"id": 2, "image_id": 1, "category_id": 1, "segmentation": []}]
+    images = [{"id": 1, "height": 30, "width": 30}, {"id": 2, "height": 30, "width": 30}]
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    data = {"images": images, "categories": cats, "annotations": anns}
+    want = gt_instances_from_coco(data, source="x")
+    for name, text in (("plain.json", json.dumps(data)),
+                       ("late.json", json.dumps({"annotations": anns, "info": {}, "images": images, "categories": cats}))):
+        path = tmp_path / name
+        path.write_text(text)
+        assert load_gt_masks(path) == want
+        gz = tmp_path / (name + ".gz")
+        gz.write_bytes(gzip.compress(text.encode()))
+        assert load_gt_masks(gz, ann_ids={1, 99}) == {1: want[1]}
+        stream = GtJsonStream(path)
+        assert [a["id"] for a in stream.annotations()] == [3, 1, 2]
+        assert stream.category_names == {1: "a", 2: "b"} and stream.sizes == {1: (30, 30), 2: (30, 30)}
+    dup = tmp_path / "dup.json"
+    dup.write_text(json.dumps(dict(data, annotations=anns + [dict(anns[0])])))
+    with pytest.raises(GtFormatError, match="annotation id 3 appears more than once"):
+        load_gt_masks(dup)
+    for bad in ("[1, 2]", '{"images": []}', '{"annotations": 5}'):
+        path = tmp_path / "bad.json"
+        path.write_text(bad)
+        with pytest.raises(GtFormatError, match="expected a COCO/LVIS json object with an 'annotations' list"):
+            load_gt_masks(path)
+    (tmp_path / "broken.json").write_text('{"images": [], "annotations": [{"id": 1,')
+    with pytest.raises(GtFormatError, match="broken.json: not valid JSON"):
+        load_gt_masks(tmp_path / "broken.json")

@@ -283,6 +283,43 @@ def test_streaming_export_is_byte_identical_to_the_in_memory_merge(demo_json, tm
     assert result.path.read_bytes() == json.dumps(merged).encode()
 
 
+def test_streaming_export_of_odd_files_is_byte_identical_to_the_in_memory_merge(tmp_path):
+    """Keys after the annotations (as in COCO's own files), a repeated annotation id (each
+    occurrence merged and counted), an id past int64, decisions of unknown ids."""
+    import copy
+    from dataclasses import asdict
+
+    from exits.io import file_digest
+    from exits.run_folder import FIXED_SOURCE_DIGEST, RunFolder
+    from exits.spotfix.export import merge_fixes, run_export
+    from exits.spotfix.store import FixesStore, FixRecord
+
+    h, w = 20, 30
+    square = {"size": [h, w], "counts": _square_rle(h, w)}
+    anns = [{"id": i, "image_id": 1 + i % 2, "category_id": 1, "segmentation": square, "area": 1.0, "score": 0.5}
+            for i in (5, 3, 9, 3, 2**70, 11)]
+    pseudo = {"annotations": anns, "images": [{"id": 1, "height": h, "width": w}, {"id": 2, "height": h, "width": w}],
+              "categories": [{"id": 1, "name": "x"}], "info": {"d": 1}}
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    run.pseudo_json.write_text(json.dumps(pseudo))
+    store = FixesStore(run.root)
+    store.append(FixRecord(ann_id=3, decision="accept", user="t", clicks=[], rle=square))  # both occurrences
+    store.append(FixRecord(ann_id=9, decision="reject", user="t", clicks=[], rle=None))
+    store.append(FixRecord(ann_id=2**70, decision="reject", user="t", clicks=[], rle=None))
+    for unknown in (4, 2**80, -1):
+        store.append(FixRecord(ann_id=unknown, decision="reject", user="t", clicks=[], rle=None))
+    result = run_export(run.root)
+    merged, counts = merge_fixes(copy.deepcopy(pseudo), store.latest(), n_records=len(store.records()))
+    merged["info"]["spotfix"] = {
+        "source": "pseudo_labels.json", FIXED_SOURCE_DIGEST: file_digest(run.pseudo_json, memo=False),
+        "counts": asdict(counts),
+        "rule": "latest decision per object wins; accepted masks replace pseudo masks; rejected objects removed"}
+    assert (counts.objects_in, counts.accepted, counts.rejected, counts.objects_out, counts.unknown_ids) == (5, 2, 2, 4, 3)
+    assert result.counts == counts
+    assert result.path.read_bytes() == json.dumps(merged).encode()
+
+
 def _square_rle(h: int, w: int) -> str:
     import pycocotools.mask as mask_utils
 

@@ -13,6 +13,11 @@ A ``segmentation`` may be polygons, uncompressed RLE or compressed RLE; all are 
 compressed RLE with ``bytes`` counts (see :mod:`exits.eval.rle`) as ``COCO.annToRLE`` does.
 Annotations without a segmentation (missing, ``null``, empty list, or only degenerate
 polygons with < 3 points) are skipped.
+
+Two ways in: :func:`read_gt_json` + :func:`gt_instances_from_coco` load the whole json (the
+in-memory report, small files); :class:`GtJsonStream` (and :func:`load_gt_masks`) stream it
+one annotation at a time with the same per-annotation rules (:func:`gt_instance`), so a
+COCO/LVIS-sized GT file never sits in memory (the streaming report).
 """
 from __future__ import annotations
 
@@ -22,11 +27,11 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from exits.data.ids import as_int_id
 from exits.eval.rle import Rle, rle_area, segmentation_to_rle
-from exits.json_stream import JsonFileError, open_json_text
+from exits.json_stream import JsonFileError, JsonStreamError, iter_top_level, open_json_text
 
 
 @dataclass(frozen=True)
@@ -124,38 +129,60 @@ def gt_instances_from_coco(
     sizes = _image_sizes(data.get("images") or [], source)
     out: dict[int, GtInstance] = {}
     for ann in anns:
-        raw_id = ann.get("id") if isinstance(ann, dict) else None
-        ann_id = _as_int(raw_id, "id", source, raw_id)
+        ann_id = annotation_id(ann, source)
         if ann_ids is not None and ann_id not in ann_ids:
             continue
         if ann_id in out:
-            raise GtFormatError(f"{source}: annotation id {ann_id} appears more than once")
-        image_id = _as_int(ann.get("image_id"), "image_id", source, ann_id)
-        category_id = _as_int(ann.get("category_id"), "category_id", source, ann_id)
-        height, width = sizes.get(image_id, (None, None))
-        try:
-            rle = segmentation_to_rle(ann.get("segmentation"), height, width)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise GtFormatError(f"{source}: annotation {ann_id} (image {image_id}): malformed segmentation: {exc}") from exc
-        if rle is None:
-            continue
-        h, w = int(rle["size"][0]), int(rle["size"][1])
-        area_field = ann.get("area")
-        if isinstance(area_field, numbers.Real) and not isinstance(area_field, bool):
-            area = float(area_field)
-        else:
-            area = float(rle_area(rle))
-        out[ann_id] = GtInstance(
-            ann_id=ann_id,
-            image_id=image_id,
-            category_id=category_id,
-            rle=rle,
-            area=area,
-            height=h,
-            width=w,
-            iscrowd=bool(ann.get("iscrowd", 0)),
-        )
+            raise duplicate_id_error(source, ann_id)
+        inst = gt_instance(ann, ann_id, sizes, source)
+        if inst is not None:
+            out[ann_id] = inst
     return out
+
+
+def annotation_id(ann: Any, source: str) -> int:
+    """The strict integer id of a json annotation (:class:`GtFormatError` when it has none)."""
+    raw_id = ann.get("id") if isinstance(ann, dict) else None
+    return _as_int(raw_id, "id", source, raw_id)
+
+
+def duplicate_id_error(source: str, ann_id: int) -> GtFormatError:
+    return GtFormatError(f"{source}: annotation id {ann_id} appears more than once")
+
+
+def gt_instance(ann: dict[str, Any], ann_id: int, sizes: dict[int, tuple[int, int]], source: str) -> GtInstance | None:
+    """One json annotation (id ``ann_id``) as a :class:`GtInstance`; ``None`` when it has no
+    segmentation. ``sizes``: ``{image_id: (height, width)}`` of the json's images.
+
+    Raises:
+        GtFormatError: a non-integer image/category id, a malformed segmentation, an RLE
+            whose size differs from its image, a polygon whose image is not listed.
+    """
+    image_id = _as_int(ann.get("image_id"), "image_id", source, ann_id)
+    category_id = _as_int(ann.get("category_id"), "category_id", source, ann_id)
+    height, width = sizes.get(image_id, (None, None))
+    try:
+        rle = segmentation_to_rle(ann.get("segmentation"), height, width)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise GtFormatError(f"{source}: annotation {ann_id} (image {image_id}): malformed segmentation: {exc}") from exc
+    if rle is None:
+        return None
+    h, w = int(rle["size"][0]), int(rle["size"][1])
+    area_field = ann.get("area")
+    if isinstance(area_field, numbers.Real) and not isinstance(area_field, bool):
+        area = float(area_field)
+    else:
+        area = float(rle_area(rle))
+    return GtInstance(
+        ann_id=ann_id,
+        image_id=image_id,
+        category_id=category_id,
+        rle=rle,
+        area=area,
+        height=h,
+        width=w,
+        iscrowd=bool(ann.get("iscrowd", 0)),
+    )
 
 
 def category_names_from_coco(data: dict[str, Any]) -> dict[int, str]:
@@ -171,8 +198,85 @@ def category_names_from_coco(data: dict[str, Any]) -> dict[int, str]:
 def load_gt_masks(json_path: str | os.PathLike, ann_ids: set[int] | None = None) -> dict[int, GtInstance]:
     """GT instance masks from a COCO or LVIS json file.
 
-    See :func:`gt_instances_from_coco` for ``ann_ids`` and errors. To get category names
-    too without parsing the file twice, use :func:`read_gt_json` then the two helpers.
+    See :func:`gt_instances_from_coco` for ``ann_ids`` and errors. The file is streamed
+    (:class:`GtJsonStream`): memory holds the wanted instances, not the json. To get
+    category names too, iterate a :class:`GtJsonStream` yourself.
     """
-    data = read_gt_json(json_path)
-    return gt_instances_from_coco(data, source=str(json_path), ann_ids=ann_ids)
+    stream = GtJsonStream(json_path)
+    out: dict[int, GtInstance] = {}
+    for ann in stream.annotations():
+        ann_id = annotation_id(ann, stream.source)
+        if ann_ids is not None and ann_id not in ann_ids:
+            continue
+        if ann_id in out:
+            raise duplicate_id_error(stream.source, ann_id)
+        inst = gt_instance(ann, ann_id, stream.sizes, stream.source)
+        if inst is not None:
+            out[ann_id] = inst
+    return out
+
+
+_NOT_INSTANCES = "expected a COCO/LVIS json object with an 'annotations' list"
+
+
+class GtJsonStream:
+    """A COCO/LVIS GT json read key by key (:mod:`exits.json_stream`): ``images`` and
+    ``categories`` whole, ``annotations`` one at a time, so memory never holds the json.
+
+    ``annotations()`` yields each annotation as :func:`json.load` gives it; ``sizes``
+    (``{image_id: (height, width)}``, what polygons need) is set before the first one, and
+    ``category_names`` once the file has been read to its end. When ``annotations`` comes
+    before ``images`` in the file, the file is read twice (the first time for the images,
+    skipping the annotations). Errors are :func:`read_gt_json`'s: ``FileNotFoundError`` for
+    a missing file, one-line :class:`GtFormatError` naming the file for everything else.
+    """
+
+    def __init__(self, json_path: str | os.PathLike):
+        self.path = Path(json_path)
+        self.source = str(json_path)
+        self.sizes: dict[int, tuple[int, int]] | None = None
+        self.category_names: dict[int, str] = {}
+
+    def _error(self, exc: Exception) -> GtFormatError:
+        if isinstance(exc, JsonFileError):
+            return GtFormatError(str(exc))
+        if isinstance(exc, JsonStreamError):
+            if exc.top_level or "'annotations' is not a list" in exc.detail:
+                return GtFormatError(f"{self.path}: {_NOT_INSTANCES}")
+            if not exc.invalid:
+                return GtFormatError(f"{self.path}: {exc.detail}")
+            return GtFormatError(f"{self.path}: not valid JSON ({exc.detail})")
+        return GtFormatError(f"{self.path}: {exc}")
+
+    def _top_level(self) -> Iterator[tuple[str, Any]]:
+        with open_json_text(self.path) as fh:
+            yield from iter_top_level(fh, stream="annotations", source=self.source)
+
+    def annotations(self) -> Iterator[Any]:
+        """Each annotation of the file, in file order (see the class docstring)."""
+        try:
+            yield from self._annotations()
+        except (JsonFileError, JsonStreamError) as exc:
+            raise self._error(exc) from None
+
+    def _annotations(self) -> Iterator[Any]:
+        saw_annotations = deferred = False
+        for key, value in self._top_level():
+            if key == "images":
+                self.sizes = _image_sizes(value or [], self.source)
+            elif key == "categories":
+                self.category_names = category_names_from_coco({"categories": value})
+            elif key == "annotations":
+                saw_annotations = True
+                if self.sizes is None:
+                    deferred = True  # skipped now (the reader consumes them), read on the second pass
+                else:
+                    yield from value
+        if not saw_annotations:
+            raise GtFormatError(f"{self.path}: {_NOT_INSTANCES}")
+        if deferred:
+            if self.sizes is None:  # no "images" at all: polygons have no image size (an error, as in read_gt_json)
+                self.sizes = {}
+            for key, value in self._top_level():
+                if key == "annotations":
+                    yield from value

@@ -59,17 +59,30 @@ def instance_ious(
         groups[(int(g_rle["size"][0]), int(g_rle["size"][1]))].append((int(ann_id), p_rle, g_rle))
 
     for pairs in groups.values():
-        for start in range(0, len(pairs), _BLOCK):
-            block = pairs[start : start + _BLOCK]
-            ids = [b[0] for b in block]
-            p_rles = [b[1] for b in block]
-            g_rles = [b[2] for b in block]
+        ious = pair_ious([b[1] for b in pairs], [b[2] for b in pairs])
+        for (ann_id, _, _), iou in zip(pairs, ious):
+            out[ann_id] = iou
+    return out
+
+
+def pair_ious(pred: list[Rle], gt: list[Rle]) -> list[float]:
+    """IoU of ``pred[k]`` against ``gt[k]`` for every k (canonical compressed RLEs, each pair of
+    one size; pairs may differ in size from each other), in order; 1.0 for two empty masks."""
+    out: list[float] = [0.0] * len(pred)
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for k, g in enumerate(gt):
+        by_size[(int(g["size"][0]), int(g["size"][1]))].append(k)
+    for members in by_size.values():
+        for start in range(0, len(members), _BLOCK):
+            block = members[start : start + _BLOCK]
+            p_rles = [pred[k] for k in block]
+            g_rles = [gt[k] for k in block]
             matrix = mask_utils.iou(p_rles, g_rles, [0] * len(block))
             p_area = mask_utils.area(p_rles)
             g_area = mask_utils.area(g_rles)
-            for k, ann_id in enumerate(ids):
-                if p_area[k] == 0 and g_area[k] == 0:
-                    out[ann_id] = 1.0  # empty union: identical (empty) masks
+            for j, k in enumerate(block):
+                if p_area[j] == 0 and g_area[j] == 0:
+                    out[k] = 1.0  # empty union: identical (empty) masks
                 else:
-                    out[ann_id] = float(matrix[k, k])
+                    out[k] = float(matrix[j, j])
     return out

@@ -12,7 +12,9 @@ large >= 96².
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
 
 from exits.eval.ground_truth import GtInstance
 from exits.eval.separated import DEFAULT_MIN_PART_FRACTION, DEFAULT_MIN_PART_PIXELS, count_parts_rle
@@ -99,6 +101,79 @@ def summarize_miou(
         "per_size": {b: split_stats(by_size[b]) for b in SIZE_BUCKETS},
         "per_category": per_category,
         "crowd_excluded": sum(1 for i in ious if gt[i].iscrowd) if not include_crowd else 0,
+        "size_thresholds": {"small_below_area": SMALL_MAX_AREA, "medium_below_area": MEDIUM_MAX_AREA},
+    }
+
+
+def sum_in_order(values: np.ndarray) -> float | int:
+    """``sum(list(values))`` of a float column, without the list: Python's own ``sum`` over the
+    values in order (so exactly the number the per-object summaries add up, whichever
+    summation Python uses), fed in chunks so memory stays flat."""
+    def items() -> Iterator[float]:
+        for start in range(0, values.size, _SUM_CHUNK):
+            yield from values[start : start + _SUM_CHUNK].tolist()
+
+    return sum(items())
+
+
+_SUM_CHUNK = 1 << 16
+
+
+def _column_stats(values: np.ndarray) -> dict[str, Any]:
+    n = int(values.size)
+    return {"count": n, "miou": (sum_in_order(values) / n) if n else None}
+
+
+def summarize_miou_columns(
+    iou: np.ndarray,
+    iscrowd: np.ndarray,
+    separated: np.ndarray,
+    area: np.ndarray,
+    category_id: np.ndarray,
+    category_names: Mapping[int, str] | None = None,
+    include_crowd: bool = False,
+) -> dict[str, Any]:
+    """:func:`summarize_miou` of per-object columns (n,) sorted by annotation id, e.g. those of
+    a report's metrics.parquet: the same dict, the same numbers (every mean adds the same
+    floats in the same order), no Python object per object.
+
+    Args:
+        iou: float IoUs; iscrowd, separated: bool; area: the GT area (size bucket);
+            category_id: int.
+    """
+    iou = np.asarray(iou, dtype=np.float64)
+    iscrowd = np.asarray(iscrowd, dtype=bool)
+    keep = np.ones(iou.size, dtype=bool) if include_crowd else ~iscrowd
+    iou_k = iou[keep]
+    sep_k = np.asarray(separated, dtype=bool)[keep]
+    area_k = np.asarray(area, dtype=np.float64)[keep]
+    cat_k = np.asarray(category_id, dtype=np.int64)[keep]
+    names = category_names or {}
+
+    def split_stats(members: np.ndarray) -> dict[str, Any]:
+        whole = _column_stats(iou_k[members])
+        sep = _column_stats(iou_k[members[sep_k[members]]])
+        return {"count": whole["count"], "miou": whole["miou"], "separated_count": sep["count"],
+                "separated_miou": sep["miou"]}
+
+    # size_bucket's comparisons, element-wise (a NaN area is "large" there too)
+    bucket = np.where(area_k < SMALL_MAX_AREA, 0, np.where(area_k < MEDIUM_MAX_AREA, 1, 2))
+    per_size = {b: split_stats(np.flatnonzero(bucket == k)) for k, b in enumerate(SIZE_BUCKETS)}
+    per_category = []
+    order = np.argsort(cat_k, kind="stable")  # by category, table order inside each
+    cats, starts = np.unique(cat_k[order], return_index=True)
+    for cat_id, members in zip(cats.tolist(), np.split(order, starts[1:])):
+        row = {"category_id": int(cat_id), "name": str(names.get(cat_id, cat_id))}
+        row.update(split_stats(members))
+        per_category.append(row)
+    return {
+        "iou_unit": "fraction",
+        "all": _column_stats(iou_k),
+        "separated": _column_stats(iou_k[sep_k]),
+        "non_separated": _column_stats(iou_k[~sep_k]),
+        "per_size": per_size,
+        "per_category": per_category,
+        "crowd_excluded": int(np.count_nonzero(iscrowd)) if not include_crowd else 0,
         "size_thresholds": {"small_below_area": SMALL_MAX_AREA, "medium_below_area": MEDIUM_MAX_AREA},
     }
 

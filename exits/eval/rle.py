@@ -45,7 +45,9 @@ def polygons_to_rle(polygons: list[Any], height: int, width: int) -> Rle | None:
     for k, poly in enumerate(polygons):
         if not isinstance(poly, (list, tuple)):
             raise ValueError(f"polygon {k} is a {type(poly).__name__}, expected a list of numbers")
-        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in poly):
+        # the exact-type test first: ~10x cheaper than the ABC check for json's ints and floats
+        if not (all(type(v) is float or type(v) is int for v in poly)
+                or all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in poly)):
             raise ValueError(f"polygon {k} holds non-numeric coordinates")
         if len(poly) % 2 != 0:
             raise ValueError(f"polygon {k} has an odd number of coordinates ({len(poly)})")
@@ -155,3 +157,35 @@ def encode_rle_json(mask: np.ndarray) -> dict[str, Any]:
 def decode_rle(rle: Rle) -> np.ndarray:
     """Compressed RLE to an (H, W) bool array."""
     return mask_utils.decode(rle).astype(bool)
+
+
+def compressed_counts_to_runs(counts: bytes | str) -> np.ndarray:
+    """The run lengths (int64, background first, column-major) of compressed RLE ``counts``.
+
+    The inverse of pycocotools' ``rleToString`` (``rleFrString`` in numpy): each value is
+    written in 5-bit groups, low first, as characters ``48 + group`` with bit 0x20 set while
+    more groups follow and bit 0x10 of the last group its sign; from the fourth value on, a
+    value is stored as its difference to the value two places before it.
+    """
+    raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    c = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return np.zeros(0, np.int64)
+    ends = np.flatnonzero((c & 0x20) == 0)  # the last character of each value
+    if ends.size == 0:
+        return np.zeros(0, np.int64)
+    n_chars = int(ends[-1]) + 1  # a value cut off at the end of the string is dropped
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    shift = 5 * (np.arange(n_chars, dtype=np.int64) - np.repeat(starts, lengths))
+    x = np.add.reduceat((c[:n_chars] & 0x1F) << shift, starts)
+    negative = (c[ends] & 0x10) != 0
+    x[negative] -= np.left_shift(np.int64(1), 5 * lengths[negative])
+    runs = x
+    if runs.size > 3:
+        runs = x.copy()
+        runs[1::2] = np.cumsum(x[1::2])
+        runs[2::2] = np.cumsum(x[2::2])
+    return runs

@@ -21,7 +21,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from exits.eval.ground_truth import GtInstance
-from exits.eval.rle import Rle
+from exits.eval.rle import Rle, compressed_counts_to_runs
 
 DEFAULT_MIN_PART_PIXELS = 16
 DEFAULT_MIN_PART_FRACTION = 0.05
@@ -45,11 +45,19 @@ def count_mask_parts(
     total = int(m.sum())
     if total == 0:
         return 0
-    # OpenCV's labelling (with per-label areas) is several times faster than
-    # scipy.ndimage.label + bincount on full-image masks; same 8-connectivity.
-    n_labels, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-    areas = stats[1:n_labels, cv2.CC_STAT_AREA]  # label 0 is the background
+    return _count_labelled_parts(m, total, min_part_pixels, min_part_fraction)
+
+
+def _count_labelled_parts(m: np.ndarray, total: int, min_part_pixels: float, min_part_fraction: float) -> int:
+    """Parts of a C-contiguous uint8 0/1 image ``m`` holding ``total`` > 0 object pixels."""
+    # OpenCV's labelling is several times faster than scipy.ndimage.label on full-image
+    # masks; same 8-connectivity. Areas by bincount of the labels: connectedComponentsWithStats
+    # also computes boxes and centroids, which costs ~3x the labelling itself.
+    n_labels, labels = cv2.connectedComponents(m, connectivity=8, ltype=cv2.CV_32S)
     threshold = max(float(min_part_pixels), float(min_part_fraction) * total)
+    if n_labels <= 2:  # one component (most objects): its area is the total
+        return int(n_labels == 2 and total >= threshold)
+    areas = np.bincount(labels.ravel(), minlength=n_labels)[1:]  # label 0 is the background
     return int(np.count_nonzero(areas >= threshold))
 
 
@@ -58,12 +66,64 @@ def count_parts_rle(
     min_part_pixels: int = DEFAULT_MIN_PART_PIXELS,
     min_part_fraction: float = DEFAULT_MIN_PART_FRACTION,
 ) -> int:
-    """:func:`count_mask_parts` of a compressed RLE (labelled inside its bounding box only)."""
+    """:func:`count_mask_parts` of a compressed RLE (labelled inside its bounding box only).
+
+    ``counts`` as str or bytes: the runs are decoded (:func:`exits.eval.rle.compressed_counts_to_runs`)
+    and only the columns and rows of the mask's box are drawn, transposed (column-major, as
+    the RLE runs): 8-connected parts and their areas do not change under a transpose, and
+    no part lies outside the box. Same count as decoding the whole mask, at a fraction of
+    the time on objects much smaller than their image.
+    """
+    counts = rle.get("counts") if isinstance(rle, dict) else None
+    if isinstance(counts, (str, bytes)):
+        height, width = (int(v) for v in rle["size"])
+        return count_parts_runs(compressed_counts_to_runs(counts), height, width, min_part_pixels, min_part_fraction)
     mask = mask_utils.decode(rle)
     x, y, w, h = (int(round(v)) for v in mask_utils.toBbox(rle))
     if w == 0 or h == 0:
         return 0
     return count_mask_parts(mask[y : y + h, x : x + w], min_part_pixels, min_part_fraction)
+
+
+def count_parts_runs(
+    runs: np.ndarray,
+    height: int,
+    width: int,
+    min_part_pixels: int = DEFAULT_MIN_PART_PIXELS,
+    min_part_fraction: float = DEFAULT_MIN_PART_FRACTION,
+) -> int:
+    """:func:`count_mask_parts` of a (height, width) mask given as column-major run lengths
+    (background first). Runs past height * width are ignored."""
+    runs = np.asarray(runs, dtype=np.int64)
+    n_pixels = int(height) * int(width)
+    if runs.size < 2 or n_pixels == 0:
+        return 0
+    bounds = np.minimum(np.cumsum(runs), n_pixels)
+    fg_end = bounds[1::2]
+    fg_start = bounds[0::2][: fg_end.size]
+    keep = fg_end > fg_start
+    if not keep.any():
+        return 0
+    fg_start, fg_end = fg_start[keep], fg_end[keep]
+    total = int((fg_end - fg_start).sum())
+    h = int(height)
+    col0, col1 = int(fg_start[0]) // h, (int(fg_end[-1]) - 1) // h + 1
+    first_col, last_col = fg_start // h, (fg_end - 1) // h
+    if bool((first_col != last_col).any()):  # a run across a column boundary covers rows 0 and h - 1
+        row0, row1 = 0, h
+    else:
+        row0, row1 = int((fg_start % h).min()), int(((fg_end - 1) % h).max()) + 1
+    offset = col0 * h
+    n_strip = (col1 - col0) * h
+    # the columns col0..col1-1 as one column-major strip: background / object runs in turn
+    edges = np.empty(2 * fg_start.size + 2, dtype=np.int64)
+    edges[0], edges[-1] = 0, n_strip
+    edges[1:-1:2], edges[2:-1:2] = fg_start - offset, fg_end - offset
+    values = np.zeros(edges.size - 1, dtype=np.uint8)
+    values[1::2] = 1
+    strip = np.repeat(values, np.diff(edges))
+    columns = strip.reshape(col1 - col0, h)[:, row0:row1]  # the box, transposed
+    return _count_labelled_parts(np.ascontiguousarray(columns), total, min_part_pixels, min_part_fraction)
 
 
 def count_parts(

@@ -4,7 +4,7 @@ worst-object gallery, Markdown/HTML and Prefect artifacts (evaluation side only)
 The mIoU math is :mod:`exits.eval`; this package turns it into a run's ``report/`` folder.
 """
 from exits.report.artifacts import in_prefect_run, publish_report_artifacts
-from exits.report.build import DEFAULT_N_WORST, build_report
+from exits.report.build import DEFAULT_N_WORST, build_report, build_report_in_memory
 from exits.report.evaluation import Evaluation, evaluate_masks, evaluate_predictions, pseudo_label_rles
 from exits.report.gallery import GalleryItem, run_gallery
 from exits.report.metrics import (
@@ -22,6 +22,7 @@ __all__ = [
     "GalleryItem",
     "METRICS_SCHEMA",
     "build_report",
+    "build_report_in_memory",
     "calibration_of",
     "evaluate_masks",
     "evaluate_predictions",

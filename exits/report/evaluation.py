@@ -2,7 +2,9 @@
 
 Evaluation side only: GT masks are read here through :mod:`exits.eval` (the leak boundary)
 and nothing computed here flows back into training. The IoU / mIoU / separated math lives
-in :mod:`exits.eval`; this module wires it together for one set of predictions.
+in :mod:`exits.eval`; this module wires it together for one set of predictions, in memory
+(the whole GT json, a :class:`exits.eval.GtInstance` per object): small sets, and the
+reference the streaming report (:mod:`exits.report.streaming`) is tested equal to.
 """
 from __future__ import annotations
 

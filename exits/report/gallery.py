@@ -175,41 +175,44 @@ def gallery_items(rows: Sequence[Mapping[str, Any]], pred_rles: Mapping[int, dic
 
 
 def read_pseudo_rles(run_dir: Path, ann_ids: Sequence[int]) -> dict[int, dict]:
-    """``{ann_id: RLE}`` of some pseudo masks: from pseudo_labels.parquet (reads only those
-    rows' worth of dicts), else from pseudo_labels.json."""
+    """``{ann_id: RLE}`` of some pseudo masks: from pseudo_labels.parquet (its ids, then only
+    the row groups holding those objects), else from pseudo_labels.json."""
+    from exits.report.streaming import PseudoMasks
+
     run = RunFolder(run_dir)
     path = run.pseudo_parquet
     if not path.is_file():
         rles, _ = pseudo_label_rles(run.pseudo_json)
         return {i: rles[i] for i in ann_ids if i in rles}
-    table = pq.read_table(path, columns=["ann_id", "height", "width", "rle_counts"])
-    table = table.filter(pc.is_in(table["ann_id"], value_set=pa.array(list(ann_ids), type=pa.int64())))
-    return {int(r["ann_id"]): {"size": [int(r["height"]), int(r["width"])], "counts": r["rle_counts"]}
-            for r in table.to_pylist()}
+    return PseudoMasks(path, round_scores=True).rles_of([int(i) for i in ann_ids])
 
 
 def run_gallery(run_dir: str | Path, ann_ids: Sequence[int], gt: str | Path | None = None) -> list[GalleryItem]:
     """Gallery items of ``ann_ids`` (in that order) of a run that has a report.
 
-    Reads ``report/metrics.parquet`` (numbers), the pseudo masks, ``instances.parquet``
-    and the GT json the report used (``report/summary.json``'s ``inputs.gt``, or ``gt``).
+    Reads ``report/metrics.parquet`` (numbers; the row groups holding those objects), the
+    pseudo masks, ``instances.parquet`` and the GT json the report used
+    (``report/summary.json``'s ``inputs.gt``, or ``gt``; streamed, only those masks kept).
     """
+    from exits.report.streaming import metrics_rows
+
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
     wanted = [int(i) for i in ann_ids]
     if not wanted:
         return []
-    table = pq.read_table(run.report_dir / "metrics.parquet")
-    table = table.filter(pc.is_in(table["ann_id"], value_set=pa.array(wanted, type=pa.int64())))
-    by_id = {r["ann_id"]: r for r in table.to_pylist()}
-    missing = [i for i in wanted if i not in by_id]
-    if missing:
-        raise KeyError(f"ann ids not in {run.report_dir / 'metrics.parquet'}: {missing[:10]}")
+    metrics = run.report_dir / "metrics.parquet"
+    try:
+        rows = metrics_rows(metrics, wanted)
+    except KeyError:
+        known = pq.read_table(metrics, columns=["ann_id"])["ann_id"]
+        present = set(pc.filter(known, pc.is_in(known, value_set=pa.array(wanted, type=pa.int64()))).to_pylist())
+        raise KeyError(f"ann ids not in {metrics}: {[i for i in wanted if i not in present][:10]}") from None
     if gt is None:
         summary_path = run.report_dir / "summary.json"
         named = json.loads(summary_path.read_text()).get("inputs", {}).get("gt") if summary_path.is_file() else None
         gt = named or run.gt_json()
     gt_masks = load_gt_masks(gt, ann_ids=set(wanted))
     pred = read_pseudo_rles(run_dir, wanted)
-    return gallery_items([by_id[i] for i in wanted], pred, {i: g.rle for i, g in gt_masks.items()},
+    return gallery_items(rows, pred, {i: g.rle for i, g in gt_masks.items()},
                          read_object_geometry(run_dir, set(wanted)), run.read_meta().images)

@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
+from exits.eval.miou import sum_in_order
+
 METRICS_SCHEMA = pa.schema(
     [
         ("ann_id", pa.int64()),
@@ -137,15 +139,26 @@ def score_calibration(scores: np.ndarray, ious: np.ndarray, n_bins: int = DEFAUL
 
 
 def group_miou(table: pa.Table, column: str) -> dict[str, dict[str, Any]]:
-    """``{value: {"count", "miou"}}`` of the non-crowd rows grouped by ``column`` (nulls skipped)."""
+    """``{value: {"count", "miou"}}`` of the non-crowd rows grouped by ``column`` (nulls skipped),
+    by ``str(value)``; each mean adds the group's IoUs in table order. ``column`` may be
+    dictionary-encoded (as metrics.parquet is read for a large run)."""
     rows = table.filter(pc.invert(table["iscrowd"]))
-    keys = rows[column].to_pylist()
-    ious = rows["iou"].to_pylist()
-    acc: dict[str, list[float]] = {}
-    for key, iou in zip(keys, ious):
-        if key is not None:
-            acc.setdefault(str(key), []).append(float(iou))
-    return {k: {"count": len(vs), "miou": sum(vs) / len(vs)} for k, vs in sorted(acc.items())}
+    ious = np.asarray(rows["iou"].to_numpy(zero_copy_only=False), dtype=np.float64)
+    col = rows[column]
+    if pa.types.is_dictionary(col.type):  # row groups may carry different dictionaries
+        col = col.cast(col.type.value_type)
+    col = pc.dictionary_encode(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+    codes = np.asarray(pc.fill_null(col.indices, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+    codes_of: dict[str, list[int]] = {}
+    for code, value in enumerate(col.dictionary.to_pylist()):
+        if value is not None:
+            codes_of.setdefault(str(value), []).append(code)
+    out: dict[str, dict[str, Any]] = {}
+    for key in sorted(codes_of):
+        vals = ious[np.isin(codes, codes_of[key])]
+        if vals.size:
+            out[key] = {"count": int(vals.size), "miou": sum_in_order(vals) / vals.size}
+    return out
 
 
 def worst_objects(table: pa.Table, n: int) -> list[int]:

@@ -2,7 +2,10 @@
 
 A thin entry point for the pipeline; the work is in :mod:`exits.report` (files, figures,
 gallery, Prefect artifacts) and :mod:`exits.eval` (the mIoU math). GT masks are read there,
-on the evaluation side, and never flow back into training.
+on the evaluation side, and never flow back into training. The report streams (the GT json
+one annotation at a time, the pseudo masks a row group at a time: memory flat in the number
+of objects, :mod:`exits.report.streaming`); :func:`exits.report.build_report_in_memory` is
+the former in-memory report, kept as its tested reference.
 """
 from __future__ import annotations
 
