@@ -19,15 +19,15 @@ import pyarrow as pa
 import torch
 
 from exits.config import ExitsConfig, dump_config
-from exits.data.instances_table import read_instances_rows, read_instances_table
+from exits.data.instances_table import read_instances_rows
 from exits.engine import resolve_device
 from exits.engine.device import amp_dtype
 from exits.io import write_json
 from exits.models import load_mask_model
 from exits.stages.common import model_from_config, require_backbone_weights, train_settings
-from exits.stages.generator import GeneratorLoss, GeneratorTask, point_label_masks, train_generator
-from exits.stages.object_crops import ObjectCropDataset
-from exits.stages.point_retrieval import (RetrievalParams, image_neighbours, merge_points, read_points,
+from exits.stages.generator import GeneratorLoss, GeneratorTask, PointLabelSource, SparseLabels, train_generator
+from exits.stages.object_crops import ObjectCropDataset, StreamingCropDataset
+from exits.stages.point_retrieval import (RetrievalParams, image_neighbours, merge_points,
                                          read_points_rows, retrieve_dataset_points)
 from exits.stages.prepare import prepare_instances
 from exits.run_folder import RunFolder
@@ -56,8 +56,8 @@ def stage_prepare(cfg: ExitsConfig, annotations: Path, images: Path, workdir: Pa
                              check_images=d.check_images, progress=progress)
 
 
-def stage_similarity(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: RunFolder, device: str, progress: bool,
-                     checkpoint_dir: Path | None = None) -> Path:
+def stage_similarity(cfg: ExitsConfig, dataset: ObjectCropDataset | StreamingCropDataset, paths: RunFolder,
+                     device: str, progress: bool, checkpoint_dir: Path | None = None) -> Path:
     require_backbone_weights(cfg.backbone)
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg.backbone)
@@ -98,12 +98,15 @@ def stage_retrieval_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, star
     return write_shard(table, out, key)
 
 
-def generator_task(cfg: ExitsConfig, dataset: ObjectCropDataset, points: pa.Table | None) -> GeneratorTask:
-    """The stage-1c loss for ``dataset``; ``points`` = its rows of points.parquet (same order) or None."""
+def generator_task(cfg: ExitsConfig, dataset: ObjectCropDataset | StreamingCropDataset,
+                   points: pa.Table | SparseLabels | None) -> GeneratorTask:
+    """The stage-1c loss for ``dataset``; ``points`` = its rows of points.parquet (same order:
+    a shard's table, or the run's :class:`SparseLabels`) or None. Labels are built per batch."""
     g = cfg.generator
     points = points if g.use_retrieval else None
-    labels = point_label_masks(points, dataset.points_crop, dataset.boxes, cfg.data.crop_size, cfg.backbone.grid,
-                               cfg.retrieval.delta_px)
+    sparse = SparseLabels.from_table(points) if isinstance(points, pa.Table) else points
+    labels = PointLabelSource(dataset.geometry, len(dataset), sparse, crop_size=cfg.data.crop_size,
+                              grid=cfg.backbone.grid, delta_px=cfg.retrieval.delta_px)
     crf_params = {"iters": g.crf.iters, **g.crf.params}
     loss = GeneratorLoss(lambda_point=g.lambda_point, lambda_crf=g.lambda_crf, lambda_mil=g.lambda_mil,
                          point_dropout=g.point_dropout if g.use_retrieval else 0.0,
@@ -112,11 +115,13 @@ def generator_task(cfg: ExitsConfig, dataset: ObjectCropDataset, points: pa.Tabl
     return GeneratorTask(labels, cfg.backbone.grid, loss)
 
 
-def stage_generator(cfg: ExitsConfig, dataset: ObjectCropDataset, paths: RunFolder, device: str,
-                    progress: bool, checkpoint_dir: Path | None = None) -> Path:
+def stage_generator(cfg: ExitsConfig, dataset: ObjectCropDataset | StreamingCropDataset, paths: RunFolder,
+                    device: str, progress: bool, checkpoint_dir: Path | None = None) -> Path:
+    """Stage 1c on ``dataset`` (the run's :class:`StreamingCropDataset` in the flows); the point
+    labels are memory-mapped from ``cache/`` (a copy of points.parquet's label columns)."""
     require_backbone_weights(cfg.backbone)
     torch.manual_seed(cfg.seed + 1)
-    points = read_points(paths.points) if cfg.generator.use_retrieval else None
+    points = SparseLabels.open(paths.points, paths.cache_dir) if cfg.generator.use_retrieval else None
     task = generator_task(cfg, dataset, points)
     model = model_from_config(cfg.backbone)
     settings = train_settings(cfg.generator.optim, seed=cfg.seed, device=device, amp=cfg.amp,
@@ -194,8 +199,8 @@ def run_pipeline(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfi
         return [fn(cfg, images, paths, a, b, paths.shard(stage, i), device) for i, (a, b) in enumerate(ranges)]
 
     summary = timed("prepare", stage_prepare, cfg, annotations, images, workdir, progress)
-    dataset = timed("crops", ObjectCropDataset, read_instances_table(paths.instances), images, cfg.data.crop_size,
-                    progress=progress)
+    # Crops cut per batch, as in the flows (issue 26): nothing per object held for 1a / 1c.
+    dataset = timed("crops", StreamingCropDataset, paths.instances, images, cfg.data.crop_size)
     if cfg.generator.use_retrieval:
         timed("similarity", stage_similarity, cfg, dataset, paths, str(device), progress)
         timed("retrieval", lambda: merge_points(sharded("points", stage_retrieval_shard), paths.points))

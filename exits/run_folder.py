@@ -21,6 +21,8 @@ spot-fix page, stage 2 and the benchmarks all ask it instead of building paths::
       fixes/fixes.jsonl        spot-fix decisions, append-only
       pseudo_labels_fixed.json fixes merged over the pseudo labels (`exits export`)
       detector/                stage 2 checkpoints, logs, predictions, metrics
+      cache/                   derived copies the training stages memory-map (stage 1c's point
+                               labels, the click model's training set); safe to delete
       .prefect-results/        Prefect task results and cache records
 
 The rule for which json stage 2 trains on (:meth:`RunFolder.training_labels`) lives here
@@ -61,6 +63,7 @@ FIXES_FILE = "fixes.jsonl"
 FIXED_JSON = "pseudo_labels_fixed.json"
 DETECTOR_DIR = "detector"
 PREFECT_RESULTS_DIR = ".prefect-results"
+CACHE_DIR = "cache"
 
 # Key under info.spotfix of pseudo_labels_fixed.json: the digest of the pseudo_labels.json it
 # was merged from (a merge made from older pseudo labels is stale).
@@ -146,6 +149,12 @@ class RunFolder:
     def checkpoints(self, model: Path) -> Path:
         """Training checkpoints beside a stage's model: ``similarity/checkpoints``."""
         return Path(model).parent / CHECKPOINTS_DIR
+
+    @property
+    def cache_dir(self) -> Path:
+        """``cache/``: files derived from the run's own files for training to memory-map (named
+        by the digest of their source, rebuilt when missing); deleting it loses nothing."""
+        return self.root / CACHE_DIR
 
     @property
     def report_dir(self) -> Path:

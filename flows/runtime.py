@@ -27,12 +27,13 @@ __all__ = ["RESULTS_DIR", "results_dir", "config_from", "config_dict", "sections
            "make_task_runner", "local_dask_cluster", "stage_result", "count_states"]
 
 
-def crop_dataset(instances: str, images: str, crop_size: int) -> "ObjectCropDataset":
-    """The object crops a training task trains on (built inside the task, never passed around)."""
-    from exits.data.instances_table import read_instances_table
-    from exits.stages.object_crops import ObjectCropDataset
+def crop_dataset(instances: str, images: str, crop_size: int) -> "StreamingCropDataset":
+    """The object crops a training task trains on (built inside the task, never passed around):
+    cut per item, in the DataLoader's workers with ``optim.num_workers`` > 0; the instances
+    table is read row group by row group (104 bytes per object held, no crop)."""
+    from exits.stages.object_crops import StreamingCropDataset
 
-    return ObjectCropDataset(read_instances_table(instances), images, crop_size)
+    return StreamingCropDataset(instances, images, crop_size)
 
 
 def results_dir(workdir: str | Path) -> Path:

@@ -9,7 +9,7 @@ from exits.data import load_point_dataset
 from exits.data.crops import CropWindow
 from exits.data.instances_table import build_instances_table
 from exits.propagation.appearance import appearance_similarity, mix_similarity, patch_colour_features
-from exits.stages.generator import GeneratorLoss, GeneratorTask, point_label_masks
+from exits.stages.generator import GeneratorLoss, GeneratorTask, PointLabelSource, SparseLabels
 from exits.stages.object_crops import ObjectCropDataset, box_in_crop, box_mask
 from exits.stages.pseudo_labels import mask_scores
 
@@ -57,11 +57,12 @@ def test_appearance_similarity_links_same_colour_patches():
         mix_similarity(s_attn, img, 2, 1.5, 0.1)
 
 
-def _task(dropout: float) -> GeneratorTask:
-    points = np.array([[[12.0, 2.0], [2.0, 12.0], [12.0, 21.0], [21.0, 12.0]]], np.float32)
+def _task(dropout: float, points: pa.Table | None = None) -> GeneratorTask:
+    crop_points = np.array([[[12.0, 2.0], [2.0, 12.0], [12.0, 21.0], [21.0, 12.0]]], np.float32)
     boxes = np.array([[2.0, 2.0, 22.0, 22.0]], np.float32)
-    table = pa.table({"pseudo_fg": [[9, 10, 13, 14]], "pseudo_bg": [[5]]})
-    labels = point_label_masks(table, points, boxes, crop_size=24, grid=4, delta_px=3.0)
+    table = pa.table({"pseudo_fg": [[9, 10, 13, 14]], "pseudo_bg": [[5]]}) if points is None else points
+    geometry = lambda index: (crop_points[index], boxes[index])  # noqa: E731
+    labels = PointLabelSource(geometry, 1, SparseLabels.from_table(table), crop_size=24, grid=4, delta_px=3.0)
     cfg = GeneratorLoss(lambda_point=1.0, lambda_crf=0.0, lambda_mil=1.0, point_dropout=dropout,
                         crf_warmup_epochs=0, crf_impl="meanfield", crf_params={})
     return GeneratorTask(labels, grid=4, loss=cfg)
@@ -70,27 +71,30 @@ def _task(dropout: float) -> GeneratorTask:
 def test_generator_targets_union_of_seeds_and_retrieved_points():
     task = _task(0.0)
     target, labelled, has = task.targets(torch.tensor([0]), torch.device("cpu"))
+    lab0 = task.batch_labels(torch.tensor([0]))
     fg = set(torch.nonzero(target[0].flatten()).flatten().tolist())
-    seeds = set(torch.nonzero(task.labels["seed_fg"][0]).flatten().tolist())
+    seeds = set(torch.nonzero(lab0["seed_fg"][0]).flatten().tolist())
     assert fg == seeds | {9, 10, 13, 14}
     lab = set(torch.nonzero(labelled[0].flatten()).flatten().tolist())
-    assert lab == fg | {5} | set(torch.nonzero(task.labels["seed_bg"][0]).flatten().tolist())
+    assert lab == fg | {5} | set(torch.nonzero(lab0["seed_bg"][0]).flatten().tolist())
     assert bool(has[0])
 
 
 def test_point_dropout_drops_only_retrieved_points_and_is_seeded():
     task = _task(0.5)
     task.on_epoch_start(0, np.random.default_rng([0, 0]))
-    a = task.keep_fg.clone()
+    a = task.batch_labels([0])["keep_fg"]
     task.on_epoch_start(0, np.random.default_rng([0, 0]))
-    assert torch.equal(a, task.keep_fg)
-    assert not (task.keep_fg & ~task.labels["pseudo_fg"]).any()
+    lab = task.batch_labels([0])
+    assert torch.equal(a, lab["keep_fg"])
+    assert not (lab["keep_fg"] & ~lab["pseudo_fg"]).any()
     kept = []
     for epoch in range(50):
         task.on_epoch_start(epoch, np.random.default_rng([0, epoch]))
         target, _, _ = task.targets(torch.tensor([0]), torch.device("cpu"))
-        assert target[0].flatten()[task.labels["seed_fg"][0]].all()  # seeds never dropped
-        kept.append(int(task.keep_fg.sum()))
+        lab = task.batch_labels([0])
+        assert target[0].flatten()[lab["seed_fg"][0]].all()  # seeds never dropped
+        kept.append(int(lab["keep_fg"].sum()))
     assert 1.0 < np.mean(kept) < 3.0  # about half of the 4 retrieved FG points
 
 
@@ -100,9 +104,9 @@ def test_generator_loss_falls_back_to_mil_without_points():
     batch = {"image": torch.rand(1, 3, 24, 24), "index": torch.tensor([0]), "box_mask": torch.ones(1, 24, 24)}
     loss, parts = task.loss(model, batch, None, 0)
     assert loss.ndim == 0 and parts["retrieved_frac"] == 1.0 and "crf" not in parts
-    task.keep_fg = torch.zeros_like(task.keep_fg)
-    task.keep_bg = torch.zeros_like(task.keep_bg)
-    loss2, parts2 = task.loss(model, batch, None, 0)
+    nothing = _task(0.0, pa.table({"pseudo_fg": pa.array([[]], pa.list_(pa.int32())),
+                                   "pseudo_bg": pa.array([[]], pa.list_(pa.int32()))}))
+    loss2, parts2 = nothing.loss(model, batch, None, 0)
     assert parts2["retrieved_frac"] == 0.0 and float(loss2.detach()) > float(loss.detach()) - 1e-6
 
 

@@ -274,7 +274,7 @@ def train(model: nn.Module, dataset: Dataset, task: TrainTask, settings: TrainSe
     if len(dataset) == 0:
         raise ValueError("empty dataset")
     info = init_distributed(settings.device)
-    seed_everything(settings.seed + info.rank)  # ranks draw different dropout masks
+    seed_everything(settings.seed + info.rank)  # ranks draw different numbers in their own torch ops (e.g. nn.Dropout)
     model.to(info.device)
     loader, sampler, loader_generator = _build_loader(dataset, task, settings, info)
     steps_per_epoch = len(loader)

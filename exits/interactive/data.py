@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -42,9 +42,10 @@ class ClickTrainingSet:
     ``at_edge`` (K, 4) bool the crop sides (left, top, right, bottom) on the image edge and
     ``boxes`` (K, 4) float32 the extreme-point boxes in crop pixel-edge coordinates, for the
     decoder's prototype background (:class:`exits.interactive.decoder.StaticInputs`; None:
-    unknown)."""
+    unknown). The tensors may be memory-mapped from files (``build_training_set(storage=)``):
+    indexing a batch's rows reads only those."""
 
-    ann_ids: list[int]
+    ann_ids: Sequence[int] | np.ndarray
     crops: torch.Tensor
     targets: torch.Tensor
     at_edge: torch.Tensor | None = None
@@ -89,40 +90,110 @@ def read_windows(workdir: Path, crop_size: int) -> dict[int, tuple[str, CropWind
     return out
 
 
+CHUNK_OBJECTS = 64  # objects whose full-image masks are decoded at a time
+
+
+class _Rows:
+    """One array of the training set, appended chunk by chunk: held in memory (``path`` None)
+    or appended to a raw file and memory-mapped once complete (copy-on-write, so the tensor
+    is writable but the file never changes)."""
+
+    def __init__(self, path: Path | None, row_shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.row_shape, self.dtype = path, tuple(row_shape), np.dtype(dtype)
+        self.parts: list[np.ndarray] = []
+        self.rows = 0
+        if path is not None:
+            path.write_bytes(b"")
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype).reshape((-1, *self.row_shape))
+        self.rows += len(rows)
+        if self.path is None:
+            self.parts.append(rows)
+        else:
+            with open(self.path, "ab") as fh:
+                fh.write(rows.tobytes())
+
+    def finish(self) -> torch.Tensor:
+        shape = (self.rows, *self.row_shape)
+        if self.path is None or self.rows == 0:
+            data = np.concatenate(self.parts) if self.parts else np.zeros(shape, self.dtype)
+            return torch.from_numpy(data.reshape(shape))
+        return torch.from_numpy(np.memmap(self.path, dtype=self.dtype, mode="c", shape=shape))
+
+
+class _SetWriter:
+    """The arrays of a :class:`ClickTrainingSet`, chunk after chunk (see :func:`build_training_set`)."""
+
+    def __init__(self, storage: Path | None, crop_size: int):
+        s = crop_size
+        if storage is not None:
+            storage.mkdir(parents=True, exist_ok=True)
+        at = (lambda name: storage / name) if storage is not None else (lambda name: None)  # noqa: E731
+        self.ann_ids = _Rows(at("ann_ids.i64"), (), np.int64)
+        self.crops = _Rows(at("crops.u8"), (3, s, s), np.uint8)
+        self.targets = _Rows(at("targets.bool"), (s, s), np.bool_)
+        self.at_edge = _Rows(at("at_edge.bool"), (4,), np.bool_)
+        self.boxes = _Rows(at("boxes.f32"), (4,), np.float32)
+
+    def add(self, items: list[tuple[int, str, CropWindow, np.ndarray, np.ndarray]], images_dir: Path,
+            crop_size: int) -> None:
+        """Crop ``items`` (image by image), drop those whose target is too small, append the rest."""
+        by_file: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            by_file.setdefault(item[1], []).append(i)
+        crops = torch.zeros((len(items), 3, crop_size, crop_size), dtype=torch.uint8)
+        targets = torch.zeros((len(items), crop_size, crop_size), dtype=torch.bool)
+        for name, rows in by_file.items():
+            image = load_image_tensor(image_file(images_dir, name))
+            crops[rows] = crop_images(image, [items[i][2] for i in rows]).mul(255).round_().clamp_(0, 255).to(torch.uint8)
+            for i in rows:
+                targets[i] = crop_mask(torch.from_numpy(items[i][3]), items[i][2]) >= 0.5
+        keep = [i for i in range(len(items)) if int(targets[i].sum()) >= MIN_TARGET_PIXELS]
+        self.ann_ids.append(np.asarray([items[i][0] for i in keep], np.int64))
+        self.crops.append(crops[keep].numpy())
+        self.targets.append(targets[keep].numpy())
+        self.at_edge.append(np.asarray([image_edge_sides(*items[i][2].as_list(), image_width=items[i][3].shape[1],
+                                                         image_height=items[i][3].shape[0]) for i in keep], bool))
+        self.boxes.append(np.asarray([box_in_crop(items[i][4], items[i][2]) for i in keep], np.float32))
+
+    def finish(self) -> ClickTrainingSet:
+        return ClickTrainingSet(ann_ids=self.ann_ids.finish().numpy(), crops=self.crops.finish(),
+                                targets=self.targets.finish(), at_edge=self.at_edge.finish(), boxes=self.boxes.finish())
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def _crop_objects(items: list[tuple[int, str, CropWindow, np.ndarray, np.ndarray]], images_dir: Path, crop_size: int
                   ) -> ClickTrainingSet:
-    """items: (ann_id, file_name, window, full-image mask, extreme points) -> cropped set
-    (small masks dropped), with each crop's sides on the image edge and its box."""
-    by_file: dict[str, list[int]] = {}
-    for i, item in enumerate(items):
-        by_file.setdefault(item[1], []).append(i)
-    crops = torch.zeros((len(items), 3, crop_size, crop_size), dtype=torch.uint8)
-    targets = torch.zeros((len(items), crop_size, crop_size), dtype=torch.bool)
-    for name, rows in by_file.items():
-        image = load_image_tensor(image_file(images_dir, name))
-        crops[rows] = crop_images(image, [items[i][2] for i in rows]).mul(255).round_().clamp_(0, 255).to(torch.uint8)
-        for i in rows:
-            targets[i] = crop_mask(torch.from_numpy(items[i][3]), items[i][2]) >= 0.5
-    keep = [i for i in range(len(items)) if int(targets[i].sum()) >= MIN_TARGET_PIXELS]
-    at_edge = torch.tensor([image_edge_sides(*items[i][2].as_list(), image_width=items[i][3].shape[1],
-                                             image_height=items[i][3].shape[0]) for i in keep],
-                           dtype=torch.bool).reshape(-1, 4)
-    boxes = torch.from_numpy(np.asarray([box_in_crop(items[i][4], items[i][2]) for i in keep],
-                                        np.float32).reshape(-1, 4))
-    return ClickTrainingSet(ann_ids=[items[i][0] for i in keep], crops=crops[keep], targets=targets[keep],
-                            at_edge=at_edge, boxes=boxes)
+    """items: (ann_id, file_name, window, full-image mask, extreme points) -> cropped set in
+    memory (small masks dropped), with each crop's sides on the image edge and its box."""
+    writer = _SetWriter(None, crop_size)
+    for chunk in _chunks(items, CHUNK_OBJECTS):
+        writer.add(chunk, images_dir, crop_size)
+    return writer.finish()
 
 
 def _coco_items(train_json: str | Path, workdir: Path, crop_size: int, max_objects: int, exclude: set[int],
-                id_offset: int | None) -> list[tuple[int, str, CropWindow, np.ndarray, np.ndarray]]:
-    """(ann_id, file_name, window, mask, extreme points) of a COCO json's masks; ``id_offset`` not None:
-    ids become -(id_offset + k) for the k-th object (not the run's objects)."""
+                id_offset: int | None) -> Iterator[tuple[int, str, CropWindow, np.ndarray, np.ndarray]]:
+    """(ann_id, file_name, window, mask, extreme points) of a COCO json's masks, one at a time
+    (a mask is decoded when its object is reached); ``id_offset`` not None: ids become
+    -(id_offset + k) for the k-th object (not the run's objects)."""
     data = json.loads(Path(train_json).read_text(encoding="utf-8"))
     img_info = {int(im["id"]): im for im in data["images"]}
     margin, min_px = run_crop_margins(workdir)
-    items = []
+    count = 0
     for ann in data["annotations"]:
-        if len(items) >= max_objects:
+        if count >= max_objects:
             break
         if int(ann["id"]) in exclude or ann.get("iscrowd", 0):
             continue
@@ -133,15 +204,14 @@ def _coco_items(train_json: str | Path, workdir: Path, crop_size: int, max_objec
         points = np.asarray(ann["extreme_points"], np.float64) if ann.get("extreme_points") else derive_extreme_points(mask)
         window = crop_window(points, int(im["width"]), int(im["height"]), margin=margin, min_margin_px=min_px,
                              size=crop_size)
-        ann_id = int(ann["id"]) if id_offset is None else -(id_offset + len(items) + 1)
-        items.append((ann_id, str(im["file_name"]), window, mask, points))
-    return items
+        ann_id = int(ann["id"]) if id_offset is None else -(id_offset + count + 1)
+        count += 1
+        yield ann_id, str(im["file_name"]), window, mask, points
 
 
 def _pseudo_items(workdir: Path, crop_size: int, top_fraction: float, max_objects: int, exclude: set[int]
-                  ) -> list[tuple[int, str, CropWindow, np.ndarray, np.ndarray]]:
+                  ) -> Iterator[tuple[int, str, CropWindow, np.ndarray, np.ndarray]]:
     windows = read_windows(workdir, crop_size)
-    items = []
     for ann in pseudo_masks_by_score(workdir, top_fraction, max_objects, exclude):
         ann_id = int(ann["id"])
         if ann_id not in windows:
@@ -149,53 +219,48 @@ def _pseudo_items(workdir: Path, crop_size: int, top_fraction: float, max_object
         name, window, (h, w), points = windows[ann_id]
         mask = decode_segmentation(ann["segmentation"], h, w)
         if mask is not None:
-            items.append((ann_id, name, window, mask, points))
-    return items
-
-
-def _concat(a: ClickTrainingSet, b: ClickTrainingSet) -> ClickTrainingSet:
-    both = lambda x, y: None if x is None or y is None else torch.cat([x, y])  # noqa: E731
-    return ClickTrainingSet(a.ann_ids + b.ann_ids, torch.cat([a.crops, b.crops]), torch.cat([a.targets, b.targets]),
-                            both(a.at_edge, b.at_edge), both(a.boxes, b.boxes))
+            yield ann_id, name, window, mask, points
 
 
 def build_training_set(workdir: Path, crop_size: int, *, source: str = "pseudo", top_fraction: float = 0.6,
                        max_objects: int = 2000, train_json: str | Path | None = None,
                        images_dir: str | Path | None = None, exclude: set[int] | None = None,
                        synthetic_objects: int = 2000, synthetic_seed: int = 1000,
-                       synthetic_dir: str | Path | None = None) -> ClickTrainingSet:
+                       synthetic_dir: str | Path | None = None, storage: str | Path | None = None) -> ClickTrainingSet:
     """Crops and target masks for click training (see module doc). ``exclude``: ann_ids to
     leave out (e.g. the objects a benchmark evaluates on); ``synthetic_dir``: where the
-    generated set is cached (default WORKDIR/click_model/synthetic)."""
+    generated set is cached (default WORKDIR/click_model/synthetic).
+
+    Objects are cropped ``CHUNK_OBJECTS`` at a time (only their full-image masks decoded at
+    once). ``storage``: a folder to write the set's arrays to, chunk by chunk, as raw files
+    that the returned tensors memory-map (training then reads only each batch's rows; the
+    folder must outlive the set); None keeps them in memory. The values are the same."""
     workdir = Path(workdir)
     exclude = exclude or set()
     parts = source.split("+")
     if any(p not in ("pseudo", "coco", "synthetic") for p in parts) or len(set(parts)) != len(parts):
         raise ValueError(f"unknown training source {source!r}")
-    sets = []
+    sources: list[tuple[Iterator, Path]] = []
     if "pseudo" in parts:
         images = Path(images_dir) if images_dir is not None else RunFolder(workdir).images_dir()
-        items = _pseudo_items(workdir, crop_size, top_fraction, max_objects, exclude)
-        if items:
-            sets.append(_crop_objects(items, images, crop_size))
+        sources.append((_pseudo_items(workdir, crop_size, top_fraction, max_objects, exclude), images))
     if "coco" in parts:
         if train_json is None:
             raise ValueError("source 'coco' needs train_json")
         images = Path(images_dir) if images_dir is not None else RunFolder(workdir).images_dir()
-        items = _coco_items(train_json, workdir, crop_size, max_objects, exclude, None)
-        if items:
-            sets.append(_crop_objects(items, images, crop_size))
+        sources.append((_coco_items(train_json, workdir, crop_size, max_objects, exclude, None), images))
     if "synthetic" in parts:
         from exits.interactive.synthetic import synthetic_training_json
 
         cache = Path(synthetic_dir) if synthetic_dir is not None else RunFolder(workdir).click_model_dir / "synthetic"
         json_path, images = synthetic_training_json(cache, synthetic_objects, synthetic_seed)
-        items = _coco_items(json_path, workdir, crop_size, synthetic_objects, set(), 0)
-        if items:
-            sets.append(_crop_objects(items, images, crop_size))
-    if not sets:
+        sources.append((_coco_items(json_path, workdir, crop_size, synthetic_objects, set(), 0), images))
+    writer = _SetWriter(Path(storage) if storage is not None else None, crop_size)
+    found = False
+    for items, images in sources:  # in order: pseudo, coco, synthetic
+        for chunk in _chunks(items, CHUNK_OBJECTS):
+            found = True
+            writer.add(chunk, images, crop_size)
+    if not found:
         raise ValueError(f"no training masks found for source {source!r} in {workdir}")
-    out = sets[0]
-    for extra in sets[1:]:
-        out = _concat(out, extra)
-    return out
+    return writer.finish()

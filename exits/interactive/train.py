@@ -11,12 +11,15 @@ Per batch (targets = the chosen training masks, see :mod:`exits.interactive.data
      as the previous mask, advance the carried 5-state map with it, click at the centre of
      the largest error region;
   4. one prediction with gradient; loss :func:`training_loss`.
-The encoder is frozen: its tokens are computed once for all training crops.
+The encoder is frozen: its tokens are computed once for all training crops. The crops,
+targets and tokens are written once to a temporary folder in WORKDIR/cache and memory-mapped
+(:func:`train_click_model`): a step reads its batch's rows only.
 """
 from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +40,10 @@ from exits.interactive.zoom import roi_resample
 from exits.interactive.model_io import CLICK_MODEL_PATH, GENERATOR_PATH, save_click_model
 from exits.interactive.robot import largest_error_click
 from exits.models.factory import load_mask_model
+from exits.run_folder import RunFolder
 
-__all__ = ["corrupt_mask", "sample_rounds", "simulate_clicks", "training_loss", "train_click_decoder", "train_click_model"]
+__all__ = ["corrupt_mask", "sample_rounds", "simulate_clicks", "training_loss", "train_click_decoder", "encode_to_storage",
+           "train_click_model"]
 
 log = logging.getLogger(__name__)
 
@@ -192,27 +197,55 @@ def train_click_decoder(tokens: torch.Tensor, grid: tuple[int, int], train_set: 
     return decoder.eval(), history
 
 
+def encode_to_storage(encoder: torch.nn.Module, crops: torch.Tensor, path: Path | None, batch_size: int = 64
+                      ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Patch tokens (K, L, C) float32 of uint8 crops (K, 3, S, S), ``batch_size`` crops at a
+    time (the batches :func:`encode_crops` makes, so the values are its values), appended to
+    the raw file ``path`` and returned memory-mapped from it (None: in memory)."""
+    if path is None:
+        return encode_crops(encoder, crops.float().div(255), batch_size=batch_size)
+    path.write_bytes(b"")
+    shape, grid = None, (0, 0)
+    with open(path, "ab") as fh:
+        for i in range(0, len(crops), batch_size):
+            tokens, grid = encode_crops(encoder, crops[i:i + batch_size].float().div(255), batch_size=batch_size)
+            fh.write(tokens.numpy().tobytes())
+            shape = tokens.shape[1:]
+    if shape is None:
+        return encode_crops(encoder, crops.float().div(255), batch_size=batch_size)
+    return torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c", shape=(len(crops), *shape))), tuple(grid)
+
+
 def train_click_model(workdir: str | Path, config: ClickModelConfig, *, out_path: str | Path | None = None,
                       exclude: set[int] | None = None, progress: bool = True,
                       synthetic_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Train on the run's masks and write WORKDIR/click_model/model.pt (or ``out_path``).
 
-    Returns the path and a summary {objects, iterations, first/last loss, source}.
+    The training set and its encoder tokens are written once to a temporary folder in
+    WORKDIR/cache (removed at the end) and memory-mapped: each step reads its batch's rows,
+    nothing per object stays in memory (the tokens alone are ~3 MB per object for ViT-B at
+    512 px). Returns the path and a summary {objects, iterations, first/last loss, source}.
     """
     workdir = Path(workdir)
     encoder = load_mask_model(workdir / GENERATOR_PATH, map_location=config.device)
     crop_size = int(encoder.img_size)
-    train_set = build_training_set(workdir, crop_size, source=config.train_source,
-                                   top_fraction=config.train_top_fraction, max_objects=config.max_train_objects,
-                                   train_json=config.train_json, exclude=exclude,
-                                   synthetic_objects=config.synthetic_objects, synthetic_seed=config.synthetic_seed,
-                                   synthetic_dir=synthetic_dir)
-    tokens, grid = encode_crops(encoder, train_set.crops.float().div(255))
-    decoder, history = train_click_decoder(tokens, grid, train_set, config, progress=progress)
+    cache = RunFolder(workdir).cache_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="click-train-", dir=cache) as storage:
+        train_set = build_training_set(workdir, crop_size, source=config.train_source,
+                                       top_fraction=config.train_top_fraction, max_objects=config.max_train_objects,
+                                       train_json=config.train_json, exclude=exclude,
+                                       synthetic_objects=config.synthetic_objects, synthetic_seed=config.synthetic_seed,
+                                       synthetic_dir=synthetic_dir, storage=storage)
+        tokens, grid = encode_to_storage(encoder, train_set.crops, Path(storage) / "tokens.f32")
+        decoder, history = train_click_decoder(tokens, grid, train_set, config, progress=progress)
+        objects = len(train_set)
+        trained_ids = [int(a) for a in train_set.ann_ids if a >= 0]
+        del tokens, train_set  # unmap before the folder goes
     k = max(1, min(20, len(history) // 5))
-    summary = {"objects": len(train_set), "iterations": len(history), "source": config.train_source,
+    summary = {"objects": objects, "iterations": len(history), "source": config.train_source,
                "loss_first": float(np.mean(history[:k])), "loss_last": float(np.mean(history[-k:]))}
     path = Path(out_path) if out_path is not None else workdir / CLICK_MODEL_PATH
     save_click_model(path, decoder.cpu(), encoder_path=str(GENERATOR_PATH), crop_size=crop_size,
-                     extra={"train_summary": summary, "train_ann_ids": [a for a in train_set.ann_ids if a >= 0]})
+                     extra={"train_summary": summary, "train_ann_ids": trained_ids})
     return path, summary
