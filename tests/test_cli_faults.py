@@ -161,7 +161,9 @@ def test_a_full_disk_names_the_file_and_leaves_no_temporary(report_run, monkeypa
     result = CliRunner().invoke(app, ["report", "-w", str(report_run)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert lines == [f"error: {report_run / 'report' / 'metrics.parquet'}: No space left on device (ENOSPC)"]
+    # The streamed report writes summary.json first and renames metrics.parquet over the old
+    # one last, so the first file the full disk refuses is the summary.
+    assert lines == [f"error: {report_run / 'report' / 'summary.json'}: No space left on device (ENOSPC)"]
     assert not list((report_run / "report").glob(".*.tmp"))
 
 
