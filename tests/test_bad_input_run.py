@@ -13,16 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_cli_first_run import exits_command, fresh_user_env, run_args
-
-
-@pytest.fixture(scope="module")
-def clean_demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("clean_demo")
-    done = subprocess.run([*exits_command(), "demo-data", str(out), "--n-train", "4", "--n-val", "1", "--seed", "5"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return out
+from tests.test_cli_first_run import fresh_user_env, run_args
+from tests.test_cli_first_run import tiny_demo as clean_demo  # noqa: F401 - the same demo fixture (read only)
 
 
 def _with_bad_records(clean: Path, out: Path) -> tuple[Path, set[tuple[str, str, str]]]:

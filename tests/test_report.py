@@ -46,7 +46,8 @@ def perturb(mask: np.ndarray, ann_id: int) -> np.ndarray:
         return cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     xs = np.flatnonzero(mask.any(0))
     out = mask.copy()
-    out[:, (xs.min() + xs.max() + 1) // 2:] = False
+    if xs.size:
+        out[:, (xs.min() + xs.max() + 1) // 2:] = False
     return out
 
 

@@ -34,25 +34,9 @@ from exits.stages import pseudo_label_files
 from exits.stages.prepare import prepare_instances
 from exits.stages.pseudo_labels import encode_rle, write_pseudo_labels
 
+from tests.test_report import perturb as _perturb
+
 SCENARIOS = ("demo", "separated_ids", "awkward_gt", "json_fallback")
-
-
-def _perturb(mask: np.ndarray, ann_id: int) -> np.ndarray:
-    """Identical, shifted 3 px right, eroded, or the left half only (by ann id)."""
-    kind = ann_id % 4
-    if kind == 0:
-        return mask.copy()
-    if kind == 1:
-        out = np.zeros_like(mask)
-        out[:, 3:] = mask[:, :-3]
-        return out
-    if kind == 2:
-        return cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    xs = np.flatnonzero(mask.any(0))
-    out = mask.copy()
-    if xs.size:
-        out[:, (xs.min() + xs.max() + 1) // 2:] = False
-    return out
 
 
 def _polygons(mask: np.ndarray) -> list[list[float]]:
