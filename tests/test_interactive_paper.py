@@ -52,7 +52,7 @@ def test_iam_adds_a_part_outside_the_roi():
     target_logits = torch.from_numpy(np.where(target, 6.0, -6.0).astype(np.float32))[None, None]
     seen_boxes = []
 
-    def toy_pass(feat, image, maps, clicks, valid, boxes, z, image_z=None, pdm_weights=None):  # the target, whatever the region
+    def toy_pass(feat, image, maps, clicks, valid, boxes, z, image_z=None, pdm_weights=None, **_edge):  # the target, whatever the region
         full = boxes is None
         if full:
             boxes = torch.tensor([[0.0, 0.0, float(S), float(S)]])

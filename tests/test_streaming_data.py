@@ -124,7 +124,8 @@ def test_streaming_loader_gives_the_cached_batches(table_path: Path, workers: in
         out = []
         for epoch in range(2):
             sampler.set_epoch(epoch)
-            out += list(DataLoader(ds, batch_size=5, sampler=sampler, num_workers=num_workers))
+            out += list(DataLoader(ds, batch_size=5, sampler=sampler, num_workers=num_workers,
+                                   multiprocessing_context="forkserver" if num_workers else None))
         return out
 
     for a, b in zip(batches(cached, 0), batches(stream, workers), strict=True):

@@ -251,6 +251,10 @@ def _build_loader(dataset: Dataset, task: TrainTask, settings: TrainSettings, in
         pin_memory=info.device.type == "cuda",
         drop_last=False,
         generator=generator,
+        # Workers start from a fork server, not a fork of this process: a process that has run
+        # a Prefect flow (every training task of `exits run`) forks workers that exit at once
+        # with status 1 (tests/test_streaming_data.py reproduces it after a flow run).
+        multiprocessing_context="forkserver" if settings.num_workers > 0 else None,
     )
     return loader, sampler, generator
 
