@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -58,17 +59,23 @@ def brute_parts(mask: np.ndarray) -> int:
     return int(np.count_nonzero(areas >= max(16.0, 0.05 * mask.sum())))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny run: demo data, instances table, pseudo masks = perturbed GT, score = true IoU."""
-    root = tmp_path_factory.mktemp("report")
+def prepared_demo_run(root: Path, n_train: int, **demo: Any) -> tuple[Path, Path, Path]:
+    """Demo data under ``root/data`` and its run folder ``root/run`` up to the instances table
+    (and run.json): (data folder, instances json, run folder)."""
     data = root / "data"
-    generate_demo_dataset(data, n_train=6, n_val=2)
+    generate_demo_dataset(data, n_train=n_train, n_val=2, **demo)
     ann_json = data / "instances.json"
     work = root / "run"
     prepare_instances(ann_json, data / "images", work, crop_margin=0.15, crop_min_margin_px=4, crop_size=64,
                       derive_missing_points=True, point_tolerance_px=1.0, check_images=True, progress=False)
     write_json(work / "run.json", {"images": str(data / "images"), "annotations": str(ann_json), "gt": None})
+    return data, ann_json, work
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run: demo data, instances table, pseudo masks = perturbed GT, score = true IoU."""
+    data, ann_json, work = prepared_demo_run(tmp_path_factory.mktemp("report"), n_train=6)
     coco = json.loads(ann_json.read_text())
     expected = {}
     rows, scores = [], {}

@@ -28,13 +28,10 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
-from exits.demo import generate_demo_dataset
-from exits.io import write_json
 from exits.stages import pseudo_label_files
-from exits.stages.prepare import prepare_instances
 from exits.stages.pseudo_labels import encode_rle, write_pseudo_labels
 
-from tests.test_report import perturb as _perturb
+from tests.test_report import perturb as _perturb, prepared_demo_run
 
 SCENARIOS = ("demo", "separated_ids", "awkward_gt", "json_fallback")
 
@@ -64,13 +61,7 @@ def _points_table(ann_ids: list[int], seed: int = 0) -> pa.Table:
 def build_scenario(root: Path, name: str) -> dict:
     """A run folder under ``root`` for scenario ``name``; returns the write_report kwargs."""
     assert name in SCENARIOS
-    data = root / "data"
-    generate_demo_dataset(data, n_train=16, n_val=2, seed=3)
-    ann_json = data / "instances.json"
-    work = root / "run"
-    prepare_instances(ann_json, data / "images", work, crop_margin=0.15, crop_min_margin_px=4, crop_size=64,
-                      derive_missing_points=True, point_tolerance_px=1.0, check_images=True, progress=False)
-    write_json(work / "run.json", {"images": str(data / "images"), "annotations": str(ann_json), "gt": None})
+    data, ann_json, work = prepared_demo_run(root, n_train=16, seed=3)
     coco = json.loads(ann_json.read_text())
     rng = np.random.default_rng(7)
     rows, scores = [], {}

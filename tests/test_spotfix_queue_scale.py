@@ -204,10 +204,10 @@ def _sweep(client: TestClient, run: Path, rows: list[dict], pages=PAGES) -> int:
 @pytest.mark.parametrize("parquet, scan_rows", [(True, 16), (False, None)], ids=["parquet", "json"])
 def test_queue_pages_equal_the_reference_for_every_filter_combination(tmp_path: Path, monkeypatch, parquet: bool,
                                                                       scan_rows: int | None) -> None:
-    from exits.spotfix import catalog as catalog_mod
+    from exits.spotfix import queue as queue_mod
 
     if scan_rows:  # a request scans the queue in several steps, as at dataset size
-        monkeypatch.setattr(catalog_mod, "QUEUE_SCAN_ROWS", scan_rows)
+        monkeypatch.setattr(queue_mod, "QUEUE_SCAN_ROWS", scan_rows)
     run, rows = make_queue_run(tmp_path, parquet=parquet)
     add_decisions(run, rows)
     catalog = RunCatalog.load(run)
@@ -287,9 +287,9 @@ def _brute_force(ann, cat, score, parts, flt: QueueFilter, only=None, exclude=()
 def test_queue_index_pages_across_scan_steps_equal_brute_force(monkeypatch, scan_rows: int) -> None:
     """Scan steps smaller than the queue (page and total across step boundaries), scores
     missing or -inf (the queue's head), repeated ids, ids that match nothing."""
-    from exits.spotfix import catalog as catalog_mod
+    from exits.spotfix import catalog as catalog_mod, queue as queue_mod
 
-    monkeypatch.setattr(catalog_mod, "QUEUE_SCAN_ROWS", scan_rows)
+    monkeypatch.setattr(queue_mod, "QUEUE_SCAN_ROWS", scan_rows)
     rng = np.random.default_rng(7)
     n = 400
     ann = rng.integers(1, 300, n).astype(np.int64)  # repeated ids
@@ -326,7 +326,7 @@ def test_a_queue_request_allocates_the_same_at_any_run_size() -> None:
     numpy's buffers)."""
     import tracemalloc
 
-    from exits.spotfix.catalog import _QueueIndex
+    from exits.spotfix.queue import _QueueIndex
 
     peaks = {}
     for n in (100_000, 800_000):
