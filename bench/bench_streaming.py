@@ -268,7 +268,7 @@ def synthetic_run(root: Path, k: int, crop_size: int = 512, grid: int = 32, seed
 
     from exits.data.crops import crop_window
     from exits.data.instances_table import SCHEMA, write_instances_table
-    from exits.parquet_rows import ROW_GROUP_ROWS
+    from exits.io.parquet_rows import ROW_GROUP_ROWS
     from exits.stages.point_retrieval import POINTS_SCHEMA
 
     run = root / f"k{k}"
@@ -401,7 +401,7 @@ def label_read_ms_per_batch32(run: Path, sparse, k: int, batches: int = 5) -> di
     import numpy as np
     import pyarrow.parquet as pq
 
-    from exits.parquet_rows import ROW_GROUP_ROWS
+    from exits.io.parquet_rows import ROW_GROUP_ROWS
 
     rng = np.random.default_rng(1)
     draws = [rng.integers(0, k, 32) for _ in range(batches)]

@@ -68,7 +68,7 @@ def read_image_records(images: ImagesArg, image_ids: Iterable[int] | None = None
     import json
 
     if isinstance(images, (str, os.PathLike)):
-        from exits.json_stream import open_json_text
+        from exits.io.json_stream import open_json_text
 
         with open_json_text(images) as fh:
             records = json.load(fh)["images"]

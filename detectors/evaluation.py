@@ -27,7 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from exits.eval.ground_truth import gt_instances_from_coco
-from exits.json_stream import open_json_text
+from exits.io.json_stream import open_json_text
 from exits.eval.separated import separated_ann_ids
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")

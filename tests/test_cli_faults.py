@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from exits.cli import app
-from exits.cli_support import DEBUG_ENV, describe_error, format_os_error
+from exits.cli.support import DEBUG_ENV, describe_error, format_os_error
 from exits.io import write_json
 from exits.stages.pseudo_labels import encode_rle, write_pseudo_labels
 from tests.conftest import make_coco
@@ -145,12 +145,12 @@ def test_os_errors_read_as_file_reason_and_errno_name(tmp_path):
 def test_a_full_disk_names_the_file_and_leaves_no_temporary(report_run, monkeypatch):
     """ENOSPC arrives from write/fsync without a file name: the atomic writer names its
     destination, removes its temporary file, and the command says it in one line."""
-    import exits.io
+    import exits.io.files
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(exits.io.os, "fsync", full)
+    monkeypatch.setattr(exits.io.files.os, "fsync", full)
     dest = report_run / "out" / "x.json"
     with pytest.raises(OSError) as caught:
         write_json(dest, {"a": 1})
@@ -192,7 +192,7 @@ def test_console_log_records_lose_their_traceback_other_handlers_keep_it(monkeyp
     import io
     import logging
 
-    from exits.cli_support import quiet_tracebacks, set_debug
+    from exits.cli.support import quiet_tracebacks, set_debug
 
     class Keep(logging.Handler):
         def __init__(self):

@@ -18,7 +18,7 @@ from PIL import Image
 from exits.data import DatasetError, load_point_dataset
 from exits.data.validation import REJECTION_REASONS, ValidationSummary
 from exits.eval.ground_truth import GtFormatError, read_gt_json
-from exits.json_stream import JsonFileError, open_json_text
+from exits.io.json_stream import JsonFileError, open_json_text
 from tests.conftest import make_coco
 
 
@@ -546,7 +546,7 @@ def test_directory_is_one_dataset_error(tmp_path):
 def test_permission_denied_is_one_dataset_error(tiny_coco, monkeypatch):
     import builtins
 
-    import exits.json_stream as js
+    import exits.io.json_stream as js
 
     real_open = builtins.open
 

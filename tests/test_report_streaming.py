@@ -294,7 +294,7 @@ def test_streaming_pass_memory_is_flat_in_the_number_of_objects(tmp_path, monkey
     from exits.report import streaming
     from exits.report.evaluation import evaluate_predictions
 
-    from exits import json_stream
+    from exits.io import json_stream
 
     monkeypatch.setattr(streaming, "BATCH_OBJECTS", 256)
     monkeypatch.setattr(json_stream, "_CHUNK", 1 << 16)  # the text buffer bounded below these files' sizes

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from exits import json_stream
-from exits.json_stream import JsonStreamError, iter_top_level
+from exits.io import json_stream
+from exits.io.json_stream import JsonStreamError, iter_top_level
 from exits.eval.separated import count_parts_rle
 from exits.stages.pseudo_labels import PSEUDO_SCHEMA, merge_pseudo_labels
 from exits.stages.shards import write_shard

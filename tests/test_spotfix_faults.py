@@ -571,13 +571,13 @@ def test_missing_and_corrupt_image_files_answer_json(run: Path) -> None:
 
 def test_export_failing_mid_write_leaves_no_temp_file_and_the_old_output(run: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import exits.io
+    import exits.io.files
 
     FixesStore(run).append(FixRecord(2, "reject", "a", [], None))
     out = run_export(run).path
     before = out.read_bytes()
     FixesStore(run).append(FixRecord(4, "reject", "a", [], None))
-    monkeypatch.setattr(exits.io, "open", _full_disk_open(200), raising=False)
+    monkeypatch.setattr(exits.io.files, "open", _full_disk_open(200), raising=False)
     with pytest.raises(OSError) as info:
         run_export(run)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(out)
@@ -663,7 +663,7 @@ EXPORT_WITH_FAULT = textwrap.dedent("""
     import errno, os, sys
     run, fault = sys.argv[1], sys.argv[2]
     if fault == "enospc":
-        import builtins, exits.io
+        import builtins, exits.io.files
         def open_(file, mode="r", *a, **kw):
             fh = builtins.open(file, mode, *a, **kw)
             if "w" in mode:
@@ -671,7 +671,7 @@ EXPORT_WITH_FAULT = textwrap.dedent("""
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 fh.write = write
             return fh
-        exits.io.open = open_
+        exits.io.files.open = open_
     elif fault == "erofs":
         real_open = os.open
         def ro_open(path, flags, *a, **kw):

@@ -36,7 +36,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from detectors.detectron2_backend.datasets import BOX_SOURCES, register_json_file
 from detectors.evaluation import is_lvis
-from exits.json_stream import JsonFileError, JsonStreamError, iter_top_level, open_json_text
+from exits.io.json_stream import JsonFileError, JsonStreamError, iter_top_level, open_json_text
 from exits.run_folder import PSEUDO_JSON, RunFolder
 
 log = logging.getLogger(__name__)

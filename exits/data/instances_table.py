@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from exits.data.crops import CropWindow, crop_window
 from exits.data.records import ObjectRecord, PointDataset
 from exits.io import atomic_path
-from exits.parquet_rows import ROW_GROUP_ROWS, read_rows
+from exits.io.parquet_rows import ROW_GROUP_ROWS, read_rows
 
 # Row-group size of the run's dataset-wide tables (instances.parquet, points.parquet): a shard
 # reads only the row groups that hold its rows (a few MB), never the whole table.

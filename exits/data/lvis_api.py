@@ -2,7 +2,7 @@
 
 lvis 0.5.3's ``LVIS`` only takes a path; reading a 1.27M-annotation file twice (once for
 validation, once for the API) costs tens of seconds, so this subclass also accepts the
-parsed dict; a path is opened with :func:`exits.json_stream.open_json_text`, as the
+parsed dict; a path is opened with :func:`exits.io.json_stream.open_json_text`, as the
 annotation reader does. Nothing else of the API changes.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from lvis import LVIS
 
-from exits.json_stream import open_json_text
+from exits.io.json_stream import open_json_text
 
 
 class InMemoryLVIS(LVIS):

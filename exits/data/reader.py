@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from exits.data.extreme_points import box_from_extreme_points
-from exits.json_stream import JsonFileError, JsonStreamError, iter_top_level, open_json_text
+from exits.io.json_stream import JsonFileError, JsonStreamError, iter_top_level, open_json_text
 from exits.data.point_labels import MaskToPoints
 from exits.data.records import CategoryRecord, ImageRecord, ObjectRecord, PointDataset, Rejection
 from exits.data.validation import (
@@ -68,10 +68,10 @@ def _dataset_error(path: Path, exc: JsonStreamError | JsonFileError) -> DatasetE
 
 class _StreamedJson:
     """An instances json read key by key: ``images``, ``categories`` (and every other key)
-    whole, ``annotations`` one at a time (:mod:`exits.json_stream`), so a COCO-sized file
+    whole, ``annotations`` one at a time (:mod:`exits.io.json_stream`), so a COCO-sized file
     never sits in memory as one dict. When ``annotations`` comes before ``images`` or
     ``categories`` in the file, the annotations are held as a list instead. The file is
-    opened with :func:`exits.json_stream.open_json_text` (gzip, UTF-8/16/32, BOM)."""
+    opened with :func:`exits.io.json_stream.open_json_text` (gzip, UTF-8/16/32, BOM)."""
 
     def __init__(self, path: Path):
         self.path = path

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator
 
 from exits.data.ids import as_int_id
 from exits.eval.rle import Rle, rle_area, segmentation_to_rle
-from exits.json_stream import JsonFileError, JsonStreamError, iter_top_level, open_json_text
+from exits.io.json_stream import JsonFileError, JsonStreamError, iter_top_level, open_json_text
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def read_gt_json(json_path: str | os.PathLike) -> dict[str, Any]:
     """Load a COCO/LVIS json into a dict (call once, then use the ``*_from_coco`` helpers).
 
     The file is opened as the annotation reader opens its input
-    (:func:`exits.json_stream.open_json_text`: gzip, UTF-8 with or without BOM, UTF-16/32).
+    (:func:`exits.io.json_stream.open_json_text`: gzip, UTF-8 with or without BOM, UTF-16/32).
     Raises ``FileNotFoundError`` for a missing file and a one-line :class:`GtFormatError`
     naming the file for everything else that makes it unreadable.
     """
@@ -220,7 +220,7 @@ _NOT_INSTANCES = "expected a COCO/LVIS json object with an 'annotations' list"
 
 
 class GtJsonStream:
-    """A COCO/LVIS GT json read key by key (:mod:`exits.json_stream`): ``images`` and
+    """A COCO/LVIS GT json read key by key (:mod:`exits.io.json_stream`): ``images`` and
     ``categories`` whole, ``annotations`` one at a time, so memory never holds the json.
 
     ``annotations()`` yields each annotation as :func:`json.load` gives it; ``sizes``

@@ -1,4 +1,4 @@
-"""Typer commands: ``exits train-clicks`` and ``exits eval-clicks`` (registered in exits/cli.py).
+"""Typer commands: ``exits train-clicks`` and ``exits eval-clicks`` (registered in exits/cli/commands.py).
 
 Settings are the run config's ``click_model:`` section (``WORKDIR/config.yaml`` unless
 ``--config`` names another file or a name in configs/), with ``--set key=value`` (or
@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from exits.cli_support import check_input_file, error_text, fail, run_config, setup_logging
+from exits.cli.support import check_input_file, error_text, fail, run_config, setup_logging
 from exits.config import ConfigError
 from exits.interactive.config import ClickModelConfig
 

@@ -43,7 +43,7 @@ from exits.eval.mask_iou import pair_ious
 from exits.eval.miou import MEDIUM_MAX_AREA, SIZE_BUCKETS, SMALL_MAX_AREA
 from exits.eval.rle import Rle, to_rle
 from exits.eval.separated import count_parts_rle
-from exits.json_stream import iter_top_level, open_json_text
+from exits.io.json_stream import iter_top_level, open_json_text
 from exits.report.evaluation import DERIVED_FROM_GT
 from exits.report.metrics import METRICS_SCHEMA
 from exits.report.run_files import PointsSourceColumn

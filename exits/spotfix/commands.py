@@ -1,5 +1,5 @@
 """``exits spotfix`` and ``exits export``: typer-ready command functions (registered in
-exits/cli.py)."""
+exits/cli/commands.py)."""
 from __future__ import annotations
 
 import ipaddress
@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from exits.cli_support import fail, setup_logging
+from exits.cli.support import fail, setup_logging
 
 ENV_TOKEN = "EXITS_SPOTFIX_TOKEN"
 LOOPBACK_NAMES = ("localhost",)

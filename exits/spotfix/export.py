@@ -112,7 +112,7 @@ def _apply_fix(ann: dict[str, Any], rec: FixRecord, size: tuple[int, int] | None
 def run_export(workdir: str | Path) -> ExportResult:
     """Write ``WORKDIR/pseudo_labels_fixed.json`` (atomically) and return it with counts.
 
-    Streaming: ``pseudo_labels.json`` is read key by key (:mod:`exits.json_stream`),
+    Streaming: ``pseudo_labels.json`` is read key by key (:mod:`exits.io.json_stream`),
     twice: the other keys, image sizes and counts (:func:`merge_fixes`'s rule, annotation
     by annotation); then the merged annotations are written one at a time. Memory holds the
     other keys (images, categories), the fixes and 8 B per annotation id, never the 860k
@@ -193,7 +193,7 @@ def _export(run: RunFolder) -> ExportResult:
     per annotation id (to count distinct ids and the decisions of unknown ids): ~8 B per
     object, never the annotations themselves.
     """
-    from exits.json_stream import iter_top_level
+    from exits.io.json_stream import iter_top_level
 
     src = run.pseudo_json
     digest = file_digest(src, memo=False)

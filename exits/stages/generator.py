@@ -28,7 +28,7 @@ from torch import nn
 
 from exits.engine import TrainSettings, train
 from exits.io import atomic_path, file_digest
-from exits.parquet_rows import ROW_GROUP_ROWS
+from exits.io.parquet_rows import ROW_GROUP_ROWS
 from exits.losses import crf_loss, mil_loss, point_loss
 from exits.models import save_mask_model
 from exits.propagation import seed_masks

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from exits.data.crops import CropWindow, crop_images
 from exits.data.images import image_file, read_rgb
 from exits.data.instances_table import table_windows
-from exits.parquet_rows import ROW_GROUP_ROWS
+from exits.io.parquet_rows import ROW_GROUP_ROWS
 
 
 def load_image_tensor(path: str | Path) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The run's ``pseudo_labels.json`` / ``.parquet``, written from pseudo-label tables (stage 1d's merge).
 
 The input json is streamed (one top-level key, one annotation at a time:
-:mod:`exits.json_stream`) and the pseudo-label tables are read one at a time (one per shard),
+:mod:`exits.io.json_stream`) and the pseudo-label tables are read one at a time (one per shard),
 so at COCO / LVIS size memory holds a few numpy columns and the RLE strings of the run,
 never the whole json, a Python object per annotation or a second copy of the table:
 
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from exits.data.ids import as_int_id
 from exits.eval.separated import count_parts_rle
 from exits.io import atomic_open, atomic_path
-from exits.json_stream import iter_top_level, open_json_text
+from exits.io.json_stream import iter_top_level, open_json_text
 from exits.run_folder import RunFolder
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from exits.data.ids import as_int_id
-from exits.json_stream import open_json_text
+from exits.io.json_stream import open_json_text
 from exits.baselines import box_mask_full
 from exits.eval.rle import encode_rle_json as encode_rle
 from exits.eval.separated import count_parts_rle

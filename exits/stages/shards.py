@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from exits.io import atomic_path
-from exits.parquet_rows import ROW_GROUP_ROWS, read_rows, write_table_streaming
+from exits.io.parquet_rows import ROW_GROUP_ROWS, read_rows, write_table_streaming
 from exits.run_folder import SHARDS_DIR as SHARD_DIR
 from exits.run_folder import RunFolder
 

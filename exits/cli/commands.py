@@ -6,7 +6,7 @@ validated config sections to the library.
 Errors end a command with one ``error:`` line: exit status 2 for what the user can fix (a bad
 value or input, a file that cannot be read or written: ``<file>: <reason> (<ERRNO>)``), 1 for
 a bug; ``exits --debug COMMAND ...`` (or ``EXITS_DEBUG=1``) shows the traceback instead
-(:mod:`exits.cli_support`).
+(:mod:`exits.cli.support`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from exits.cli_support import (DEBUG_ENV, ExitsGroup, check_input_file, debug_enabled, error_text, fail,
+from exits.cli.support import (DEBUG_ENV, ExitsGroup, check_input_file, debug_enabled, error_text, fail,
                                quiet_tracebacks, report_error, set_debug, setup_logging)
 from exits.config import ConfigError, load_config
 
@@ -219,7 +219,7 @@ def report(
 
 
 # Stage 2 (commands live beside their stage; registered here so `exits --help` lists all).
-from exits.detector_cli import evaluate_detector_command, train_detector_command  # noqa: E402
+from exits.cli.detector import evaluate_detector_command, train_detector_command  # noqa: E402
 
 app.command("train-detector")(train_detector_command)
 app.command("evaluate-detector")(evaluate_detector_command)
@@ -244,5 +244,5 @@ def main() -> None:  # pragma: no cover - console entry
         sys.exit(report_error(exc))
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m exits.cli`
+if __name__ == "__main__":  # pragma: no cover - `python -m exits.cli.commands`
     main()

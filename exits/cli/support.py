@@ -26,7 +26,7 @@ __all__ = ["fail", "setup_logging", "run_config", "DEBUG_ENV", "set_debug", "deb
            "format_os_error", "error_text", "report_error", "quiet_tracebacks", "ExitsGroup", "check_input_file"]
 
 DEBUG_ENV = "EXITS_DEBUG"
-_PROJECT_DIRS = tuple(str(Path(__file__).resolve().parents[1] / d) + os.sep for d in ("exits", "flows", "detectors"))
+_PROJECT_DIRS = tuple(str(Path(__file__).resolve().parents[2] / d) + os.sep for d in ("exits", "flows", "detectors"))
 _state = {"debug": False}
 
 

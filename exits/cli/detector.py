@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from exits.cli_support import check_input_file, error_text, fail, run_config, setup_logging
+from exits.cli.support import check_input_file, error_text, fail, run_config, setup_logging
 from exits.config import ConfigError
 
 WorkdirOpt = typer.Option(..., "--workdir", "-w", help="run folder with pseudo_labels.json (stage 1 done)")
