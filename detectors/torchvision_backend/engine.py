@@ -115,6 +115,9 @@ def train_model(
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
+        # Forked workers of a process that has run a Prefect flow (stage 2 inside `exits run`)
+        # exit at once with status 1; a fork server's workers do not (as in exits.engine.loop).
+        multiprocessing_context="forkserver" if cfg.num_workers > 0 else None,
     )
     meta = {**meta, "config": cfg.to_dict()}
     iteration = start
