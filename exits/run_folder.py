@@ -21,6 +21,10 @@ spot-fix page, stage 2 and the benchmarks all ask it instead of building paths::
       fixes/fixes.jsonl        spot-fix decisions, append-only
       pseudo_labels_fixed.json fixes merged over the pseudo labels (`exits export`)
       detector/                stage 2 checkpoints, logs, predictions, metrics
+      loop/loop.json           `exits loop`: its Prefect flow run id, deployment, state, page address
+      loop/review.json         `exits loop`: the triage budget (ann ids the reviewer is asked to look at)
+      loop/summary.json, .md   `exits loop`: the final summary (fixes, fixed-set mIoU, mask AP before/after)
+      loop/detector_history.json  mask AP per training json digest (before / after fixes)
       cache/                   derived copies the training stages memory-map (stage 1c's point
                                labels, the click model's training set); safe to delete
       .prefect-results/        Prefect task results and cache records
@@ -64,6 +68,7 @@ FIXED_JSON = "pseudo_labels_fixed.json"
 DETECTOR_DIR = "detector"
 PREFECT_RESULTS_DIR = ".prefect-results"
 CACHE_DIR = "cache"
+LOOP_DIR = "loop"
 
 # Key under info.spotfix of pseudo_labels_fixed.json: the digest of the pseudo_labels.json it
 # was merged from (a merge made from older pseudo labels is stale).
@@ -192,6 +197,38 @@ class RunFolder:
     @property
     def prefect_results(self) -> Path:
         return self.root / PREFECT_RESULTS_DIR
+
+    # --- `exits loop` ------------------------------------------------------------------
+    @property
+    def loop_dir(self) -> Path:
+        return self.root / LOOP_DIR
+
+    @property
+    def loop_state(self) -> Path:
+        """``loop/loop.json``: the loop's flow run id (``--resume`` and the page find it here)."""
+        return self.loop_dir / "loop.json"
+
+    @property
+    def review_queue(self) -> Path:
+        """``loop/review.json``: the triage budget the spot-fix page limits its queue to."""
+        return self.loop_dir / "review.json"
+
+    @property
+    def loop_summary(self) -> Path:
+        return self.loop_dir / "summary.json"
+
+    @property
+    def loop_summary_md(self) -> Path:
+        return self.loop_dir / "summary.md"
+
+    @property
+    def detector_history(self) -> Path:
+        return self.loop_dir / "detector_history.json"
+
+    @property
+    def loop_continue_log(self) -> Path:
+        """``loop/continue.log``: output of a loop run continued in the background by the page."""
+        return self.loop_dir / "continue.log"
 
     # --- run files ---------------------------------------------------------------------
     def write_run_files(self, config_yaml: str, images: Path, annotations: Path, gt: Path | None) -> None:

@@ -6,6 +6,11 @@ parameters (inputs, run folder, the validated config) in a subprocess. Because e
 is cached, a nightly run over unchanged data recomputes nothing; new or changed annotations
 or images recompute only what depends on them. A temporary (ephemeral) server cannot run
 schedules: start one with ``prefect server start``.
+
+``serve_loop`` does the same for ``exits-loop`` (flows/loop.py): a scheduled loop run that
+reaches the review suspends and shows in the UI as Suspended, waiting for input; once resumed
+(the spot-fix page's "review done", ``exits loop --resume``, or the UI's Resume form) the
+serving process runs the rest.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from exits.config import ExitsConfig
 from flows.pipeline import exits_pipeline
 from flows.runtime import config_dict
 
-__all__ = ["pipeline_parameters", "build_deployment", "serve_pipeline"]
+__all__ = ["pipeline_parameters", "build_deployment", "serve_pipeline", "build_loop_deployment", "serve_loop"]
 
 
 def pipeline_parameters(images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig,
@@ -61,3 +66,36 @@ def serve_pipeline(*, cron: str, images: Path, annotations: Path, workdir: Path,
     deployment = build_deployment(cron=cron, images=images, annotations=annotations, workdir=workdir, cfg=cfg,
                                   gt=gt, name=name, timezone=timezone, val_gt=val_gt)
     serve(deployment)
+
+
+def build_loop_deployment(*, cron: str, images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig,
+                          gt: Path | None = None, report_gt: Path | None = None, name: str | None = None,
+                          timezone: str | None = None, review: bool = True) -> RunnerDeployment:
+    """The ``exits-loop`` deployment ``name`` (default: the config's name) on a cron schedule;
+    ``gt`` = held-out GT of the detector, ``report_gt`` = GT of the pseudo-mask report.
+
+    Raises:
+        ValueError: ``cron`` is not a valid cron expression, or ``timezone`` is unknown.
+    """
+    from flows.loop import exits_loop, loop_parameters
+
+    return exits_loop.to_deployment(
+        name=name or cfg.name,
+        schedule=Cron(cron, timezone=timezone),
+        parameters=loop_parameters(images, annotations, workdir, cfg, gt=gt, report_gt=report_gt, review=review,
+                                   served=True),
+        description=f"EXITS loop (pseudo labels -> review -> Mask R-CNN) for {Path(annotations).name} "
+                    f"into {Path(workdir).resolve()}",
+        tags=["exits"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def serve_loop(*, cron: str, images: Path, annotations: Path, workdir: Path, cfg: ExitsConfig,
+               gt: Path | None = None, report_gt: Path | None = None, name: str | None = None,
+               timezone: str | None = None, review: bool = True) -> None:
+    """Register the loop deployment and serve it until interrupted (blocks; Ctrl-C stops it)."""
+    from prefect import serve
+
+    serve(build_loop_deployment(cron=cron, images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt,
+                                report_gt=report_gt, name=name, timezone=timezone, review=review))

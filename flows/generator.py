@@ -2,7 +2,9 @@
 
 Training resumes from its epoch checkpoint after a crash or kill; the checkpoint folder is
 keyed by the task's cache key, so a run with other data or settings starts afresh instead of
-resuming another run's epochs.
+resuming another run's epochs. ``train.nproc_per_node`` / ``train.nnodes`` (the task's
+``launch`` argument, left out of its cache key) train on every GPU of the machine, or of
+several, under torchrun (:func:`flows.stage_tasks.train_stage`).
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from typing import Any
 
 from prefect import flow, task
 
-from exits.pipeline import stage_generator
 from exits.run_folder import RunFolder
 from flows.caching import content_cache, folder_fingerprint, run_task
 from flows.runtime import config_from, results_dir, sections, stage_result, transient_error
@@ -19,12 +20,12 @@ from flows.stage_tasks import train_stage
 SECTIONS = ("seed", "device", "amp", "data", "backbone", "retrieval", "generator")
 
 
-@task(name="train-generator", cache_policy=content_cache("instances", "points"), persist_result=True,
+@task(name="train-generator", cache_policy=content_cache("instances", "points") - "launch", persist_result=True,
       retries=1, retry_delay_seconds=5, retry_condition_fn=transient_error)
 def train_generator_task(instances: str, points: str | None, images: str, images_fingerprint: str, workdir: str,
-                         config: dict[str, Any]) -> dict[str, Any]:
+                         config: dict[str, Any], launch: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stage 1c: pseudo-label generator (EMA teacher) saved to generator/model.pt."""
-    return train_stage(stage_generator, lambda run: run.generator, config, instances, images, workdir)
+    return train_stage("generator", config, launch, instances, images, workdir)
 
 
 @flow(name="exits-train-generator")
@@ -35,5 +36,5 @@ def train_generator_flow(images: str, workdir: str, config: dict[str, Any] | Non
     points = str(run.points) if cfg.generator.use_retrieval else None
     record, state = run_task(train_generator_task, results_dir(workdir), instances=str(run.instances),
                              points=points, images=images, images_fingerprint=folder_fingerprint(images),
-                             workdir=workdir, config=sections(cfg, *SECTIONS))
+                             workdir=workdir, config=sections(cfg, *SECTIONS), launch=sections(cfg, "train")["train"])
     return stage_result({"train-generator": state}, model=record["outputs"]["model"])

@@ -16,6 +16,7 @@ from exits.run_folder import RunFolder
 from exits.stages.pseudo_labels import merge_pseudo_labels
 from flows.caching import content_cache, folder_fingerprint, output_record
 from flows.runtime import config_from, sections, stage_result, transient_error
+from flows.shard_limit import is_placeholder, placeholder_pseudo_shard, shard_stride
 from flows.stage_tasks import compute_shard, map_and_merge
 
 SECTIONS = ("device", "data", "backbone", "retrieval", "generator", "pseudo")
@@ -26,9 +27,11 @@ SECTIONS = ("device", "data", "backbone", "retrieval", "generator", "pseudo")
       retries=1, retry_delay_seconds=2, retry_condition_fn=transient_error)
 def pseudo_labels_shard_task(instances: str, generator: str, points: str | None, images: str,
                              images_fingerprint: str, workdir: str, shard: int, start: int, stop: int,
-                             config: dict[str, Any]) -> dict[str, Any]:
-    """Stage 1d for instances rows ``[start, stop)``."""
-    return compute_shard(stage_pseudo_shard, "pseudo", config, images, workdir, shard, start, stop)
+                             config: dict[str, Any], shard_stride: int | None = None) -> dict[str, Any]:
+    """Stage 1d for instances rows ``[start, stop)`` (a placeholder shard when
+    ``flows.shard_limit`` skips it: flows/shard_limit.py)."""
+    stage_fn = placeholder_pseudo_shard if is_placeholder(shard, shard_stride) else stage_pseudo_shard
+    return compute_shard(stage_fn, "pseudo", config, images, workdir, shard, start, stop)
 
 
 @task(name="merge-pseudo-labels", cache_policy=content_cache("shards", "annotations"), persist_result=True,
@@ -48,7 +51,8 @@ def pseudo_labels_flow(images: str, annotations: str, workdir: str,
     run = RunFolder(workdir)
     points = str(run.points) if cfg.generator.use_retrieval else None
     common = dict(instances=str(run.instances), generator=str(run.generator), points=points, images=images,
-                  images_fingerprint=folder_fingerprint(images), workdir=workdir, config=sections(cfg, *SECTIONS))
+                  images_fingerprint=folder_fingerprint(images), workdir=workdir, config=sections(cfg, *SECTIONS),
+                  shard_stride=shard_stride(cfg, run, "pseudo labels"))
     merged, tasks, shards, reused = map_and_merge("pseudo", pseudo_labels_shard_task, merge_pseudo_labels_task, cfg,
                                                   workdir, common, annotations=annotations)
     return stage_result(tasks, pseudo_labels=merged["outputs"]["json"], shards=shards, reused_shard_files=reused)

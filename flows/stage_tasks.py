@@ -15,16 +15,20 @@ from typing import Any, Callable, Mapping
 from prefect import Task
 
 from exits.config import ExitsConfig
+from exits.config.schema import TrainLaunchConfig
 from exits.engine import resolve_device
+from exits.engine.launch import LaunchPlan, launch, resolve_nproc
 from exits.run_folder import RunFolder
 from exits.stages.shards import shard_key, shard_ranges
+from exits.stages.training_job import prepare_training_stage, stage_model_path, train_stage_job
 from flows.caching import current_cache_key, keyed_checkpoint_dir, output_record, prune_other_dirs, run_shards, run_task
-from flows.runtime import config_from, crop_dataset
+from flows.runtime import config_from
 
 __all__ = ["SharedPathError", "check_shared_paths", "compute_shard", "train_stage", "map_and_merge"]
 
 ShardFn = Callable[..., Path]  # (cfg, images, run, start, stop, out, device, key=) -> shard file
-TrainFn = Callable[..., Path]  # (cfg, dataset, run, device, progress, checkpoint_dir=) -> model file
+TRAIN_JOB_TARGET = "exits.stages.training_job:train_stage_job"
+TRAIN_JOBS_DIR = "train-jobs"  # under the run's cache/: job folders of torchrun launches
 
 
 class SharedPathError(RuntimeError):
@@ -82,17 +86,39 @@ def compute_shard(stage_fn: ShardFn, stage: str, config: Mapping[str, Any], imag
     return output_record({"shard": out}, rows=stop - start, reused=reused)
 
 
-def train_stage(stage_fn: TrainFn, model: Callable[[RunFolder], Path], config: Mapping[str, Any], instances: str,
+def train_stage(stage: str, config: Mapping[str, Any], launch_settings: Mapping[str, Any] | None, instances: str,
                 images: str, workdir: str) -> dict[str, Any]:
     """A training stage in a task: checkpoints keyed by the task's cache key (a changed setting
-    never resumes another run's epochs), superseded checkpoint folders removed at the end."""
+    never resumes another run's epochs), superseded checkpoint folders removed at the end.
+
+    ``launch_settings`` (the ``train`` section; not in the cache key: 1 or 8 processes train
+    the same model) picks where it runs: in this process when it comes to one process in all,
+    else under torchrun in ``nproc_per_node`` processes on this machine (x ``nnodes``
+    machines), whose rank 0 writes the checkpoints and the model the task's record points to.
+    A failed rank fails the task with that rank's error; a killed run resumes from the last
+    epoch checkpoint, with any number of processes.
+    """
     cfg = config_from(config)
+    plan_cfg = TrainLaunchConfig.model_validate(dict(launch_settings or {}))
     run = RunFolder(workdir)
-    checkpoints = keyed_checkpoint_dir(run.checkpoints(model(run)))
-    stage_fn(cfg, crop_dataset(instances, images, cfg.data.crop_size), run, str(resolve_device(cfg.device)),
-             progress=False, checkpoint_dir=checkpoints)
+    model = stage_model_path(stage, run)
+    checkpoints = keyed_checkpoint_dir(run.checkpoints(model))
+    device = str(resolve_device(cfg.device))
+    plan = LaunchPlan(resolve_nproc(plan_cfg.nproc_per_node, device), plan_cfg.nnodes, plan_cfg.rdzv_endpoint,
+                      plan_cfg.rdzv_timeout_s)
+    job = {"stage": stage, "config": dict(config), "instances": instances, "images": images, "workdir": workdir,
+           "checkpoint_dir": str(checkpoints), "device": device}
+    if plan.distributed:
+        # Absolute paths: the workers may run on other machines (same shared paths) or cwd.
+        job.update({k: str(Path(job[k]).absolute()) for k in ("instances", "images", "workdir", "checkpoint_dir")})
+        prepare_training_stage(stage, job["config"], workdir)
+        written = launch(TRAIN_JOB_TARGET, job, plan, run.cache_dir / TRAIN_JOBS_DIR, name=stage, device=device)
+        if not Path(written).exists() or not Path(written).samefile(model):
+            raise RuntimeError(f"training job of {stage} reported {written}, expected it to write {model}")
+    else:
+        train_stage_job(**job)
     prune_other_dirs(checkpoints)
-    return output_record({"model": model(run)})
+    return output_record({"model": model})
 
 
 def map_and_merge(stage: str, shard_task: Task, merge_task: Task, cfg: ExitsConfig, workdir: str,

@@ -169,12 +169,16 @@ def serve(
     val: Optional[Path] = typer.Option(None, "--val", help="held-out json with GT masks to evaluate the stage-2 detector on (with train_detector: true)"),
     name: Optional[str] = typer.Option(None, "--name", help="deployment name (default: the config's name)"),
     timezone: Optional[str] = typer.Option(None, "--timezone", help="time zone of the cron schedule, e.g. Europe/Berlin (default UTC)"),
+    loop: bool = typer.Option(False, "--loop", help="schedule `exits loop` (exits-loop/NAME: review step, export, stage 2) instead of the pipeline; --val is the detector's held-out GT"),
+    no_review: bool = typer.Option(False, "--no-review", help="with --loop: no human step"),
 ) -> None:
-    """Register the pipeline as a Prefect deployment on a cron schedule and serve it (blocks).
+    """Register the pipeline (or with --loop the whole loop) as a Prefect deployment on a cron
+    schedule and serve it (blocks).
 
     Needs a Prefect server (`prefect server start`, then PREFECT_API_URL); watch the runs in
-    its UI. Each scheduled run is `exits run` with these inputs and config; cached stages
-    are not recomputed.
+    its UI. Each scheduled run is `exits run` (or `exits loop`) with these inputs and config;
+    cached stages are not recomputed. A scheduled loop run that reaches the review suspends
+    ("Suspended" in the UI, waiting for input) and this process continues it once resumed.
     """
     setup_logging(False)
     try:
@@ -185,6 +189,12 @@ def serve(
         from flows.deploy import serve_pipeline
 
         quiet_tracebacks()
+        if loop:
+            from flows.deploy import serve_loop
+
+            serve_loop(cron=cron, images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=val, report_gt=gt,
+                       name=name, timezone=timezone, review=not no_review)
+            return
         serve_pipeline(cron=cron, images=images, annotations=annotations, workdir=workdir, cfg=cfg, gt=gt, name=name,
                        timezone=timezone, val_gt=val)
     except (ConfigError, ValueError) as exc:
@@ -233,6 +243,11 @@ from exits.spotfix.commands import export_command, spotfix_command  # noqa: E402
 
 app.command("spotfix")(spotfix_command)
 app.command("export")(export_command)
+
+# The whole loop (stage 1 -> review -> export -> stage 2) as one Prefect flow with a person in it.
+from exits.cli.loop import loop_command  # noqa: E402
+
+app.command("loop")(loop_command)
 
 
 def main() -> None:  # pragma: no cover - console entry

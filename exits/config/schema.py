@@ -75,6 +75,7 @@ class OptimConfig(Section):
     warmup_epochs: float = Field(1.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     num_workers: int = Field(0, ge=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps in all (the last epoch may end part-way); null = every epoch in full. For smoke/scale runs (configs/scale-smoke.yaml)")
 
 
 # Keys that moved to the section of the stage that reads them (so a stage's cache key holds
@@ -183,6 +184,47 @@ class FlowsConfig(Section):
     dask_address: str | None = Field(None, description="scheduler address of a running Dask cluster (tcp://host:8786); None = start a local cluster")
     max_workers: int = Field(2, ge=1, description="threads of the thread runner, or workers of the local Dask cluster")
     retries: int = Field(2, ge=0, description="retries of the IO tasks (prepare, merges, report) after a transient OSError")
+    shard_limit: int | None = Field(None, ge=1, description="benchmarks only: compute at most this many shards of point retrieval and of pseudo labels, every k-th (k = ceil(shards / shard_limit)); the other shard tasks write placeholders (no retrieved points; the extreme-point box with score 0) so every later stage sees every object (flows/shard_limit.py). null = every shard (a real run)")
+
+
+class TrainLaunchConfig(Section):
+    """How the training stages (1a, 1c) run: processes per machine and machines
+    (exits.engine.launch). Execution, not method: not part of their cache keys."""
+
+    nproc_per_node: Literal["auto"] | int = Field("auto", description="training processes on this machine: auto = one per CUDA device (1 on CPU); an int = that many (on CPU: gloo processes); more than 1 starts them under torchrun")
+    nnodes: int = Field(1, ge=1, description="machines training together; > 1 needs rdzv_endpoint and `python -m exits.engine.launch follow` on the other machines (README, 'Multi-GPU and multi-node training')")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous on the machine running `exits run` (nnodes > 1)")
+    rdzv_timeout_s: int = Field(900, ge=10, description="how long a training stage waits for the other machines to join")
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _nproc_ok(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"nproc_per_node must be 'auto' or an integer >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _rendezvous_ok(self) -> "TrainLaunchConfig":
+        if self.nnodes > 1 and not (self.rdzv_endpoint and ":" in self.rdzv_endpoint):
+            raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint: host:port of the machine running `exits run`")
+        return self
+
+
+class ReviewConfig(Section):
+    """The human step of ``exits loop``: which masks a reviewer is asked to look at (the
+    triage budget) and how long the suspended flow run waits for "review done"."""
+
+    budget: int | None = Field(50, ge=1, description="review the K lowest-scoring pseudo masks (null = no count limit)")
+    below_score: float | None = Field(None, gt=0.0, le=1.0, description="review only masks scoring below this (null = no score limit); with budget: the K lowest of those")
+    timeout_hours: float | None = Field(168.0, gt=0, description="a suspended loop run not resumed within this time fails (null = waits forever); 168 h = a weekly loop")
+    page_url: str = Field("http://127.0.0.1:8765/", description="address of the spot-fix page named in the suspension message (`exits spotfix -w WORKDIR` serves it)")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> "ReviewConfig":
+        if self.budget is None and self.below_score is None:
+            raise ValueError("review: set budget (K lowest-scoring masks) or below_score (or both); "
+                             "without either every mask would be queued")
+        return self
 
 
 class ExitsConfig(Section):
@@ -200,9 +242,11 @@ class ExitsConfig(Section):
     pseudo: PseudoLabelConfig = PseudoLabelConfig()
     eval: EvalConfig = EvalConfig()
     flows: FlowsConfig = FlowsConfig()
+    train: TrainLaunchConfig = Field(default_factory=TrainLaunchConfig, description="processes and machines of the training stages (stage 1a, 1c)")
     click_model: ClickModelConfig = Field(default_factory=ClickModelConfig, description="spot-fix click model (exits train-clicks / eval-clicks / spotfix)")
     train_detector: bool = Field(False, description="run stage 2 (train `detector` on the pseudo labels) at the end of `exits run`")
     detector: DetectorConfig = Field(default_factory=DetectorConfig, description="stage 2: the instance segmenter trained on the pseudo labels")
+    review: ReviewConfig = Field(default_factory=ReviewConfig, description="`exits loop`: the triage budget of the human review and its timeout")
 
     @field_validator("name")
     @classmethod

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from exits.engine.device import resolve_device
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "barrier", "all_gather_objects"]
+__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "barrier", "all_gather_objects", "is_main_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     logger.debug("joined process group: rank %d/%d, backend %s, device %s", rank, world_size, backend, process_device)
     return DistInfo(rank, world_size, local_rank, process_device)
+
+
+def is_main_process() -> bool:
+    """True in rank 0 of a process group and in a process without one: the process that
+    writes a stage's final model and logs its summary."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def cleanup_distributed() -> None:

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 # Settings whose change between a checkpoint and a resumed run makes the result differ
 # from an uninterrupted run; a resume with different values is allowed but warned about.
-_RESUME_SENSITIVE = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "ema_decay", "ema_warmup")
+_RESUME_SENSITIVE = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "ema_decay", "ema_warmup", "max_steps")
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class TrainSettings:
     log_every: int = 10
     checkpoint_dir: str | None = None
     find_unused_parameters: bool = False
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -92,6 +93,15 @@ class TrainSettings:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+
+    def epochs_to_run(self, steps_per_epoch: int) -> int:
+        """Epochs actually run: ``epochs``, or fewer when ``max_steps`` ends training earlier
+        (min(epochs, ceil(max_steps / steps_per_epoch))); the last one may stop part-way."""
+        if self.max_steps is None:
+            return self.epochs
+        return min(self.epochs, math.ceil(self.max_steps / max(1, steps_per_epoch)))
 
 
 class TrainTask(Protocol):
@@ -194,8 +204,12 @@ def train_one_epoch(
     teacher = state.ema.teacher if state.ema is not None else None
     lr_used = state.optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs_to_run(len(loader))}", disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
+    steps = 0
     for step, batch in enumerate(bar):
+        if settings.max_steps is not None and state.global_step >= settings.max_steps:
+            break
+        steps += 1
         batch = move_to_device(batch, info.device)
         with torch.autocast(info.device.type, dtype=state.autocast_dtype, enabled=state.autocast_dtype is not None):
             loss, parts = task.loss(state.model, batch, teacher, epoch)
@@ -227,7 +241,7 @@ def train_one_epoch(
             else:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in running.items()})
     bar.close()
-    return {"epoch": epoch, **meter.merged(info).means(), "lr": lr_used, "steps": len(loader), "seconds": time.perf_counter() - start}
+    return {"epoch": epoch, **meter.merged(info).means(), "lr": lr_used, "steps": steps, "seconds": time.perf_counter() - start}
 
 
 def _build_loader(dataset: Dataset, task: TrainTask, settings: TrainSettings, info: DistInfo) -> tuple[DataLoader, DistributedSampler, torch.Generator]:
@@ -283,6 +297,9 @@ def train(model: nn.Module, dataset: Dataset, task: TrainTask, settings: TrainSe
     loader, sampler, loader_generator = _build_loader(dataset, task, settings, info)
     steps_per_epoch = len(loader)
     total_steps = settings.epochs * steps_per_epoch
+    if settings.max_steps is not None:
+        total_steps = min(total_steps, settings.max_steps)
+    epochs = settings.epochs_to_run(steps_per_epoch)
     warmup_steps = min(total_steps, round(settings.warmup_epochs * steps_per_epoch))
 
     checkpoint_path = Path(settings.checkpoint_dir) / LAST_CHECKPOINT if settings.checkpoint_dir else None
@@ -327,9 +344,9 @@ def train(model: nn.Module, dataset: Dataset, task: TrainTask, settings: TrainSe
 
     if info.is_main:
         logger.info("training %d epochs x %d steps, global batch %d on %d process(es), device %s, amp %s, ema %s",
-                    settings.epochs, steps_per_epoch, settings.batch_size, info.world_size, info.device, autocast_dtype, settings.ema_decay)
-    eta = Eta(settings.epochs, done_before=start_epoch)
-    for epoch in range(start_epoch, settings.epochs):
+                    epochs, steps_per_epoch, settings.batch_size, info.world_size, info.device, autocast_dtype, settings.ema_decay)
+    eta = Eta(epochs, done_before=start_epoch)
+    for epoch in range(start_epoch, epochs):
         on_epoch_start = getattr(task, "on_epoch_start", None)
         if on_epoch_start is not None:
             on_epoch_start(epoch, np.random.default_rng([settings.seed, epoch]))

@@ -14,6 +14,12 @@ Endpoints (JSON unless noted; errors are ``{"detail": message}`` and change noth
   GET  /api/objects/{ann_id}/history    every stored decision of the object
   GET  /api/objects/{ann_id}/thumb      JPEG thumbnail (crop + current mask)
   GET  /api/images/{image_id}           the image file (by id; never by path)
+  POST /api/review/done                 {reviewer?, note?}: "review done" -> resumes the run
+                                        folder's suspended ``exits loop`` run (Prefect's API);
+                                        409 with a JSON detail when no loop run waits
+
+With ``review`` (:class:`exits.spotfix.review.LoopReview`) the queue shows only the loop's
+triage budget (``loop/review.json``) unless asked for ``scope=all``.
 
 Errors: 4xx for bad requests. An image the run lists but the page cannot serve: 403
 (``reason: outside_image_dir``, its file_name leads outside the image folder,
@@ -46,6 +52,7 @@ from exits.data.images import ImagePathError, ImageReadError
 from exits.spotfix.catalog import QueueFilter, ReviewObject, RunCatalog
 from exits.spotfix.editors import EditorRunner, MaskEditor
 from exits.spotfix.masks import decode_rle, encode_rle, overlay_data_url, rle_area_bbox
+from exits.spotfix.review import LoopReview, ReviewDoneIn, ReviewUnavailable
 from exits.spotfix.schemas import MAX_CLICKS, ClickIn, DecisionIn, PredictIn, RleIn
 from exits.spotfix.security import SECURITY_HEADERS, TOKEN_COOKIE, TOKEN_QUERY, make_guard, token_matches
 from exits.io import format_os_error
@@ -57,6 +64,7 @@ BROWSER_IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "ima
                        ".gif": "image/gif", ".bmp": "image/bmp"}
 THUMB_SIZE = 96
 Status = Literal["todo", "accepted", "rejected", "decided", "all"]
+Scope = Literal["budget", "all"]
 AnnId = int
 # HTTP status of a file system error: the disk is full / the run folder cannot be written
 OS_ERROR_STATUS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EROFS: 503, errno.EACCES: 503, errno.EPERM: 503}
@@ -105,10 +113,13 @@ def default_user() -> str:
 def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None, *, user: str | None = None,
                catalog: RunCatalog | None = None, image_root: str | Path | None = None,
                allowed_hosts: list[str] | None = None, editor_name: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, review: LoopReview | None = None) -> FastAPI:
     """The app for one run folder. ``token`` (if given) must come with every request;
-    ``allowed_hosts`` (e.g. loopback names) guards a 127.0.0.1 server against DNS rebinding."""
+    ``allowed_hosts`` (e.g. loopback names) guards a 127.0.0.1 server against DNS rebinding;
+    ``review``: the ``exits loop`` review (budget-limited queue, "review done"; default: the
+    run folder's, limited to its budget when one exists)."""
     workdir = Path(workdir)
+    review = review if review is not None else LoopReview(workdir)
     catalog = catalog if catalog is not None else RunCatalog.load(workdir, image_root)
     store = FixesStore(workdir)
     runner = EditorRunner(editor)
@@ -130,6 +141,11 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status, headers=SECURITY_HEADERS)
+
+    @app.exception_handler(ReviewUnavailable)
+    async def _review_unavailable(_: Request, exc: ReviewUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail, "resumed": False, **exc.extra}, status_code=exc.status,
+                            headers=SECURITY_HEADERS)
 
     @app.exception_handler(OSError)
     async def _os_error(request: Request, exc: OSError) -> JSONResponse:
@@ -212,13 +228,15 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
         return {"app_version": APP_VERSION, "user": user, "editor": editor_label, "max_clicks": MAX_CLICKS,
                 "categories": [{"id": k, "name": v} for k, v in sorted(catalog.categories.items())],
                 "counts": {"objects": len(catalog.objects), "accepted": sum(r.decision == "accept" for r in decided),
-                           "rejected": sum(r.decision == "reject" for r in decided)}}
+                           "rejected": sum(r.decision == "reject" for r in decided)},
+                "review": review.info()}
 
     @app.get("/api/queue")
     def queue(category_id: int | None = Query(None, ge=0), separated: bool | None = None,
               min_score: float | None = Query(None, allow_inf_nan=False),
               max_score: float | None = Query(None, allow_inf_nan=False), status: Status = "todo",
-              offset: int = Query(0, ge=0), limit: int = Query(500, ge=1, le=5000)) -> dict[str, Any]:
+              offset: int = Query(0, ge=0), limit: int = Query(500, ge=1, le=5000),
+              scope: Scope = "budget") -> dict[str, Any]:
         if min_score is not None and max_score is not None and min_score > max_score:
             raise HTTPException(422, f"min_score {min_score} is above max_score {max_score}")
         if category_id is not None and category_id not in catalog.categories:
@@ -227,14 +245,19 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
         flt = QueueFilter(category_id, separated, min_score, max_score)
         # One scan of the catalog's score-sorted columns keeps only the page; the status filter
         # is the decided ids (few: human decisions), excluded for "todo", the only ones otherwise.
-        if status == "all":
+        budget = review.budget() if scope == "budget" else None
+        if budget is not None:  # the loop's triage budget: few ids, one `only` list
+            keep = {"all": lambda a: True, "todo": lambda a: a not in latest,
+                    "decided": lambda a: a in latest}.get(status, lambda a: a in latest and status_of(latest[a]) == status)
+            page = catalog.page(flt, offset, limit, only=[a for a in budget if keep(a)])
+        elif status == "all":
             page = catalog.page(flt, offset, limit)
         elif status == "todo":
             page = catalog.page(flt, offset, limit, exclude=latest.keys())
         else:
             page = catalog.page(flt, offset, limit, only=[a for a, r in latest.items()
                                                           if status in ("decided", status_of(r))])
-        return {"total": page.total, "offset": offset,
+        return {"total": page.total, "offset": offset, "scope": "budget" if budget is not None else "all",
                 "items": [summary(o, latest.get(o.ann_id)) for o in page.items]}
 
     @app.get("/api/objects/{ann_id}")
@@ -313,6 +336,11 @@ def create_app(workdir: str | Path, editor: MaskEditor, token: str | None = None
                 while len(thumbs) > 1024:
                     thumbs.popitem(last=False)
         return Response(data, media_type="image/jpeg")
+
+    @app.post("/api/review/done")
+    def review_done(body: ReviewDoneIn) -> dict[str, Any]:
+        """The "review done" button: resume the suspended loop run (409 when none waits)."""
+        return review.done(body.reviewer or user, body.note)
 
     @app.get("/api/images/{image_id}")
     def image(image_id: int) -> Response:

@@ -64,6 +64,8 @@ def spotfix_command(
     images: Optional[Path] = typer.Option(None, "--images", "-i", help="image folder (default: the one in run.json)"),
     threads: int = typer.Option(2, "--threads", min=1, help="CPU threads of the click model (2: ~9 ms per click at "
                                 "96 px, ~39 ms at 512 px; use 1 when other jobs keep the cores busy)"),
+    whole_queue: bool = typer.Option(False, "--whole-queue", help="list every object, not only the triage budget of "
+                                     "the folder's `exits loop` (WORKDIR/loop/review.json)"),
 ) -> None:
     """Review-and-fix web page: the worst pseudo masks first; fix them with clicks, accept or reject."""
     import torch
@@ -73,6 +75,7 @@ def spotfix_command(
     from exits.spotfix.app import create_app
     from exits.spotfix.catalog import CatalogError, RunCatalog
     from exits.spotfix.editors import EditorUnavailable, load_editor, resolve_editor
+    from exits.spotfix.review import LoopReview
 
     try:
         required = resolve_token(host, token)
@@ -83,11 +86,17 @@ def spotfix_command(
     except (ValueError, EditorUnavailable, CatalogError) as exc:
         fail(str(exc))
     loopback = is_loopback(host)
+    review = LoopReview(workdir, limit_queue=not whole_queue)
     app = create_app(workdir, mask_editor, token=required, user=user, catalog=catalog, editor_name=editor,
-                     allowed_hosts=loopback_hosts(host) if loopback else None)
+                     allowed_hosts=loopback_hosts(host) if loopback else None, review=review)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + ("?token=<your token>" if required else "")
     typer.echo(f"spot-fix: {len(catalog.objects)} objects of {workdir}; open {url}  (Ctrl+C to stop)")
+    loop = review.info()
+    if loop["limited"]:
+        typer.echo(f"queue limited to the `exits loop` triage budget: {loop['budget']} masks (--whole-queue lists all)")
+    if loop["waiting"]:
+        typer.echo(f"loop run {loop['flow_run_id']} waits for this review: press 'review done' in the page when finished")
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -33,6 +33,6 @@ def train_settings(optim: OptimConfig, *, seed: int, device: str, amp: bool, che
     return TrainSettings(
         epochs=optim.epochs, batch_size=optim.batch_size, lr=optim.lr, weight_decay=optim.weight_decay,
         warmup_epochs=optim.warmup_epochs, grad_clip=optim.grad_clip, seed=seed, device=device, amp=amp,
-        ema_decay=ema_decay, ema_warmup=ema_warmup, num_workers=optim.num_workers,
+        ema_decay=ema_decay, ema_warmup=ema_warmup, num_workers=optim.num_workers, max_steps=optim.max_steps,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None, **extra,
     )

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from exits.engine import TrainSettings, train
+from exits.engine.distributed import is_main_process
 from exits.io import atomic_path, file_digest
 from exits.io.parquet_rows import ROW_GROUP_ROWS
 from exits.losses import crf_loss, mil_loss, point_loss
@@ -317,9 +318,12 @@ class GeneratorTask:
 
 def train_generator(model: nn.Module, dataset: torch.utils.data.Dataset, task: GeneratorTask,
                     settings: TrainSettings, out_path: Path, progress: bool = True) -> Path:
-    """Train the generator; save the EMA teacher (the smoother of the two) to ``out_path``."""
+    """Train the generator; save the EMA teacher (the smoother of the two) to ``out_path``.
+
+    Under DDP every rank trains (identical weights); rank 0 alone writes ``out_path``."""
     result = train(model, dataset, task, settings, progress=progress)
-    final = result.teacher if result.teacher is not None else result.model
-    save_mask_model(out_path, final, extra={"stage": "generator", "history": result.history})
-    log.info("generator: final loss %.4f", result.history[-1]["loss"])
+    if is_main_process():
+        final = result.teacher if result.teacher is not None else result.model
+        save_mask_model(out_path, final, extra={"stage": "generator", "history": result.history})
+        log.info("generator: final loss %.4f", result.history[-1]["loss"])
     return out_path

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from exits.engine import TrainSettings, train
+from exits.engine.distributed import is_main_process
 from exits.losses import mil_loss
 from exits.models import save_mask_model
 from exits.models.mask_model import MaskModel
@@ -32,8 +33,11 @@ class MilTask:
 
 def train_similarity_extractor(model: MaskModel, dataset: torch.utils.data.Dataset, settings: TrainSettings,
                                out_path: Path, progress: bool = True) -> Path:
-    """Train ``model`` with the MIL loss and save it (frozen from here on) to ``out_path``."""
+    """Train ``model`` with the MIL loss and save it (frozen from here on) to ``out_path``.
+
+    Under DDP every rank trains (identical weights); rank 0 alone writes ``out_path``."""
     result = train(model, dataset, MilTask(), settings, progress=progress)
-    save_mask_model(out_path, result.model, extra={"stage": "similarity", "history": result.history})
-    log.info("similarity extractor: final MIL loss %.4f", result.history[-1]["loss"])
+    if is_main_process():
+        save_mask_model(out_path, result.model, extra={"stage": "similarity", "history": result.history})
+        log.info("similarity extractor: final MIL loss %.4f", result.history[-1]["loss"])
     return out_path

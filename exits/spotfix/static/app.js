@@ -79,7 +79,7 @@ function filterQuery() {
 async function loadQueue() {
   const data = await apiJson("/api/queue?" + filterQuery());
   state.queue = data.items;
-  $("queue-total").textContent = `${data.total} objects, worst score first`;
+  $("queue-total").textContent = `${data.total} objects${data.scope === "budget" ? " in the review budget" : ""}, worst score first`;
   const list = $("queue");
   list.replaceChildren();
   data.items.forEach((item, i) => {
@@ -113,6 +113,27 @@ async function refreshMeta() {
   const c = state.meta.counts;
   $("counts").textContent = `${c.objects} objects · ${c.accepted} accepted · ${c.rejected} rejected`;
   $("editor").textContent = `editor: ${state.meta.editor}`;
+  const r = state.meta.review || {};
+  $("review").textContent = r.limited ? `review budget: ${r.budget} masks` : "";
+  $("btn-review-done").hidden = !r.waiting;
+}
+
+// ---- exits loop: "review done" resumes the suspended flow run ----------------------------
+async function reviewDone() {
+  const decided = state.meta.counts.accepted + state.meta.counts.rejected;
+  if (!window.confirm(`Finish the review (${decided} decided) and let the loop export the fixes and train?`)) return;
+  const btn = $("btn-review-done");
+  btn.disabled = true;
+  try {
+    const user = $("user").value || undefined;
+    const out = await apiJson("/api/review/done", { reviewer: user, note: "" });
+    setStatus(`review done: loop run ${out.flow_run_id} resumed (${out.state}); continued by ${out.continued_by}`);
+    await refreshMeta();
+  } catch (e) {
+    setStatus(`review done failed: ${e.message}`, true);
+  } finally {
+    btn.disabled = false;
+  }
 }
 
 // ---- one object --------------------------------------------------------------------------
@@ -370,6 +391,7 @@ async function main() {
   $("btn-reject").onclick = () => decide("reject");
   $("btn-next").onclick = () => openAt(state.index + 1);
   $("btn-prev").onclick = () => openAt(state.index - 1);
+  $("btn-review-done").onclick = () => reviewDone();
   $("show-mask").onchange = (ev) => { state.showMask = ev.target.checked; draw(); };
   $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); loadQueue().catch((e) => setStatus(e.message, true)); });
   try {
