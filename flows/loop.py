@@ -29,7 +29,7 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from exits.config import ExitsConfig
-from exits.io import write_json
+from exits.io import read_json_if_exists, write_json
 from exits.run_folder import RunFolder
 from exits.stages.review import (detector_before_after, record_detector_metrics, review_outcome, write_loop_summary,
                                  write_review_queue)
@@ -70,15 +70,10 @@ def read_loop_state(workdir: str | Path) -> dict[str, Any] | None:
     Raises:
         ValueError: the file is not valid JSON or names no flow run (names the file).
     """
-    import json
-
     path = RunFolder(workdir).loop_state
-    if not path.is_file():
+    data = read_json_if_exists(path, "delete it to start a new loop run")
+    if data is None:
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); delete it to start a new loop run") from exc
     if not isinstance(data, dict) or not data.get("flow_run_id"):
         raise ValueError(f"{path}: names no flow run (no 'flow_run_id'); delete it to start a new loop run")
     return data

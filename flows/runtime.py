@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from prefect import Task
 from prefect.client.schemas.objects import TaskRun
@@ -18,6 +18,9 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from exits.config import ExitsConfig
 from exits.run_folder import PREFECT_RESULTS_DIR, RunFolder
 from exits.config.schema import FlowsConfig
+
+if TYPE_CHECKING:
+    from exits.stages.object_crops import StreamingCropDataset
 
 log = logging.getLogger(__name__)
 

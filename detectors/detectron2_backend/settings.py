@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from detectron2.config import CfgNode, get_cfg
 
 from detectors.config import DetectorConfig

@@ -138,3 +138,19 @@ def file_digest(path: str | os.PathLike, memo: bool = True) -> str:
     if not memo:
         return _file_digest.__wrapped__(os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
     return _file_digest(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def read_json_if_exists(path: str | os.PathLike, hint: str = "") -> Any:
+    """The JSON value in ``path``, or None when there is no such file.
+
+    Raises:
+        ValueError: the file is not valid JSON (the message names the file; ``hint`` is
+            appended, e.g. what to do about it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}){'; ' + hint if hint else ''}") from exc

@@ -18,7 +18,6 @@ from typing import Any, Mapping
 import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 
 __all__ = [
     "LoadReport",

@@ -10,7 +10,6 @@ did, and the loop's final summary.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -18,7 +17,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pyarrow.parquet as pq
 
-from exits.io import atomic_open, file_digest, write_json
+from exits.io import atomic_open, file_digest, read_json_if_exists, write_json
 from exits.run_folder import RunFolder
 
 __all__ = ["select_budget", "write_review_queue", "read_review_queue", "review_outcome", "record_detector_metrics",
@@ -72,12 +71,9 @@ def read_review_queue(workdir: str | Path) -> dict[str, Any] | None:
         ValueError: the file is not valid JSON or has no ``ann_ids`` list (names the file).
     """
     path = RunFolder(workdir).review_queue
-    if not path.is_file():
+    data = read_json_if_exists(path)
+    if data is None:
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("ann_ids"), list):
         raise ValueError(f"{path}: expected an object with an 'ann_ids' list")
     return data
@@ -144,7 +140,7 @@ def record_detector_metrics(workdir: str | Path, train_json: str | Path, decisio
     Returns the history."""
     run = RunFolder(workdir)
     path = run.detector_history
-    history = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    history = read_json_if_exists(path) or {}
     entry = history.setdefault(file_digest(train_json, memo=False), {})
     entry.update({"train_json": Path(train_json).name, "source_blake2b": file_digest(run.pseudo_json, memo=False),
                   "decisions": int(decisions), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -160,7 +156,7 @@ def detector_before_after(workdir: str | Path, gt: str | Path, train_json: str |
     decisions were merged into it; before = one trained on the same pseudo labels with no
     decisions merged (a ``--no-review`` loop, or a review that decided nothing)."""
     run = RunFolder(workdir)
-    history = json.loads(run.detector_history.read_text(encoding="utf-8")) if run.detector_history.is_file() else {}
+    history = read_json_if_exists(run.detector_history) or {}
     key = str(Path(gt).resolve())
     source = file_digest(run.pseudo_json, memo=False)
     current = history.get(file_digest(train_json, memo=False), {})
