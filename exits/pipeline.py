@@ -146,9 +146,12 @@ def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, start: 
     crf = cfg.generator.crf
     refine = ImageCRFRefiner(dataset, p.image_crf, resolve_crf_workers(p.crf_workers)) \
         if p.crf_refine and p.refine_at == "image" else None
+    crop_crf = p.crf_refine and p.refine_at == "crop"
+    crf_agreement: list[float] | None = [] if crop_crf else None
     try:
         probs = predict_crop_probs(generator, dataset, batch_size=p.batch_size, device=device,
-                                   crf_impl=p.crf_impl if p.crf_refine and refine is None else None,
+                                   crf_impl=p.crf_impl if crop_crf else None, crf_agreement=crf_agreement,
+                                   threshold=p.threshold,
                                    crf_params={"iters": crf.iters, **crf.params}, progress=progress,
                                    autocast_dtype=pseudo_autocast_dtype(device, cfg.amp, p.cpu_bf16),
                                    on_batch=refine.submit if refine is not None else None)
@@ -156,7 +159,7 @@ def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, start: 
         task = generator_task(cfg, dataset, points)
         target, labelled, _ = task.targets(torch.arange(len(dataset)), torch.device("cpu"))
         return write_shard(shard_pseudo_label_table(probs, table, dataset, labelled, target, p.threshold, progress,
-                                                    refine=refine), out, key)
+                                                    refine=refine, crop_refine_agreement=crf_agreement), out, key)
     finally:
         if refine is not None:
             refine.close()

@@ -40,7 +40,7 @@ def shard_stride(cfg: ExitsConfig, run: RunFolder, stage: str) -> int | None:
     if limit is None or limit >= shards:
         return None
     stride = math.ceil(shards / limit)
-    log.warning("%s: flows.shard_limit=%d: computing %d of %d shards (every %d-th); the others get placeholders "
+    log.warning("%s: flows.shard_limit=%d: computing %d of %d shards (one in %d); the others get placeholders "
                 "(benchmarks only, flows/shard_limit.py)", stage, limit, len(range(0, shards, stride)), shards, stride)
     return stride
 
@@ -70,7 +70,7 @@ def placeholder_pseudo_shard(cfg: ExitsConfig, images: Path, run: RunFolder, sta
     ``[x_left, x_right] x [y_top, y_bottom]`` (inclusive) as its mask, scores 0."""
     import pycocotools.mask as mask_utils
 
-    from exits.stages.pseudo_labels import PSEUDO_SCHEMA
+    from exits.stages.pseudo_labels import PSEUDO_SCHEMA, TRIAGE_COLUMNS
 
     rows = read_instances_rows(run.instances, start, stop)
     pts = np.asarray(rows.column("extreme_points").to_pylist(), np.float64).reshape(-1, 4, 2).round()
@@ -79,7 +79,8 @@ def placeholder_pseudo_shard(cfg: ExitsConfig, images: Path, run: RunFolder, sta
     counts, areas = [], []
     for p, h, w in zip(pts, heights, widths):
         x0, x1, y0, y1 = p[1, 0], p[3, 0], p[0, 1], p[2, 1]
-        rle = mask_utils.frPyObjects([[float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)]], int(h), int(w))[0]
+        box = np.array([[x0, y0, x1 - x0 + 1, y1 - y0 + 1]], np.float64)
+        rle = mask_utils.frPyObjects(box, int(h), int(w))[0]
         counts.append(rle["counts"].decode("ascii"))
         areas.append(int(mask_utils.area(rle)))
     zeros = np.zeros(rows.num_rows, np.float32)
@@ -87,5 +88,6 @@ def placeholder_pseudo_shard(cfg: ExitsConfig, images: Path, run: RunFolder, sta
                       "category_id": rows.column("category_id"), "height": rows.column("height"),
                       "width": rows.column("width"), "rle_counts": counts, "area": areas, "score": zeros,
                       "certainty": zeros, "point_agreement": zeros,
-                      "num_parts": np.ones(rows.num_rows, np.int32)}, schema=PSEUDO_SCHEMA)
+                      "num_parts": np.ones(rows.num_rows, np.int32),
+                      **{k: pa.nulls(rows.num_rows, pa.float32()) for k in TRIAGE_COLUMNS}}, schema=PSEUDO_SCHEMA)
     return write_shard(table, out, key)

@@ -15,7 +15,7 @@ import pytest
 from exits.io import json_stream
 from exits.io.json_stream import JsonStreamError, iter_top_level
 from exits.eval.separated import count_parts_rle
-from exits.stages.pseudo_labels import PSEUDO_SCHEMA, merge_pseudo_labels
+from exits.stages.pseudo_labels import PSEUDO_SCHEMA, TRIAGE_COLUMNS, merge_pseudo_labels
 from exits.stages.shards import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,8 @@ def _gt_shards(annotations_json: Path, out: Path, shard_size: int, drop: set[int
                      "width": w, "rle_counts": counts, "area": int(mask_utils.area({"size": [h, w], "counts": counts})),
                      "score": 0.1 + (k * 0.37) % 0.9, "certainty": 0.5, "point_agreement": float("nan"),
                      "num_parts": count_parts_rle({"size": [h, w], "counts": counts})})
-    schema = PSEUDO_SCHEMA if with_parts else pa.schema([f for f in PSEUDO_SCHEMA if f.name != "num_parts"])
+    # Shards as an older version wrote them: no triage columns (and, without parts, no num_parts).
+    schema = pa.schema([f for f in PSEUDO_SCHEMA if f.name not in TRIAGE_COLUMNS and (with_parts or f.name != "num_parts")])
     paths = []
     for i, start in enumerate(range(0, len(rows), shard_size)):
         part = rows[start:start + shard_size]
@@ -367,3 +368,111 @@ def test_report_reads_pseudo_masks_from_parquet_columns_with_the_json_values(dem
     data = json.loads(paths["json"].read_text())
     assert rles == {a["id"]: a["segmentation"] for a in data["annotations"]}
     assert scores == {a["id"]: a["score"] for a in data["annotations"]}
+
+
+# --- bench_scale.py --full: the whole `exits run` through the CLI (tiny) ---------------------
+def test_max_steps_ends_training_part_way_and_the_schedule_with_it():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from exits.engine import TrainSettings, train
+
+    class Mse:
+        def loss(self, model, batch, teacher, epoch):
+            x, y = batch
+            mse = torch.nn.functional.mse_loss(model(x), y)
+            return mse, {"mse": mse.item()}
+
+    data = TensorDataset(torch.randn(20, 3), torch.randn(20, 1))  # 5 steps per epoch at batch 4
+    base = dict(batch_size=4, lr=1e-2, warmup_epochs=0, device="cpu", seed=0)
+    one = train(torch.nn.Linear(3, 1), data, Mse(), TrainSettings(epochs=4, max_steps=3, **base), progress=False)
+    assert [h["steps"] for h in one.history] == [3]
+    two = train(torch.nn.Linear(3, 1), data, Mse(), TrainSettings(epochs=4, max_steps=7, **base), progress=False)
+    assert [h["steps"] for h in two.history] == [5, 2]
+    assert two.history[-1]["lr"] < two.history[0]["lr"]  # the cosine schedule spans 7 steps, not 20
+    full = train(torch.nn.Linear(3, 1), data, Mse(), TrainSettings(epochs=2, **base), progress=False)
+    assert [h["steps"] for h in full.history] == [5, 5]
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainSettings(epochs=1, max_steps=0, **base)
+
+
+@pytest.mark.slow
+def test_full_scale_benchmark_runs_every_command_through_the_cli(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench.scale_full_run import FLOW_STAGES, run_full
+
+    quick = ("similarity.optim.max_steps=2", "generator.optim.max_steps=2", "generator.optim.num_workers=0",
+             "flows.shard_size=64", "flows.shard_limit=2")  # 4 shards: 0 and 2 computed, 1 and 3 placeholders
+    row = run_full(0.0, tmp_path, images=30, objects=200, overrides=quick, log=lambda s: None)
+    assert row["objects"] == 200 and row["images"] == 30
+    assert len(list((tmp_path / "coco-30img" / "data" / "images").glob("*.jpg"))) == 30
+    run = row["run"]
+    assert run["summary_objects"] == 200 and run["shards"] == 4
+    assert set(run["tasks"]) == {"Completed"}  # nothing failed, nothing from an earlier run
+    stages = run["stages"]
+    assert set(stages) == set(FLOW_STAGES.values()) - {"detector"}  # every stage of `exits run`
+    for name, stage in stages.items():
+        assert stage["seconds"] > 0, name
+        assert stage["peak_rss_mb"]["flow"] > 50 and stage["tree_peak_rss_mb"] >= stage["peak_rss_mb"]["flow"], name
+    assert stages["similarity"]["peak_rss_mb"]["dataloader_worker"] > 0  # num_workers 1 there
+    assert "dataloader_worker" not in stages["generator"]["peak_rss_mb"]  # num_workers 0 there
+    assert stages["retrieval"]["eta_lines"] >= 4 and stages["pseudo_labels"]["eta_lines"] >= 4  # one per shard
+    kinds = {p["kind"] for p in run["processes"]}
+    assert {"flow", "prefect_server", "dataloader_worker"} <= kinds
+    assert all(p["peak_rss_mb"] > 0 for p in run["processes"])
+    assert 0.0 < run["miou_all"] <= 1.0
+    for command in ("report", "export"):
+        assert row[command]["wall_s"] > 0 and row[command]["own_peak_rss_mb"] > 50
+    assert row["fixes"] == 200 and row["queue"]["objects"] == 200
+    fixed = json.loads((tmp_path / "coco-30img" / "run" / "pseudo_labels_fixed.json").read_text())
+    assert len(fixed["annotations"]) == 200 - 20  # 1 fix in 10 is a rejection
+    pseudo = pq.read_table(tmp_path / "coco-30img" / "run" / "pseudo_labels.parquet", columns=["ann_id", "score"])
+    assert sorted(pseudo["ann_id"].to_pylist()) == list(range(1, 201))  # every object, placeholders included
+    scores = dict(zip(*pseudo.to_pydict().values()))
+    instances = pq.read_table(tmp_path / "coco-30img" / "run" / "instances.parquet", columns=["ann_id"])["ann_id"].to_pylist()
+    placeholder_rows = [a for i, a in enumerate(instances) if (i // 64) % 2 == 1]
+    assert placeholder_rows and all(scores[a] == 0.0 for a in placeholder_rows)
+    assert any(scores[a] > 0.0 for i, a in enumerate(instances) if (i // 64) % 2 == 0)
+
+
+def test_shard_limit_computes_every_kth_shard_and_placeholders_cover_the_rest(demo_json, tmp_path):
+    import pycocotools.mask as mask_utils
+
+    from exits.baselines import box_mask_full
+    from exits.config import ConfigError, dump_config, load_config
+    from exits.pipeline import stage_prepare
+    from exits.run_folder import RunFolder
+    from exits.stages.point_retrieval import POINTS_SCHEMA
+    from exits.stages.shards import shard_ranges
+    from flows.shard_limit import is_placeholder, placeholder_points_shard, placeholder_pseudo_shard, shard_stride
+
+    cfg = load_config("demo", ["device=cpu", "flows.shard_size=5", "flows.shard_limit=3"])
+    run = RunFolder(tmp_path / "run")
+    run.write_run_files(dump_config(cfg), demo_json.parent / "images", demo_json, None)
+    stage_prepare(cfg, demo_json, demo_json.parent / "images", run.root, progress=False)
+    n = run.num_instances()
+    shards = len(shard_ranges(n, 5))
+    stride = shard_stride(cfg, run, "test")
+    assert shards > 3 and stride == -(-shards // 3)
+    computed = [i for i in range(shards) if not is_placeholder(i, stride)]
+    assert computed == list(range(0, shards, stride)) and 1 <= len(computed) <= 3
+    assert shard_stride(load_config("demo", ["flows.shard_size=5"]), run, "test") is None  # default: all
+    assert shard_stride(load_config("demo", ["flows.shard_size=5", f"flows.shard_limit={shards}"]), run, "t") is None
+    with pytest.raises(ConfigError, match="shard_limit"):
+        load_config("demo", ["flows.shard_limit=0"])
+
+    start, stop = shard_ranges(n, 5)[1]
+    rows = pq.read_table(run.instances).slice(start, stop - start).to_pylist()
+    points = pq.read_table(placeholder_points_shard(cfg, demo_json.parent / "images", run, start, stop,
+                                                   tmp_path / "p.parquet", None))
+    assert points.schema.equals(POINTS_SCHEMA, check_metadata=False)
+    assert points["ann_id"].to_pylist() == [r["ann_id"] for r in rows]
+    assert not any(points["valid"].to_pylist()) and all(len(v) == 0 for v in points["pseudo_fg"].to_pylist())
+    pseudo = pq.read_table(placeholder_pseudo_shard(cfg, demo_json.parent / "images", run, start, stop,
+                                                    tmp_path / "m.parquet", None)).to_pylist()
+    assert [p["ann_id"] for p in pseudo] == [r["ann_id"] for r in rows]
+    for p, r in zip(pseudo, rows):
+        mask = mask_utils.decode({"size": [p["height"], p["width"]], "counts": p["rle_counts"].encode()})
+        box = box_mask_full(np.asarray(r["extreme_points"]).reshape(4, 2), r["height"], r["width"])
+        assert (mask == box).all() and p["area"] == int(box.sum()) > 0
+        assert p["score"] == 0.0 and p["num_parts"] == 1 and p["image_id"] == r["image_id"]

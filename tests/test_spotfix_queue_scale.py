@@ -29,7 +29,7 @@ from exits.spotfix.app import create_app
 from exits.spotfix.catalog import QueueFilter, RunCatalog
 from exits.spotfix.store import FixesStore, FixRecord
 from exits.stages.pseudo_label_files import CATEGORIES_METADATA
-from exits.stages.pseudo_labels import PSEUDO_SCHEMA
+from exits.stages.pseudo_labels import PSEUDO_SCHEMA, TRIAGE_COLUMNS
 
 H, W = 12, 16
 CATEGORIES = {1: "one", 2: "two", 3: "three", 7: "empty"}  # 7 has no objects
@@ -108,7 +108,8 @@ def make_queue_run(root: Path, n: int = 300, seed: int = 0, parquet: bool = True
             for key, value in (("ann_id", r["ann_id"]), ("image_id", r["image_id"]), ("category_id", r["category_id"]),
                                ("height", H), ("width", W), ("rle_counts", r["counts"]), ("area", 1),
                                ("score", r["raw_score"]), ("certainty", 0.5), ("point_agreement", 0.5),
-                               ("num_parts", None if k in nulls else r["parts"])):
+                               ("num_parts", None if k in nulls else r["parts"]),
+                               *((name, None) for name in TRIAGE_COLUMNS)):
                 cols[key].append(value)
         schema = PSEUDO_SCHEMA.with_metadata({CATEGORIES_METADATA: json.dumps(CATEGORIES).encode()})
         pq.write_table(pa.table(cols, schema=schema), run / "pseudo_labels.parquet", row_group_size=row_group)
@@ -167,7 +168,8 @@ def reference_page(rows: list[dict], status_of: dict[int, str], *, category_id=N
         out.append({"ann_id": r["ann_id"], "image_id": r["image_id"], "category_id": r["category_id"],
                     "category": CATEGORIES[r["category_id"]], "score": r["score"], "parts": r["parts"],
                     "separated": r["parts"] >= 2, "status": st, "thumb_url": f"/api/objects/{r['ann_id']}/thumb"})
-    return {"total": len(out), "offset": offset, "items": out[offset:offset + limit]}
+    # scope "all": these runs have no loop budget (loop/review.json), so the whole queue shows
+    return {"total": len(out), "offset": offset, "scope": "all", "items": out[offset:offset + limit]}
 
 
 FILTERS = {
@@ -392,7 +394,7 @@ def test_the_app_answers_the_same_from_parquet_columns_as_from_the_json(tmp_path
                                    ("category_id", a["category_id"]), ("height", seg["size"][0]),
                                    ("width", seg["size"][1]), ("rle_counts", seg["counts"]), ("area", int(a["area"])),
                                    ("score", a["score"]), ("certainty", 0.5), ("point_agreement", 0.5),
-                                   ("num_parts", count_parts_rle(seg))):
+                                   ("num_parts", count_parts_rle(seg)), *((name, None) for name in TRIAGE_COLUMNS)):
                     cols[key].append(value)
             names = {c["id"]: c["name"] for c in data["categories"]}
             schema = PSEUDO_SCHEMA.with_metadata({CATEGORIES_METADATA: json.dumps(names).encode()})

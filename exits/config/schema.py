@@ -155,7 +155,7 @@ class PseudoLabelConfig(Section):
     batch_size: int = Field(64, ge=1)
     crf_refine: bool = Field(True, description="refine the generator's mask with the CRF before thresholding")
     crf_impl: Literal["meanfield", "dense"] = Field("dense", description="CRF for the final refinement (dense = pydensecrf reference, CPU)")
-    refine_at: Literal["crop", "image"] = Field("crop", description="crop: CRF on the S x S crop, then paste; image: box-constrained dense CRF on the crop window at image resolution with the generator's probability as a softened prior (exits.crf.image_refine; pydensecrf, CPU)")
+    refine_at: Literal["crop", "image", "none"] = Field("crop", description="none: the generator's own mask (its probability pasted and thresholded, no CRF: what the learned part alone gives); crop: CRF on the S x S crop, then paste; image: box-constrained dense CRF on the crop window at image resolution with the generator's probability as a softened prior (exits.crf.image_refine; pydensecrf, CPU)")
     cpu_bf16: bool = Field(False, description="on CPU, run the generator's forward under bfloat16 autocast: ~2x faster on CPUs with AMX / AVX512-BF16, slower elsewhere; masks change slightly (docs/benchmarks.md, Pseudo-label throughput). On CUDA the top-level amp setting applies")
     crf_workers: int = Field(-1, ge=-1, description="refine_at=image: processes running the image-level CRF beside the forward pass (-1 = one per available CPU, 0 = in the shard's own process); the masks do not depend on it")
     image_crf: dict[str, float] = Field(default_factory=dict, description="refine_at=image: prior_bias, prior_weight, iters, sxy_gauss, compat_gauss, sxy_frac, srgb, compat_bilateral (defaults exits.crf.image_refine.DEFAULT_IMAGE_CRF)")

@@ -2,11 +2,27 @@
 
 For each object crop: M = sigmoid(generator(crop)) (optionally CRF-refined), zeroed outside
 the extreme-point box (no object pixel lies outside it), pasted back with the exact inverse
-of the crop map, thresholded and RLE-encoded in image pixels. A confidence score per mask:
+of the crop map, thresholded and RLE-encoded in image pixels. The generator's own confidence:
 
-    certainty = mean over box pixels of |2M - 1|          (how decided the mask is)
-    agreement = fraction of labelled patches (seeds + retrieved) whose label the mask keeps
-    score     = (certainty + agreement) / 2               (certainty alone without points)
+    certainty       = mean over box pixels of |2M - 1|     (how decided the mask is)
+    point_agreement = fraction of labelled patches (seeds + retrieved) whose label M keeps
+    generator_score = (certainty + point_agreement) / 2    (certainty alone without points)
+
+and the triage score of the mask the user gets (after every refinement; it orders the
+spot-fix queue, picks the click model's training masks and feeds the report's calibration),
+from signals of the final mask F (:mod:`exits.stages.mask_quality`):
+
+    box_fit          = IoU of F's tight box with the extreme-point box
+    point_reach      = mean_k exp(-dist(e_k, F) / (0.05 diag))  over the 4 extreme points
+    refine_agreement = IoU of F with the generator's own mask (M >= t, pasted): how far the
+                       CRF had to move it (crop- or image-level; none without refinement)
+    score            = mean(box_fit, point_reach, refine_agreement)
+                       (generator_score in place of refine_agreement when refine_at: none)
+
+Why these: the generator's confidence is computed before the refinement and measured
+Spearman 0.46 against the final mask's IoU on the demo; how much the refinement changed
+the mask measured 0.67, and the extreme points' geometry (an outline that must reach all
+four points and span their box) adds to it (docs/benchmarks.md, "Triage").
 
 Dataset-wide runs compute masks per shard of objects (one ``PSEUDO_SCHEMA`` Parquet file of
 RLEs + scores each, see ``exits.stages.shards``) and :func:`merge_pseudo_labels` writes the
@@ -34,6 +50,7 @@ from exits.eval.separated import count_parts_rle
 from exits.crf import crf_refine
 from exits.crf.image_refine import crop_support, paste_window_mask
 from exits.data.crops import paste_mask
+from exits.stages.mask_quality import final_mask_signals
 from exits.stages.pseudo_label_files import write_pseudo_label_files
 from exits.stages.shards import ShardTables
 
@@ -52,18 +69,36 @@ PSEUDO_SCHEMA = pa.schema(
         ("certainty", pa.float32()),
         ("point_agreement", pa.float32()),
         ("num_parts", pa.int32()),  # visible parts of the pseudo mask (exits.eval.separated rule)
+        ("generator_score", pa.float32()),
+        ("box_fit", pa.float32()),
+        ("point_reach", pa.float32()),
+        ("refine_agreement", pa.float32()),  # NaN: no refinement after the generator
     ]
 )
-# Columns a shard written by an older version may lack (read as null, recomputed on merge).
-OPTIONAL_COLUMNS = ("num_parts",)
+# Columns a shard written by an older version may lack (read as null; num_parts is recounted
+# on merge, a missing triage signal stays null and that shard keeps its old score).
+TRIAGE_COLUMNS = ("generator_score", "box_fit", "point_reach", "refine_agreement")
+OPTIONAL_COLUMNS = ("num_parts", *TRIAGE_COLUMNS)
+
+
+def mask_iou_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B,) IoU |a ∧ b| / |a ∨ b| of (B, S, S) bool masks (1 where both are empty)."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
 @torch.no_grad()
 def predict_crop_probs(model: torch.nn.Module, dataset: torch.utils.data.Dataset, *, batch_size: int,
                        device: torch.device, crf_impl: str | None = None, crf_params: dict | None = None,
                        progress: bool = True, autocast_dtype: torch.dtype | None = None,
-                       on_batch: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                       on_batch: Callable[[int, torch.Tensor], None] | None = None,
+                       crf_agreement: list[float] | None = None, threshold: float = 0.5) -> torch.Tensor:
     """(K, S, S) float16 foreground probability per object crop, zero outside its box.
+
+    ``crf_agreement``: with ``crf_impl``, this list receives per object the IoU inside the
+    box of the generator's mask (sigmoid >= ``threshold``) with the CRF-refined one (the
+    triage score's ``refine_agreement`` for ``refine_at: crop``).
 
     ``autocast_dtype``: the forward pass under autocast (``exits.engine.device.amp_dtype``);
     the sigmoid, the CRF and the box mask run in float32. ``on_batch(start, probs)`` is called
@@ -79,9 +114,13 @@ def predict_crop_probs(model: torch.nn.Module, dataset: torch.utils.data.Dataset
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = model(images)
         prob = torch.sigmoid(logits.float())
+        box = batch["box_mask"].to(device)
         if crf_impl:
+            raw = prob[:, 0] * box
             prob = crf_refine(images, prob, impl=crf_impl, **(crf_params or {}))
-        prob = (prob[:, 0] * batch["box_mask"].to(device)).half().cpu()
+            if crf_agreement is not None:
+                crf_agreement.extend(mask_iou_batch(raw >= threshold, prob[:, 0] * box >= threshold).tolist())
+        prob = (prob[:, 0] * box).half().cpu()
         if on_batch is not None:
             on_batch(start, prob)
         start += len(prob)
@@ -127,39 +166,64 @@ def paste_box_prob(prob: torch.Tensor, window: Any, height: int, width: int) -> 
 def paste_pseudo_masks(probs: torch.Tensor, dataset: Any, images: dict[int, Any], image_ids: list[int],
                        threshold: float, progress: bool = True,
                        refine: Callable[[int, torch.Tensor], np.ndarray] | None = None) -> list[dict]:
-    """Image-space RLE per object: {ann_id, image_id, rle, area}.
+    """Image-space RLE per object: {ann_id, rle, area} and the final mask's triage signals
+    box_fit, point_reach, refine_agreement (:func:`exits.stages.mask_quality.final_mask_signals`).
 
     ``refine(i, probs[i]) -> (window.height, window.width) bool`` replaces paste + threshold
-    when given (the image-resolution CRF: ``exits.stages.image_crf_pool.ImageCRFRefiner``)."""
+    when given (the image-resolution CRF: ``exits.stages.image_crf_pool.ImageCRFRefiner``);
+    refine_agreement is then the IoU of its mask with the generator's pasted one, else NaN."""
     rows = []
     for i in tqdm(range(len(dataset)), desc="pasting masks", disable=not progress, unit="obj"):
         img = images[image_ids[i]]
-        if refine is not None:
-            full = paste_window_mask(refine(i, probs[i]), dataset.windows[i], img["height"], img["width"])
-        else:
-            full = (paste_box_prob(probs[i].float(), dataset.windows[i], img["height"], img["width"]) >= threshold).numpy()
         # Resampling can spill past the box edge by a pixel; no object pixel lies outside it.
-        m = full & box_mask_full(dataset.points_image[i], img["height"], img["width"]).astype(bool)
-        rows.append({"ann_id": int(dataset.ann_ids[i]), "rle": encode_rle(m), "area": int(m.sum())})
+        box = box_mask_full(dataset.points_image[i], img["height"], img["width"]).astype(bool)
+        generator_mask = (paste_box_prob(probs[i].float(), dataset.windows[i], img["height"], img["width"])
+                          >= threshold).numpy() & box
+        if refine is not None:
+            m = paste_window_mask(refine(i, probs[i]), dataset.windows[i], img["height"], img["width"]) & box
+        else:
+            m = generator_mask
+        signals = final_mask_signals(m, dataset.points_image[i], generator_mask if refine is not None else None)
+        rows.append({"ann_id": int(dataset.ann_ids[i]), "rle": encode_rle(m), "area": int(m.sum()), **signals})
     return rows
+
+
+def triage_score(generator_score: float, box_fit: float, point_reach: float, refine_agreement: float) -> float:
+    """The final mask's triage score (module docstring):
+
+        score = (box_fit + point_reach + r) / 3,  r = refine_agreement, or generator_score
+                                                  when there was no refinement (NaN)
+
+    Equal weights, fixed before the held-out variant was looked at (not fitted)."""
+    r = refine_agreement if np.isfinite(refine_agreement) else generator_score
+    return (box_fit + point_reach + r) / 3.0
 
 
 def shard_pseudo_label_table(probs: torch.Tensor, table: pa.Table, dataset: Any, labelled: torch.Tensor | None,
                              target: torch.Tensor | None, threshold: float, progress: bool = False,
-                             refine: Callable[[int, torch.Tensor], np.ndarray] | None = None) -> pa.Table:
-    """One shard's ``PSEUDO_SCHEMA`` table: scores (:func:`mask_scores`) and pasted RLEs.
+                             refine: Callable[[int, torch.Tensor], np.ndarray] | None = None,
+                             crop_refine_agreement: Sequence[float] | None = None) -> pa.Table:
+    """One shard's ``PSEUDO_SCHEMA`` table: pasted RLEs, the generator's scores
+    (:func:`mask_scores`) and the final mask's triage score (:func:`triage_score`).
 
     probs: (K, S, S) crop probabilities of the shard's K objects (:func:`predict_crop_probs`);
     table: their K rows of the instances table (same order); labelled / target: (K, N, N)
-    point labels of the same objects, or None without retrieval.
+    point labels of the same objects, or None without retrieval. crop_refine_agreement: (K,)
+    from ``predict_crop_probs(crf_agreement=...)`` when the crop-level CRF refined ``probs``.
     """
     box_masks = torch.stack([dataset[i]["box_mask"] for i in range(len(dataset))])
-    certainty, agreement, score = mask_scores(probs, box_masks, labelled, target, threshold)
+    certainty, agreement, generator_score = mask_scores(probs, box_masks, labelled, target, threshold)
     cols = table.select(["image_id", "category_id", "height", "width"]).to_pydict()
     sizes = {i: {"height": h, "width": w} for i, h, w in zip(cols["image_id"], cols["height"], cols["width"])}
     rows = paste_pseudo_masks(probs, dataset, sizes, cols["image_id"], threshold, progress=progress, refine=refine)
-    scores = {r["ann_id"]: {"score": float(score[i]), "certainty": float(certainty[i]), "agreement": float(agreement[i])}
-              for i, r in enumerate(rows)}
+    scores = {}
+    for i, r in enumerate(rows):
+        if crop_refine_agreement is not None:
+            r["refine_agreement"] = float(crop_refine_agreement[i])
+        signals = {k: r[k] for k in ("box_fit", "point_reach", "refine_agreement")}
+        scores[r["ann_id"]] = {"score": triage_score(float(generator_score[i]), **signals),
+                               "certainty": float(certainty[i]), "agreement": float(agreement[i]),
+                               "generator_score": float(generator_score[i]), **signals}
     return pseudo_label_table(rows, scores, cols["image_id"], cols["category_id"])
 
 
@@ -178,6 +242,8 @@ def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float
                            ("score", s["score"]), ("certainty", s["certainty"]), ("point_agreement", s["agreement"]),
                            ("num_parts", count_parts_rle(r["rle"]))):
             cols[key].append(value)
+        for key in TRIAGE_COLUMNS:  # absent in the scores of write_pseudo_labels' callers: null
+            cols[key].append(s.get(key))
     return pa.table(cols, schema=PSEUDO_SCHEMA)
 
 
