@@ -35,6 +35,8 @@ The shards of the sharded stages other than the measured one are synthesised in 
 setup step: points shards with random patch lists, pseudo shards with the object's polygon
 shrunk by 10 % as its "pseudo mask" (one part). Results: ``bench/results/scale.json``;
 docs/benchmarks.md summarises them. ``run_scale(..., scale=0.001)`` is the test-suite version.
+``--full``: the whole ``exits run`` through the CLI on a dataset with images instead
+(bench/scale_full_run.py, bench/results/scale_full.json).
 """
 from __future__ import annotations
 
@@ -206,7 +208,8 @@ def setup_run(data: Path, run: Path, shard_size: int, seed: int = 0) -> None:
             for key, value in (("ann_id", ann["id"]), ("image_id", ann["image_id"]), ("category_id", ann["category_id"]),
                                ("height", IMAGE_H), ("width", IMAGE_W), ("rle_counts", rle["counts"].decode("ascii")),
                                ("area", int(mask_utils.area(rle))), ("score", score), ("certainty", score),
-                               ("point_agreement", score), ("num_parts", 1)):
+                               ("point_agreement", score), ("num_parts", 1), ("generator_score", score),
+                               ("box_fit", score), ("point_reach", score), ("refine_agreement", float("nan"))):
                 if key in cols:
                     cols[key].append(value)
         write_shard(pa.table(cols, schema=PSEUDO_SCHEMA), rf.shard("pseudo", index), key="synthetic")
@@ -457,7 +460,12 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES + EXTRA_STAGES))
     ap.add_argument("--work", type=Path, default=Path("/tmp/exits_scale"))
     ap.add_argument("--shard-size", type=int, default=256)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/scale.json (scale_full.json with --full)")
+    ap.add_argument("--full", action="store_true", help="the whole `exits run` + report + export + queue through the CLI "
+                    "on a dataset with images (bench/scale_full_run.py)")
+    ap.add_argument("--kill-in", nargs=2, metavar=("STAGE", "SECONDS"), help="--full: SIGKILL the run this far into "
+                    "STAGE, then measure the re-run")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", help="--full: `exits run --set` values")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--run", type=Path, help=argparse.SUPPRESS)
@@ -469,6 +477,14 @@ def main() -> None:
         result = run_stage(args.child, args.data, args.run, args.shard_size)
         print(json.dumps(result, default=str))
         return
+    if args.full:
+        from bench.scale_full_run import RESULTS as FULL_RESULTS, main_full
+
+        kill = (args.kill_in[0], float(args.kill_in[1])) if args.kill_in else None
+        main_full(args.scales, args.work / "full", args.out or FULL_RESULTS, kill_in=kill,
+                  overrides=tuple(args.overrides))
+        return
+    args.out = args.out or RESULTS
     from exits.io import write_json
 
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}

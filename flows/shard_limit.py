@@ -70,7 +70,7 @@ def placeholder_pseudo_shard(cfg: ExitsConfig, images: Path, run: RunFolder, sta
     ``[x_left, x_right] x [y_top, y_bottom]`` (inclusive) as its mask, scores 0."""
     import pycocotools.mask as mask_utils
 
-    from exits.stages.pseudo_labels import PSEUDO_SCHEMA, TRIAGE_COLUMNS
+    from exits.stages.pseudo_labels import PSEUDO_SCHEMA
 
     rows = read_instances_rows(run.instances, start, stop)
     pts = np.asarray(rows.column("extreme_points").to_pylist(), np.float64).reshape(-1, 4, 2).round()
@@ -84,10 +84,10 @@ def placeholder_pseudo_shard(cfg: ExitsConfig, images: Path, run: RunFolder, sta
         counts.append(rle["counts"].decode("ascii"))
         areas.append(int(mask_utils.area(rle)))
     zeros = np.zeros(rows.num_rows, np.float32)
-    table = pa.table({"ann_id": rows.column("ann_id"), "image_id": rows.column("image_id"),
-                      "category_id": rows.column("category_id"), "height": rows.column("height"),
-                      "width": rows.column("width"), "rle_counts": counts, "area": areas, "score": zeros,
-                      "certainty": zeros, "point_agreement": zeros,
-                      "num_parts": np.ones(rows.num_rows, np.int32),
-                      **{k: pa.nulls(rows.num_rows, pa.float32()) for k in TRIAGE_COLUMNS}}, schema=PSEUDO_SCHEMA)
-    return write_shard(table, out, key)
+    cols: dict[str, Any] = {"ann_id": rows.column("ann_id"), "image_id": rows.column("image_id"),
+                            "category_id": rows.column("category_id"), "height": rows.column("height"),
+                            "width": rows.column("width"), "rle_counts": counts, "area": areas, "score": zeros,
+                            "certainty": zeros, "point_agreement": zeros, "num_parts": np.ones(rows.num_rows, np.int32)}
+    # the triage signals (and any later optional column): null, "not measured"; the merge keeps score 0
+    cols.update({f.name: pa.nulls(rows.num_rows, f.type) for f in PSEUDO_SCHEMA if f.name not in cols})
+    return write_shard(pa.table(cols, schema=PSEUDO_SCHEMA), out, key)

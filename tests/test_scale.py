@@ -476,3 +476,27 @@ def test_shard_limit_computes_every_kth_shard_and_placeholders_cover_the_rest(de
         box = box_mask_full(np.asarray(r["extreme_points"]).reshape(4, 2), r["height"], r["width"])
         assert (mask == box).all() and p["area"] == int(box.sum()) > 0
         assert p["score"] == 0.0 and p["num_parts"] == 1 and p["image_id"] == r["image_id"]
+
+
+def test_training_starts_num_workers_dataloader_processes_not_twice_as_many():
+    """tqdm.auto's progress bar called iter() on the DataLoader in its constructor: a second,
+    idle iterator with its own worker processes (2 x optim.num_workers per training process)."""
+    import psutil
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from exits.engine import TrainSettings, train
+
+    seen: list[int] = []
+
+    class Count:
+        def loss(self, model, batch, teacher, epoch):
+            me = psutil.Process()
+            seen.append(len(me.children(recursive=True)) - len(me.children()))  # workers are the forkserver's children
+            x, y = batch
+            return torch.nn.functional.mse_loss(model(x), y), {}
+
+    data = TensorDataset(torch.randn(40, 3), torch.randn(40, 1))
+    train(torch.nn.Linear(3, 1), data, Count(), TrainSettings(epochs=1, batch_size=4, lr=1e-2, device="cpu", num_workers=1,
+                                                               max_steps=4), progress=False)
+    assert seen and max(seen) == 1, seen

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: it calls iter(loader) in __init__ (2x the DataLoader workers)
 
 from exits.engine.checkpoint import LAST_CHECKPOINT, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from exits.engine.device import amp_dtype, move_to_device, resolve_device
@@ -147,6 +147,7 @@ class _RunState:
     ema: ModelEMA | None
     autocast_dtype: torch.dtype | None
     global_step: int = 0
+    step_eta: Eta | None = None  # over this run's optimizer steps: the ETA of the per-step log lines
 
 
 class _MeanMeter:
@@ -206,6 +207,7 @@ def train_one_epoch(
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs_to_run(len(loader))}", disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
     steps = 0
+    planned = len(loader) if settings.max_steps is None else max(0, min(len(loader), settings.max_steps - state.global_step))
     for step, batch in enumerate(bar):
         if settings.max_steps is not None and state.global_step >= settings.max_steps:
             break
@@ -237,7 +239,8 @@ def train_one_epoch(
             running = {**meter.means(), "lr": lr_used}
             if bar.disable:
                 if info.is_main:
-                    logger.info("epoch %d step %d/%d  %s", epoch + 1, step + 1, len(loader), _format(running))
+                    eta = f"  (steps {state.step_eta.describe(state.global_step)})" if state.step_eta is not None else ""
+                    logger.info("epoch %d step %d/%d  %s%s", epoch + 1, step + 1, planned, _format(running), eta)
             else:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in running.items()})
     bar.close()
@@ -346,6 +349,7 @@ def train(model: nn.Module, dataset: Dataset, task: TrainTask, settings: TrainSe
         logger.info("training %d epochs x %d steps, global batch %d on %d process(es), device %s, amp %s, ema %s",
                     epochs, steps_per_epoch, settings.batch_size, info.world_size, info.device, autocast_dtype, settings.ema_decay)
     eta = Eta(epochs, done_before=start_epoch)
+    state.step_eta = Eta(total_steps, done_before=state.global_step)
     for epoch in range(start_epoch, epochs):
         on_epoch_start = getattr(task, "on_epoch_start", None)
         if on_epoch_start is not None:
