@@ -68,29 +68,12 @@ RESULTS = ROOT / "bench" / "results" / "scale.json"
 
 # --- synthetic dataset -----------------------------------------------------------------
 def _geometry(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boxes (n, 4) [x, y, w, h] (integer pixels), extreme points (n, 4, 2) top/left/bottom/right
-    on the box edges, and an 8-vertex convex polygon (n, 8, 2) through them."""
-    w = rng.integers(8, 320, n)
-    h = rng.integers(8, 240, n)
-    x = rng.integers(0, IMAGE_W - w + 1)
-    y = rng.integers(0, IMAGE_H - h + 1)
-    f = rng.uniform(0.3, 0.7, (n, 4))
-    x1, y1 = x + w - 1, y + h - 1
-    top = np.stack([np.round(x + f[:, 0] * (w - 1)), y], 1)
-    left = np.stack([x, np.round(y + f[:, 1] * (h - 1))], 1)
-    bottom = np.stack([np.round(x + f[:, 2] * (w - 1)), y1], 1)
-    right = np.stack([x1, np.round(y + f[:, 3] * (h - 1))], 1)
-    pts = np.stack([top, left, bottom, right], 1).astype(np.float64)
+    """Boxes (n, 4) [x, y, w, h] (integer pixels, 8 .. 319 x 8 .. 239), extreme points (n, 4, 2)
+    top/left/bottom/right on the box edges, and an 8-vertex convex polygon (n, 8, 2) through
+    them: :func:`bench.scale_full_run.object_geometry` on a 640 x 480 image."""
+    from bench.scale_full_run import object_geometry
 
-    def mid(a: np.ndarray, b: np.ndarray, corner: np.ndarray) -> np.ndarray:
-        # halfway between the edge midpoint and the box corner: convex, inside the box
-        return 0.5 * (0.5 * (a + b)) + 0.5 * corner
-
-    cx0 = np.stack([x, y], 1).astype(np.float64)
-    poly = np.stack([top, mid(top, left, cx0), left, mid(left, bottom, np.stack([x, y1], 1)),
-                     bottom, mid(bottom, right, np.stack([x1, y1], 1)), right,
-                     mid(right, top, np.stack([x1, y], 1))], 1).astype(np.float64)
-    return np.stack([x, y, w, h], 1), pts, poly
+    return object_geometry(rng, n, IMAGE_W, IMAGE_H, min_size=8)
 
 
 def generate_dataset(out: Path, kind: str, scale: float, seed: int = 0) -> dict[str, Any]:

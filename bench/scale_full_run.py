@@ -59,14 +59,14 @@ _FLOW_LINE = re.compile(r"for flow '([\w-]+)'")
 
 # --- the dataset ---------------------------------------------------------------------------
 def object_geometry(rng: np.random.Generator, n: int, width: int = IMAGE_W,
-                    height: int = IMAGE_H) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    height: int = IMAGE_H, min_size: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Boxes (n, 4) [x, y, w, h], extreme points (n, 4, 2) top/left/bottom/right on the box
     edges and an 8-vertex convex polygon (n, 8, 2) through them (its mask is the GT mask).
 
     The polygon's other vertices lie halfway between the midpoint of two neighbouring extreme
     points and the box corner between them: v = (a + b) / 4 + corner / 2."""
-    w = rng.integers(6, width // 2, n)
-    h = rng.integers(6, height // 2, n)
+    w = rng.integers(min_size, width // 2, n)
+    h = rng.integers(min_size, height // 2, n)
     x = rng.integers(0, width - w + 1)
     y = rng.integers(0, height - h + 1)
     f = rng.uniform(0.3, 0.7, (n, 4))

@@ -92,3 +92,13 @@ def test_click_commands_fail_with_a_reason(tmp_path):
     assert missing.exit_code == 2 and "error:" in missing.output
     no_gt = runner.invoke(app, ["eval-clicks", "-w", str(tmp_path), "--gt", str(tmp_path / "gt.json")])
     assert no_gt.exit_code == 2 and "gt.json" in no_gt.output
+
+
+@pytest.mark.parametrize("module", ["exits.spotfix.commands", "exits.interactive.commands", "exits.cli.loop",
+                                    "exits.cli.detector", "exits.cli.support", "exits.cli"])
+def test_every_command_module_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    """A command module imported before the app (a test, a user's script) must not meet the
+    app half-initialised: exits.cli.support once pulled in exits.cli.commands, which imports
+    these modules back (ImportError: partially initialized module)."""
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -13,11 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-TINY = [
-    "device=cpu", "data.crop_size=32", "backbone.img_size=32", "backbone.patch_size=8", "backbone.depth=1",
-    "backbone.embed_dim=32", "backbone.num_heads=2", "backbone.decoder_dim=16",
-    "retrieval.delta_px=2", "retrieval.batch_size=4", "pseudo.batch_size=4", "pseudo.crf_refine=false",
-]
+from tests.tiny_run import build_tiny_run
 
 
 # ---------------------------------------------------------------- (c) neighbour seeds across shards
@@ -27,24 +23,7 @@ def tiny_run(tmp_path_factory):
     """Demo data (image 4 has 3 objects, rows 5-7 of the table, so shards of 2 split it; image
     3 rows 3-4 straddle [2, 4) / [4, 6)), the instances table, and untrained tiny extractor and
     generator models (fixed seeds: the retrieval only needs *some* fixed attention)."""
-    from exits.config import dump_config, load_config
-    from exits.demo.dataset import generate_demo_dataset
-    from exits.models import save_mask_model
-    from exits.pipeline import stage_prepare
-    from exits.run_folder import RunFolder
-    from exits.stages.common import model_from_config
-
-    root = tmp_path_factory.mktemp("shards")
-    generate_demo_dataset(root / "demo", n_train=4, n_val=1, seed=3, image_size=(96, 128))
-    cfg = load_config("demo", TINY + ["retrieval.neighbour_bg=always"])
-    run = RunFolder(root / "run")
-    images, ann = root / "demo" / "images", root / "demo" / "instances.json"
-    run.write_run_files(dump_config(cfg), images, ann, None)
-    stage_prepare(cfg, ann, images, run.root, progress=False)
-    torch.manual_seed(0)
-    save_mask_model(run.similarity, model_from_config(cfg.backbone))
-    save_mask_model(run.generator, model_from_config(cfg.backbone))
-    return cfg, run, images
+    return build_tiny_run(tmp_path_factory.mktemp("shards"), ["pseudo.crf_refine=false", "retrieval.neighbour_bg=always"])
 
 
 def _points(cfg, run, images, shard_size: int, out: Path):

@@ -13,34 +13,15 @@ from pycocotools import mask as mask_utils
 from exits.stages.mask_quality import box_fit, extreme_point_reach
 from exits.stages.pseudo_labels import triage_score
 
-TINY = [
-    "device=cpu", "data.crop_size=32", "backbone.img_size=32", "backbone.patch_size=8", "backbone.depth=1",
-    "backbone.embed_dim=32", "backbone.num_heads=2", "backbone.decoder_dim=16",
-    "retrieval.delta_px=2", "retrieval.batch_size=4", "pseudo.batch_size=4", "pseudo.crf_workers=0",
-]
+from tests.tiny_run import build_tiny_run
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Demo data, its instances table and an untrained tiny generator (fixed seed): the
     masks are arbitrary but fixed, which is all the score's bookkeeping needs."""
-    from exits.config import dump_config, load_config
-    from exits.demo.dataset import generate_demo_dataset
-    from exits.models import save_mask_model
-    from exits.pipeline import stage_prepare
-    from exits.run_folder import RunFolder
-    from exits.stages.common import model_from_config
-
-    root = tmp_path_factory.mktemp("triage")
-    generate_demo_dataset(root / "demo", n_train=3, n_val=1, seed=3, image_size=(96, 128))
-    cfg = load_config("demo", TINY + ["generator.use_retrieval=false"])
-    run = RunFolder(root / "run")
-    images, ann = root / "demo" / "images", root / "demo" / "instances.json"
-    run.write_run_files(dump_config(cfg), images, ann, None)
-    stage_prepare(cfg, ann, images, run.root, progress=False)
-    torch.manual_seed(0)
-    save_mask_model(run.generator, model_from_config(cfg.backbone))
-    return cfg, run, images
+    return build_tiny_run(tmp_path_factory.mktemp("triage"), ["pseudo.crf_workers=0", "generator.use_retrieval=false"],
+                          n_train=3)
 
 
 def _shard(cfg, run, images, out, **pseudo):
