@@ -31,6 +31,13 @@ def apply_prefect_defaults() -> None:
     os.environ.setdefault(PREFECT_STARTUP_TIMEOUT_ENV, str(PREFECT_STARTUP_TIMEOUT_S))
     # Machines here are offline: a (temporary) Prefect server must not try to send analytics.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The project logs through `exits.*` (training progress and ETA, stage summaries), `flows.*`
+    # and `detectors.*` (stage-2 iterations):
+    # Prefect sends those records to the flow run's log in its UI too, not only to the terminal.
+    # Outside a flow run (the CLI before and after it) there is no run to send them to: say
+    # nothing instead of Prefect's warning per record.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "exits,flows,detectors")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 def prefect_startup_hint(exc: BaseException) -> str | None:

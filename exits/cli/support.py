@@ -178,6 +178,11 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # basicConfig does nothing once Prefect has configured the root logger (WARNING): the
+    # project's own loggers get their level here, so their INFO lines (training progress,
+    # ETA) reach the terminal and the flow run's log in the Prefect UI whatever came first.
+    for name in ("exits", "flows", "detectors"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     quiet_tracebacks()
 
 
