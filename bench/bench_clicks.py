@@ -322,6 +322,11 @@ def main() -> None:
     ap.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--source", default="pseudo+synthetic")
     ap.add_argument("--synthetic-objects", type=int, default=2000)
+    ap.add_argument("--synthetic-variant", default="demo", choices=["demo", "holdout"],
+                    help="photographs of the generated training objects: the other variant than --workdir's "
+                         "data measures the editor out of domain")
+    ap.add_argument("--old-sim-rule", action="store_true",
+                    help="simulated clicks' previous masks with the disks only (sim_constraint false)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--no-full", action="store_true", help="skip the per-seed full rows (ablation only)")
@@ -371,7 +376,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     base = ClickModelConfig(iterations=args.iterations, train_source=args.source,
-                            synthetic_objects=args.synthetic_objects)
+                            synthetic_objects=args.synthetic_objects, synthetic_variant=args.synthetic_variant,
+                            sim_constraint=not args.old_sim_rule)
     result.update({"device": "cpu", "torch": torch.__version__, "machine": platform.machine(),
                    "cpu_count": os.cpu_count(), "config": base.to_dict(), "workdir": str(args.workdir),
                    "gt": str(args.gt), "objects": args.objects, "object_offset": args.object_offset,

@@ -225,7 +225,7 @@ def _pseudo_items(workdir: Path, crop_size: int, top_fraction: float, max_object
 def build_training_set(workdir: Path, crop_size: int, *, source: str = "pseudo", top_fraction: float = 0.6,
                        max_objects: int = 2000, train_json: str | Path | None = None,
                        images_dir: str | Path | None = None, exclude: set[int] | None = None,
-                       synthetic_objects: int = 2000, synthetic_seed: int = 1000,
+                       synthetic_objects: int = 2000, synthetic_seed: int = 1000, synthetic_variant: str = "demo",
                        synthetic_dir: str | Path | None = None, storage: str | Path | None = None) -> ClickTrainingSet:
     """Crops and target masks for click training (see module doc). ``exclude``: ann_ids to
     leave out (e.g. the objects a benchmark evaluates on); ``synthetic_dir``: where the
@@ -253,7 +253,7 @@ def build_training_set(workdir: Path, crop_size: int, *, source: str = "pseudo",
         from exits.interactive.synthetic import synthetic_training_json
 
         cache = Path(synthetic_dir) if synthetic_dir is not None else RunFolder(workdir).click_model_dir / "synthetic"
-        json_path, images = synthetic_training_json(cache, synthetic_objects, synthetic_seed)
+        json_path, images = synthetic_training_json(cache, synthetic_objects, synthetic_seed, synthetic_variant)
         sources.append((_coco_items(json_path, workdir, crop_size, synthetic_objects, set(), 0), images))
     writer = _SetWriter(Path(storage) if storage is not None else None, crop_size)
     found = False

@@ -34,6 +34,7 @@ from exits.data.crops import CropWindow, crop_mask, crop_to_window
 from exits.interactive.clicks import Click, disk_index, state_map, update_with_prediction
 from exits.interactive.constrain import CrfKernels, constrain_clicks
 from exits.interactive.decoder import ClickDecoder, StaticInputs
+from exits.interactive.grabcut import grabcut_from_clicks
 from exits.interactive.features import FeatureCache, ObjectFeatures, object_features
 from exits.interactive.inference import decode_probs
 from exits.interactive.model_io import CLICK_MODEL_PATH, load_click_model
@@ -170,10 +171,13 @@ class ClickPredictor:
         return decode_probs(self.decoder, f.tokens[None].to(self.device), f.grid, f.crop[None].to(self.device),
                             [uv], [prev_crop], [state], at_crop_size=False, static=self._static(f))[0]
 
-    def _constrained_window(self, f: ObjectFeatures, prob: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
+    def _constrained_window(self, f: ObjectFeatures, prob: np.ndarray, clicks: Sequence[Click],
+                            prev: np.ndarray | None = None) -> np.ndarray:
         """(win.height, win.width) bool: the click constraint on the crop's probabilities,
         at the crop's resolution then resampled to the window (``crf_resolution: crop``),
-        or at the window's own pixels (``window``; :mod:`exits.interactive.constrain`)."""
+        or at the window's own pixels (``window``; :mod:`exits.interactive.constrain`).
+        With ``grabcut_mix`` > 0 GrabCut's answer to the same clicks and previous mask
+        (``prev``, full image) is mixed into the probabilities first."""
         cfg, win = self.decoder.config, f.window
         kwargs = dict(method=self.constraint, iters=cfg.crf_iters, sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w,
                       colour=cfg.crf_colour, max_size=cfg.crf_max_size,
@@ -181,10 +185,42 @@ class ClickPredictor:
         if cfg.crf_resolution == "window" and self.constraint in ("crf", "grabcut") and f.window_image is not None:
             uv = [(float(x) - win.x0, float(y) - win.y0, bool(p)) for x, y, p in clicks]
             radius = cfg.disk_radius * max(win.width, win.height) / win.size
+            if cfg.grabcut_mix > 0:
+                prob = self._mix_grabcut(f, prob, uv, prev, radius, f.window_image)
             # the crop covers the window exactly: its probabilities go straight to the CRF's grid
             return constrain_clicks(prob, f.window_image.cpu(), uv, radius, **kwargs)
-        crop_out = constrain_clicks(prob, f.crop.cpu(), self._crop_clicks(win, clicks), cfg.disk_radius, **kwargs)
+        uv = self._crop_clicks(win, clicks)
+        if cfg.grabcut_mix > 0:
+            prob = self._mix_grabcut(f, prob, uv, prev, cfg.disk_radius, f.crop)
+        crop_out = constrain_clicks(prob, f.crop.cpu(), uv, cfg.disk_radius, **kwargs)
         return (crop_to_window(torch.from_numpy(crop_out.astype(np.float32)), win) >= 0.5).numpy()
+
+    def _mix_grabcut(self, f: ObjectFeatures, prob: np.ndarray, uv: Sequence[Click], prev: np.ndarray | None,
+                     radius: float, image: torch.Tensor) -> np.ndarray:
+        """p = (1 - w) p_decoder + w 1[GrabCut fg] on ``image``'s grid (the window's pixels or
+        the crop; ``uv`` clicks in that grid), w = ``grabcut_mix``. GrabCut starts from the
+        previous mask cut to that grid (else the extreme-point box), as the GrabCut editor."""
+        win = f.window
+        h, w = image.shape[-2:]
+        on_window = (h, w) == (win.height, win.width)
+        info = self.objects.get(int(f.ann_id))
+        prev_local = None
+        if prev is not None:
+            prev_local = prev[win.y0:win.y0 + win.height, win.x0:win.x0 + win.width] if on_window else \
+                self._crop_prev(win, prev)
+        box = None
+        if info is not None:
+            pts = info.extreme_points if on_window else win.image_to_crop(info.extreme_points)
+            origin = np.array([win.x0, win.y0]) if on_window else np.zeros(2)
+            pts = np.asarray(pts, np.float64) - origin
+            box = np.array([pts[1, 0], pts[0, 1], pts[3, 0], pts[2, 1]])
+        rgb = np.ascontiguousarray((image.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
+        answer = grabcut_from_clicks(rgb, uv, CropWindow(0, 0, w, h, size=win.size), prev_local, box=box, radius=radius)
+        p = torch.from_numpy(np.ascontiguousarray(prob, np.float32))[None, None]
+        if p.shape[-2:] != (h, w):
+            p = torch.nn.functional.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+        mix = float(self.decoder.config.grabcut_mix)
+        return (1 - mix) * p[0, 0].numpy() + mix * answer.astype(np.float32)
 
     def predict(self, ann_id: int, clicks: list[tuple[float, float, bool]], prev_mask: np.ndarray | None) -> np.ndarray:
         """The new (H, W) bool full-image mask after ``clicks`` on top of ``prev_mask``."""
@@ -207,7 +243,7 @@ class ClickPredictor:
         prob = self._decode(f, uv, prev_crop, z)
         out = prev.copy() if prev is not None else np.zeros((h, w), bool)
         rows, cols = slice(win.y0, win.y0 + win.height), slice(win.x0, win.x0 + win.width)
-        out[rows, cols] = self._constrained_window(f, prob, clicks)
+        out[rows, cols] = self._constrained_window(f, prob, clicks, prev)
         radius = cfg.disk_radius * max(win.width, win.height) / win.size
         if self.progressive and prev is not None:
             out = progressive_update(prev, out, clicks[-1], radius)

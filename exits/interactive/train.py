@@ -6,8 +6,9 @@ Per batch (targets = the chosen training masks, see :mod:`exits.interactive.data
   2. first click at the centre of the largest error region of the start;
   3. r rounds without gradient, P(r) = decay^r / sum_{k=0..R} decay^k for r = 0..R
      (InterFormer: up to 20 pre-interactions, exponentially decaying; R =
-     ``max_sim_rounds``, decay ``sim_round_decay``): predict, keep the click disks
-     (the "disk" constraint, as the predictor's constraint would), feed the result back
+     ``max_sim_rounds``, decay ``sim_round_decay``): predict, pass the probabilities
+     through the click constraint the predictor uses (``constraint``, on the crop;
+     :func:`simulated_answer`; ``sim_constraint: false`` keeps only the disks), feed the result back
      as the previous mask, advance the carried 5-state map with it, click at the centre of
      the largest error region;
   4. one prediction with gradient; loss :func:`training_loss`.
@@ -30,6 +31,7 @@ from scipy import ndimage
 
 from exits.interactive.clicks import Click, click_label_map, state_map, update_with_prediction
 from exits.interactive.config import ClickModelConfig
+from exits.interactive.constrain import CrfKernels, constrain_clicks
 from exits.interactive.data import ClickTrainingSet, build_training_set
 from exits.interactive.decoder import ClickDecoder, DecoderOutput, StaticInputs
 from exits.interactive.features import encode_crops
@@ -42,7 +44,7 @@ from exits.interactive.robot import largest_error_click
 from exits.models.factory import load_mask_model
 from exits.run_folder import RunFolder
 
-__all__ = ["corrupt_mask", "sample_rounds", "simulate_clicks", "training_loss", "train_click_decoder", "encode_to_storage",
+__all__ = ["corrupt_mask", "sample_rounds", "simulated_answer", "simulate_clicks", "training_loss", "train_click_decoder", "encode_to_storage",
            "train_click_model"]
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,30 @@ def sample_rounds(rng: np.random.Generator, max_rounds: int, decay: float) -> in
     return int(rng.choice(max_rounds + 1, p=weights / weights.sum()))
 
 
+def simulated_answer(prob: np.ndarray, crop: torch.Tensor, clicks: list[Click], config: ClickModelConfig,
+                     kernels: dict[int, CrfKernels], key: int) -> np.ndarray:
+    """(S, S) bool answer of one simulated round, built as the predictor builds it.
+
+    prob (S, S) decoder probabilities, crop (3, S, S) in [0, 1]. With ``sim_constraint`` the
+    configured click ``constraint`` runs on the crop (the predictor runs it on the window at
+    the image's pixels, which training does not have; at the demo's 96 px the two grids are
+    about the same size), its kernels built once per crop and kept in ``kernels[key]``;
+    without, the decoder's mask with the click disks forced (the rule before issue 28)."""
+    size = prob.shape[-1]
+    if config.sim_constraint and (config.constraint == "none" or not clicks):
+        return prob >= 0.5
+    if not config.sim_constraint or config.constraint == "disk":
+        labels = click_label_map(clicks, (size, size), config.disk_radius)
+        return np.where(labels != 0, labels > 0, prob > 0.5)
+    image = crop.detach().float().cpu()
+    if key not in kernels:
+        kernels[key] = CrfKernels(image, max_size=config.crf_max_size, sxy=config.crf_sxy, srgb=config.crf_srgb,
+                                  weight=config.crf_w)
+    return constrain_clicks(prob, image, clicks, config.disk_radius, method=config.constraint, iters=config.crf_iters,
+                            sxy=config.crf_sxy, srgb=config.crf_srgb, weight=config.crf_w, colour=config.crf_colour,
+                            max_size=config.crf_max_size, kernels=kernels[key])
+
+
 def simulate_clicks(decoder: ClickDecoder, tokens: torch.Tensor, grid: tuple[int, int], crops: torch.Tensor,
                     targets: np.ndarray, config: ClickModelConfig, rng: np.random.Generator,
                     static: StaticInputs | None = None
@@ -91,11 +117,11 @@ def simulate_clicks(decoder: ClickDecoder, tokens: torch.Tensor, grid: tuple[int
         prevs.append(prev)
         clicks.append([first] if first is not None else [])
         states.append(None)
+    kernels: dict[int, CrfKernels] = {}
     for _ in range(sample_rounds(rng, config.max_sim_rounds, config.sim_round_decay)):
-        preds = decode_probs(decoder, tokens, grid, crops, clicks, prevs, states, static=static) > 0.5
+        probs = decode_probs(decoder, tokens, grid, crops, clicks, prevs, states, static=static)
         for i, target in enumerate(targets):
-            labels = click_label_map(clicks[i], (size, size), config.disk_radius)
-            pred = np.where(labels != 0, labels > 0, preds[i])
+            pred = simulated_answer(probs[i], crops[i], clicks[i], config, kernels, i)
             z = state_map(clicks[i], prevs[i], (size, size), config.disk_radius, states[i])
             states[i] = update_with_prediction(z, pred)
             prevs[i] = pred
@@ -236,6 +262,7 @@ def train_click_model(workdir: str | Path, config: ClickModelConfig, *, out_path
                                        top_fraction=config.train_top_fraction, max_objects=config.max_train_objects,
                                        train_json=config.train_json, exclude=exclude,
                                        synthetic_objects=config.synthetic_objects, synthetic_seed=config.synthetic_seed,
+                                       synthetic_variant=config.synthetic_variant,
                                        synthetic_dir=synthetic_dir, storage=storage)
         tokens, grid = encode_to_storage(encoder, train_set.crops, Path(storage) / "tokens.f32")
         decoder, history = train_click_decoder(tokens, grid, train_set, config, progress=progress)
