@@ -22,7 +22,9 @@ hides another's), with 2 torch/BLAS threads:
     merge            the pseudo shards -> pseudo_labels.json / .parquet
     report           the mIoU report over all rows (GT = the polygons of the json), streamed:
                      GT json one annotation at a time, pseudo masks by row group,
-                     metrics.parquet written incrementally (exits.report.build.build_report)
+                     metrics.parquet written incrementally (exits.report.build.build_report);
+                     without the parts table (peer_sample=0: a fixed-size sample of GrabCut /
+                     dense-CRF peers, the same cost at any scale, exits/report/parts.py)
     report_in_memory the report as it was before streaming (GT json loaded whole, a dict per
                      object: exits.report.build.build_report_in_memory); not in the default
                      stages, ask for it with --stages
@@ -192,7 +194,8 @@ def setup_run(data: Path, run: Path, shard_size: int, seed: int = 0) -> None:
                                ("height", IMAGE_H), ("width", IMAGE_W), ("rle_counts", rle["counts"].decode("ascii")),
                                ("area", int(mask_utils.area(rle))), ("score", score), ("certainty", score),
                                ("point_agreement", score), ("num_parts", 1), ("generator_score", score),
-                               ("box_fit", score), ("point_reach", score), ("refine_agreement", float("nan"))):
+                               ("box_fit", score), ("point_reach", score), ("refine_agreement", float("nan")),
+                               ("generator_rle_counts", rle["counts"].decode("ascii"))):
                 if key in cols:
                     cols[key].append(value)
         write_shard(pa.table(cols, schema=PSEUDO_SCHEMA), rf.shard("pseudo", index), key="synthetic")
@@ -273,7 +276,7 @@ def run_stage(stage: str, data: Path, run: Path, shard_size: int) -> dict[str, A
     elif stage in ("report", "report_in_memory"):
         report = write_report if stage == "report" else build_report_in_memory
         cpu0 = time.process_time()
-        summary = report(run, gt=ann, publish=False)
+        summary = report(run, gt=ann, publish=False, peer_sample=0)
         # CPU seconds (all threads): what the wall time would be on a quiet core, under load
         extra = {"miou": summary["all"]["miou"], "evaluated": summary["all"]["count"],
                  "retrieval": "retrieval" in summary, "cpu_seconds": round(time.process_time() - cpu0, 2)}

@@ -32,24 +32,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from exits.run_folder import RunFolder  # noqa: E402
-from exits.baselines import DENSE_PEER_PARAMS, box_mask_full, dense_crf_box_mask, grabcut_mask  # noqa: E402
+from exits.baselines import DENSE_PEER_PARAMS, PEERS, peer_masks, peer_objects_of_table  # noqa: E402
 from exits.config import load_config  # noqa: E402
-from exits.data.instances_table import read_instances_table, table_windows  # noqa: E402
+from exits.data.instances_table import read_instances_table  # noqa: E402
 from exits.demo import generate_demo_dataset  # noqa: E402
 from exits.io import write_json  # noqa: E402
 from exits.pipeline import run_pipeline  # noqa: E402
 from exits.stages.point_retrieval import read_points, retrieval_stats  # noqa: E402
 from exits.stages.prepare import prepare_instances  # noqa: E402
-from exits.stages.pseudo_labels import encode_rle  # noqa: E402
 from exits.stages.report import evaluate_masks  # noqa: E402
 from retrieval_quality import patch_stats  # noqa: E402
 
@@ -58,27 +55,16 @@ SPLITS: dict[str, tuple[str, dict]] = {
     "demo": ("demo", {"seed": 0, "variant": "demo"}),
     "holdout": ("holdout", {"seed": 1, "variant": "holdout"}),
 }
-PEERS = ("box", "grabcut", "densecrf")
 
 
 def baseline_masks(workdir: Path, images: Path, kind: str) -> tuple[dict[int, dict], float]:
+    """Peer ``kind``'s mask of every object of the run's instances table
+    (``exits.baselines.peer_masks``) and the wall time per object (image reads included)."""
     table = read_instances_table(RunFolder(workdir).instances)
-    cols = table.to_pydict()
-    windows = table_windows(table, 96)
-    out, cache = {}, {}
+    objects = peer_objects_of_table(table)
     t0 = time.perf_counter()
-    for i, ann_id in enumerate(cols["ann_id"]):
-        pts = np.asarray(cols["extreme_points"][i]).reshape(4, 2)
-        h, w = cols["height"][i], cols["width"][i]
-        if kind == "box":
-            m = box_mask_full(pts, h, w)
-        else:
-            name = cols["file_name"][i]
-            if name not in cache:
-                cache = {name: np.array(Image.open(images / name).convert("RGB"))}
-            m = (grabcut_mask if kind == "grabcut" else dense_crf_box_mask)(cache[name], pts, windows[i])
-        out[ann_id] = encode_rle(m)
-    return out, (time.perf_counter() - t0) / max(1, len(out))
+    masks, _ = peer_masks(objects, images, [kind])
+    return masks[kind], (time.perf_counter() - t0) / max(1, len(objects))
 
 
 def summarize(summary: dict) -> dict:

@@ -409,7 +409,7 @@ def run_full(scale: float, work: Path, *, images: int | None = None, objects: in
                   "stages": _stage_rows(summary, measured, n), "processes": measured["processes"],
                   "own_peak_rss_mb": measured["own_peak_rss_mb"], "samples": measured["samples"]}
     log(f"  run {measured['wall_s']} s, stages {summary['seconds']}, tasks {summary['tasks']}")
-    for name, cmd in (("report", ["report", "-w", str(run)]), ("export", ["export", "-w", str(run)])):
+    for name, cmd in (("report", ["report", "-w", str(run), "--peer-sample", "0"]), ("export", ["export", "-w", str(run)])):
         if name == "export":
             out["fixes"] = append_fixes(run, N_FIXES)
         m = run_measured([*exits_command(), *cmd], env, base / f"{name}.log", log=log)

@@ -148,10 +148,11 @@ def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, start: 
         if p.crf_refine and p.refine_at == "image" else None
     crop_crf = p.crf_refine and p.refine_at == "crop"
     crf_agreement: list[float] | None = [] if crop_crf else None
+    raw_probs: list[torch.Tensor] | None = [] if crop_crf else None  # the generator's own, before the crop CRF
     try:
         probs = predict_crop_probs(generator, dataset, batch_size=p.batch_size, device=device,
                                    crf_impl=p.crf_impl if crop_crf else None, crf_agreement=crf_agreement,
-                                   threshold=p.threshold,
+                                   threshold=p.threshold, raw_probs=raw_probs,
                                    crf_params={"iters": crf.iters, **crf.params}, progress=progress,
                                    autocast_dtype=pseudo_autocast_dtype(device, cfg.amp, p.cpu_bf16),
                                    on_batch=refine.submit if refine is not None else None)
@@ -159,7 +160,9 @@ def stage_pseudo_shard(cfg: ExitsConfig, images: Path, paths: RunFolder, start: 
         task = generator_task(cfg, dataset, points)
         target, labelled, _ = task.targets(torch.arange(len(dataset)), torch.device("cpu"))
         return write_shard(shard_pseudo_label_table(probs, table, dataset, labelled, target, p.threshold, progress,
-                                                    refine=refine, crop_refine_agreement=crf_agreement), out, key)
+                                                    refine=refine, crop_refine_agreement=crf_agreement,
+                                                    generator_probs=torch.cat(raw_probs) if raw_probs else None),
+                           out, key)
     finally:
         if refine is not None:
             refine.close()
@@ -170,7 +173,7 @@ def stage_report(cfg: ExitsConfig, workdir: Path, gt: Path | None) -> dict[str, 
     e = cfg.eval
     try:
         return write_report(workdir, gt=gt, separated_ids=e.separated_ids_path, min_part_pixels=e.separated_min_part_pixels,
-                            min_part_fraction=e.separated_min_part_fraction)
+                            min_part_fraction=e.separated_min_part_fraction, peer_sample=e.peer_sample)
     except ValueError as exc:
         log.info("no mIoU report: %s", exc)
         return None

@@ -226,10 +226,13 @@ def test_publish_inside_a_flow_creates_artifacts(run):
         ids = publish()
         with get_client(sync_client=True) as client:
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="exits-test-")))
-    assert len(ids) == 5
+    assert len(ids) == 6
     by_key = {a.key: a for a in arts}
     assert set(by_key) == {"exits-test-summary", "exits-test-subsets", "exits-test-categories",
-                           "exits-test-calibration", "exits-test-worst"}
+                           "exits-test-calibration", "exits-test-parts", "exits-test-worst"}
+    parts = json.loads(by_key["exits-test-parts"].data)  # the report's parts table (exits/report/parts.py)
+    assert [r["part"] for r in parts] == [r["part"] for r in run["summary"]["parts"]["rows"]]
+    assert parts[0]["miou_all"] == pytest.approx(run["summary"]["parts"]["rows"][0]["all"]["miou"])
     assert by_key["exits-test-summary"].type == "markdown" and "mIoU" in by_key["exits-test-summary"].data
     table = json.loads(by_key["exits-test-subsets"].data)
     assert table[0] == {"subset": "all", "count": len(run["expected"]),

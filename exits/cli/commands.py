@@ -207,16 +207,20 @@ def report(
     gt: Optional[Path] = typer.Option(None, "--gt", help="json with GT masks (default: the run's GT, else its input annotations)"),
     separated_ids: Optional[Path] = typer.Option(None, "--separated-ids", help="file listing the separated annotation ids (Separated COCO); default: derive from GT masks"),
     worst: int = typer.Option(12, "--worst", min=0, help="objects in the worst-IoU gallery"),
+    peer_sample: Optional[int] = typer.Option(None, "--peer-sample", min=0, help="objects (at most, evenly strided over the sorted ann ids) of the parts table: box / GrabCut / dense CRF / generator / final mask side by side, like for like; 0 = no parts table (default: the run config's eval.peer_sample, 300)"),
 ) -> None:
     """mIoU report of the pseudo masks: WORKDIR/report/ (metrics.parquet, summary.json, report.md, report.html)."""
     setup_logging(False)
+    from exits.run_folder import RunFolder
     from exits.stages.report import write_report
 
     try:
         if gt is not None:
             check_input_file(gt, "GT json")
-        summary = write_report(workdir, gt=gt, separated_ids=separated_ids, n_worst=worst)
-    except (FileNotFoundError, ValueError) as exc:
+        if peer_sample is None:
+            peer_sample = RunFolder(workdir).load_config().eval.peer_sample
+        summary = write_report(workdir, gt=gt, separated_ids=separated_ids, n_worst=worst, peer_sample=peer_sample)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         fail(error_text(exc))
     from exits.eval import format_summary_markdown
 
@@ -225,6 +229,11 @@ def report(
     rho = "–" if cal["spearman"] is None else f"{cal['spearman']:.3f}"
     typer.echo(f"Separated: {summary['separated_objects']['count']} objects ({summary['separated_source']}); "
                f"score vs IoU Spearman rho {rho}")
+    parts = summary.get("parts")
+    if parts:
+        cells = ", ".join(f"{r['part']} {100 * r['all']['miou']:.1f}" for r in parts["rows"] if r["all"]["miou"] is not None)
+        typer.echo(f"Parts on {parts['sample']['objects']} objects (mIoU all %): {cells}"
+                   + "".join(f"; no {o['part']} row: {o['reason']}" for o in parts["omitted"]))
     typer.echo(f"Report: {workdir / 'report' / 'report.html'} (and report.md, metrics.parquet, summary.json)")
 
 

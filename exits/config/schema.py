@@ -174,6 +174,7 @@ class EvalConfig(Section):
     separated_min_part_pixels: int = Field(16, ge=1)
     separated_min_part_fraction: float = Field(0.05, ge=0, le=0.5)
     separated_ids_path: str | None = None
+    peer_sample: int = Field(300, ge=0, le=1_000_000, description="the report's parts table (box / GrabCut / dense CRF / generator / final mask, exits/report/parts.py): at most this many evaluated objects, evenly strided over their sorted ann ids (all when fewer). The peers cost 20-60 ms per object on the demo and up to 1.4 s on large flat images (GrabCut), so the default keeps a report under ~7 min extra in the worst case measured; 0 = no parts table")
 
 
 class FlowsConfig(Section):

@@ -3,7 +3,7 @@
 Outside a run (plain ``exits report``, tests, notebooks) nothing is sent and nothing is
 imported from Prefect's client beyond its context module. Inside a run the flow run's page
 shows a Markdown artifact (the report's facts and tables) and table artifacts (subsets, per
-category, calibration, worst objects). Keys are stable (``{key_prefix}-summary`` ...), so
+category, calibration, the parts comparison, worst objects). Keys are stable (``{key_prefix}-summary`` ...), so
 Prefect keeps the history of each across runs.
 """
 from __future__ import annotations
@@ -52,6 +52,12 @@ def artifact_tables(summary: Mapping[str, Any], worst_rows: Sequence[Mapping[str
         "categories": [dict(r) for r in summary["per_category"]],
         "calibration": [dict(b) for b in summary["calibration"]["bins"]],
     }
+    parts = summary.get("parts")
+    if parts and parts["rows"]:
+        tables["parts"] = [{"part": r["part"], "label": r["label"], "count": r["all"]["count"],
+                            "miou_all": r["all"]["miou"], "miou_separated": r["separated"]["miou"],
+                            "miou_non_separated": r["non_separated"]["miou"],
+                            **{f"miou_{b}": s["miou"] for b, s in r["per_size"].items()}} for r in parts["rows"]]
     if worst_rows:
         cols = ("ann_id", "image_id", "category", "iou", "score", "separated", "parts", "size")
         tables["worst"] = [{c: r.get(c) for c in cols} for r in worst_rows]

@@ -6,7 +6,9 @@ nothing here feeds training. Every file is written atomically.
     report/metrics.parquet   one row per evaluated object (METRICS_SCHEMA)
     report/summary.json      mIoU all / separated / non-separated / per size / per category,
                              separated count and share and where the subset came from,
-                             score-vs-IoU calibration, inputs, worst ann ids
+                             score-vs-IoU calibration, inputs, worst ann ids, and "parts":
+                             box / GrabCut / dense CRF / generator / final mask on one
+                             sample of objects (:mod:`exits.report.parts`)
     report/figures/*.png     IoU histograms, per-category mIoU, score vs IoU
     report/gallery/*.png     the worst objects (image + points | pseudo | GT)
     report/report.md         readable report (links the PNGs above)
@@ -30,6 +32,7 @@ from exits.report.evaluation import evaluate_predictions, pseudo_label_rles
 from exits.report.figures import report_figures
 from exits.report.gallery import gallery_items
 from exits.report.metrics import calibration_of, object_metrics_table, report_summary, worst_objects
+from exits.report.parts import DEFAULT_PEER_SAMPLE, parts_comparison
 from exits.report.render import render_html, render_markdown
 from exits.report.run_files import read_object_geometry, read_points_source, read_retrieval_stats
 from exits.report.streaming import evaluate_streaming, metrics_rows, pseudo_masks_of_run, read_metrics_columns
@@ -52,7 +55,7 @@ def _replace_dir_pngs(folder: Path, pngs: dict[str, bytes]) -> dict[str, str]:
 
 def build_report(workdir: str | Path, gt: str | Path | None = None, separated_ids: str | Path | None = None,
                  min_part_pixels: int = 16, min_part_fraction: float = 0.05, *, n_worst: int = DEFAULT_N_WORST,
-                 publish: bool = True) -> dict[str, Any]:
+                 publish: bool = True, peer_sample: int = DEFAULT_PEER_SAMPLE) -> dict[str, Any]:
     """Evaluate ``WORKDIR/pseudo_labels.json`` against GT masks and write ``WORKDIR/report/``.
 
     Streamed (:mod:`exits.report.streaming`): the GT json one annotation at a time, the pseudo
@@ -69,6 +72,8 @@ def build_report(workdir: str | Path, gt: str | Path | None = None, separated_id
         min_part_pixels, min_part_fraction: part thresholds of the derived rule.
         n_worst: objects in the gallery (lowest IoU).
         publish: also create Prefect artifacts when inside a Prefect run.
+        peer_sample: objects (at most) of the parts table, :func:`exits.report.parts.parts_comparison`;
+            0 = none.
     Returns:
         The summary written to summary.json.
     Raises:
@@ -106,6 +111,9 @@ def build_report(workdir: str | Path, gt: str | Path | None = None, separated_id
             if run.points.is_file():
                 # Objects the generator trained on MIL alone (no seed set / nothing retrieved), issue 13.
                 summary["retrieval"] = {k: round(v, 4) for k, v in read_retrieval_stats(run.points).items()}
+            parts = parts_comparison(workdir, gt_path, table, peer_sample)
+            if parts is not None:
+                summary["parts"] = parts
             figures = report_figures(table, summary)
             del table
             worst_rows = metrics_rows(metrics_tmp, worst_ids)
@@ -124,7 +132,8 @@ def build_report(workdir: str | Path, gt: str | Path | None = None, separated_id
 
 def build_report_in_memory(workdir: str | Path, gt: str | Path | None = None, separated_ids: str | Path | None = None,
                            min_part_pixels: int = 16, min_part_fraction: float = 0.05, *,
-                           n_worst: int = DEFAULT_N_WORST, publish: bool = True) -> dict[str, Any]:
+                           n_worst: int = DEFAULT_N_WORST, publish: bool = True,
+                           peer_sample: int = DEFAULT_PEER_SAMPLE) -> dict[str, Any]:
     """The report as it was before streaming (the reference :func:`build_report` is tested
     equal to): the GT json loaded whole, a :class:`exits.eval.GtInstance` and a metrics row
     dict per object. Same arguments, files and result; memory grows with the json (4.6 GB
@@ -149,6 +158,9 @@ def build_report_in_memory(workdir: str | Path, gt: str | Path | None = None, se
         from exits.stages.point_retrieval import read_points, retrieval_stats
 
         summary["retrieval"] = {k: round(v, 4) for k, v in retrieval_stats(read_points(run.points)).items()}
+    parts = parts_comparison(workdir, gt_path, table, peer_sample)
+    if parts is not None:
+        summary["parts"] = parts
 
     out = run.report_dir
     picked = table.filter(pc.is_in(table["ann_id"], value_set=pa.array(worst_ids, type=pa.int64())))

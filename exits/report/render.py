@@ -68,8 +68,33 @@ def key_facts(summary: Mapping[str, Any]) -> list[str]:
     return facts
 
 
+def parts_table(summary: Mapping[str, Any]) -> TableSpec | None:
+    """What each part of the method gives (summary["parts"], :mod:`exits.report.parts`): one
+    row per part, mIoU all / separated / non-separated / per size on one sample of objects;
+    None when the report has no parts section."""
+    parts = summary.get("parts")
+    if not parts:
+        return None
+    sample = parts["sample"]
+    rows = [[r["label"], str(r["all"]["count"]), pct(r["all"]["miou"]), pct(r["separated"]["miou"]),
+             pct(r["non_separated"]["miou"])] + [pct(r["per_size"][b]["miou"]) for b in SIZE_BUCKETS]
+            for r in parts["rows"]]
+    sizes = {}
+    if parts["rows"]:
+        sizes = {b: parts["rows"][0]["per_size"][b]["count"] for b in SIZE_BUCKETS}
+    note = (f"All rows on the same {sample['objects']} of {sample['evaluated']} evaluated objects "
+            f"({sample['separated']} separated; " + ", ".join(f"{b} {n}" for b, n in sizes.items()) + "), "
+            f"evenly strided over their sorted ann ids (at most {sample['peer_sample']}: --peer-sample / "
+            "eval.peer_sample). (a)-(c) need no training; (d) is the generator before any refinement; "
+            "(e) is the pseudo mask (its full-set numbers are above).")
+    note += "".join(f" Not shown: {o['label']}: {o['reason']}." for o in parts.get("omitted", []))
+    return TableSpec("What each part gives (like for like)",
+                     ["Part", "Objects", "mIoU all (%)", "Separated (%)", "Non-separated (%)",
+                      *(f"{b.capitalize()} (%)" for b in SIZE_BUCKETS)], rows, "lrrrrrrr", note)
+
+
 def summary_tables(summary: Mapping[str, Any], max_categories: int = MAX_CATEGORY_ROWS) -> list[TableSpec]:
-    """Subset, size, category, points-source and calibration tables of a report summary."""
+    """Subset, size, parts, category, points-source and calibration tables of a report summary."""
     n_all = summary["all"]["count"]
     subsets = [[label, str(summary[key]["count"]), pct(summary[key]["count"] / n_all if n_all else None),
                 pct(summary[key]["miou"])]
@@ -82,6 +107,9 @@ def summary_tables(summary: Mapping[str, Any], max_categories: int = MAX_CATEGOR
     tables.append(TableSpec("mIoU by size", ["Size", "Objects", "mIoU (%)", "Separated", "Separated mIoU (%)"], sizes,
                             "lrrrr", f"COCO buckets by GT area: small < {th['small_below_area']}, "
                                      f"medium < {th['medium_below_area']}, large otherwise."))
+    parts = parts_table(summary)
+    if parts is not None:
+        tables.append(parts)
 
     cats = sorted(summary["per_category"], key=lambda r: (-r["count"], r["category_id"]))
     shown = cats[:max_categories]

@@ -19,6 +19,11 @@ from signals of the final mask F (:mod:`exits.stages.mask_quality`):
     score            = mean(box_fit, point_reach, refine_agreement)
                        (generator_score in place of refine_agreement when refine_at: none)
 
+The generator's own mask (M >= t pasted, before any CRF: the mask refine_agreement compares
+against; the final mask itself when refine_at: none) is kept too, as ``generator_rle_counts``
+of the Parquet rows (not of the COCO json): the report's "parts" table
+(:mod:`exits.report.parts`) sets it beside the final mask and the classical peers.
+
 Why these: the generator's confidence is computed before the refinement and measured
 Spearman 0.46 against the final mask's IoU on the demo; how much the refinement changed
 the mask measured 0.67, and the extreme points' geometry (an outline that must reach all
@@ -73,11 +78,15 @@ PSEUDO_SCHEMA = pa.schema(
         ("box_fit", pa.float32()),
         ("point_reach", pa.float32()),
         ("refine_agreement", pa.float32()),  # NaN: no refinement after the generator
+        # COCO RLE counts of the generator's own mask (size = height, width): M >= t pasted,
+        # before the CRF; null when not stored (older shards, placeholders, write_pseudo_labels)
+        ("generator_rle_counts", pa.string()),
     ]
 )
 # Columns a shard written by an older version may lack (read as null; num_parts is recounted
-# on merge, a missing triage signal stays null and that shard keeps its old score).
-TRIAGE_COLUMNS = ("generator_score", "box_fit", "point_reach", "refine_agreement")
+# on merge, a missing triage signal stays null and that shard keeps its old score): the
+# triage signals and the generator's mask refine_agreement is measured against.
+TRIAGE_COLUMNS = ("generator_score", "box_fit", "point_reach", "refine_agreement", "generator_rle_counts")
 OPTIONAL_COLUMNS = ("num_parts", *TRIAGE_COLUMNS)
 
 
@@ -93,12 +102,16 @@ def predict_crop_probs(model: torch.nn.Module, dataset: torch.utils.data.Dataset
                        device: torch.device, crf_impl: str | None = None, crf_params: dict | None = None,
                        progress: bool = True, autocast_dtype: torch.dtype | None = None,
                        on_batch: Callable[[int, torch.Tensor], None] | None = None,
-                       crf_agreement: list[float] | None = None, threshold: float = 0.5) -> torch.Tensor:
+                       crf_agreement: list[float] | None = None, threshold: float = 0.5,
+                       raw_probs: list[torch.Tensor] | None = None) -> torch.Tensor:
     """(K, S, S) float16 foreground probability per object crop, zero outside its box.
 
     ``crf_agreement``: with ``crf_impl``, this list receives per object the IoU inside the
     box of the generator's mask (sigmoid >= ``threshold``) with the CRF-refined one (the
-    triage score's ``refine_agreement`` for ``refine_at: crop``).
+    triage score's ``refine_agreement`` for ``refine_at: crop``). ``raw_probs``: with
+    ``crf_impl``, this list receives each batch's (B, S, S) float16 probability *before* the
+    CRF (zero outside the box): ``torch.cat`` of it is the ``generator_probs`` of
+    :func:`shard_pseudo_label_table`.
 
     ``autocast_dtype``: the forward pass under autocast (``exits.engine.device.amp_dtype``);
     the sigmoid, the CRF and the box mask run in float32. ``on_batch(start, probs)`` is called
@@ -120,6 +133,8 @@ def predict_crop_probs(model: torch.nn.Module, dataset: torch.utils.data.Dataset
             prob = crf_refine(images, prob, impl=crf_impl, **(crf_params or {}))
             if crf_agreement is not None:
                 crf_agreement.extend(mask_iou_batch(raw >= threshold, prob[:, 0] * box >= threshold).tolist())
+            if raw_probs is not None:
+                raw_probs.append(raw.half().cpu())
         prob = (prob[:, 0] * box).half().cpu()
         if on_batch is not None:
             on_batch(start, prob)
@@ -165,26 +180,37 @@ def paste_box_prob(prob: torch.Tensor, window: Any, height: int, width: int) -> 
 
 def paste_pseudo_masks(probs: torch.Tensor, dataset: Any, images: dict[int, Any], image_ids: list[int],
                        threshold: float, progress: bool = True,
-                       refine: Callable[[int, torch.Tensor], np.ndarray] | None = None) -> list[dict]:
-    """Image-space RLE per object: {ann_id, rle, area} and the final mask's triage signals
-    box_fit, point_reach, refine_agreement (:func:`exits.stages.mask_quality.final_mask_signals`).
+                       refine: Callable[[int, torch.Tensor], np.ndarray] | None = None,
+                       generator_probs: torch.Tensor | None = None) -> list[dict]:
+    """Image-space RLE per object: {ann_id, rle, area}, the final mask's triage signals
+    box_fit, point_reach, refine_agreement (:func:`exits.stages.mask_quality.final_mask_signals`)
+    and ``generator_rle_counts``, the RLE counts of the generator's own mask
+    G = paste(p_gen) >= threshold, inside the box (the final mask itself without refinement).
 
     ``refine(i, probs[i]) -> (window.height, window.width) bool`` replaces paste + threshold
     when given (the image-resolution CRF: ``exits.stages.image_crf_pool.ImageCRFRefiner``);
-    refine_agreement is then the IoU of its mask with the generator's pasted one, else NaN."""
+    refine_agreement is then the IoU of its mask with G, else NaN. ``generator_probs``
+    (K, S, S): the crop probabilities before a crop-level CRF (``probs`` are then the refined
+    ones, pasted as the final mask); p_gen = ``generator_probs[i]`` when given, else ``probs[i]``."""
     rows = []
     for i in tqdm(range(len(dataset)), desc="pasting masks", disable=not progress, unit="obj"):
         img = images[image_ids[i]]
+        h, w, window = img["height"], img["width"], dataset.windows[i]
         # Resampling can spill past the box edge by a pixel; no object pixel lies outside it.
-        box = box_mask_full(dataset.points_image[i], img["height"], img["width"]).astype(bool)
-        generator_mask = (paste_box_prob(probs[i].float(), dataset.windows[i], img["height"], img["width"])
-                          >= threshold).numpy() & box
+        box = box_mask_full(dataset.points_image[i], h, w).astype(bool)
+        own = probs[i] if generator_probs is None else generator_probs[i]
+        generator_mask = (paste_box_prob(own.float(), window, h, w) >= threshold).numpy() & box
         if refine is not None:
-            m = paste_window_mask(refine(i, probs[i]), dataset.windows[i], img["height"], img["width"]) & box
+            m = paste_window_mask(refine(i, probs[i]), window, h, w) & box
+        elif generator_probs is not None:
+            m = (paste_box_prob(probs[i].float(), window, h, w) >= threshold).numpy() & box
         else:
             m = generator_mask
         signals = final_mask_signals(m, dataset.points_image[i], generator_mask if refine is not None else None)
-        rows.append({"ann_id": int(dataset.ann_ids[i]), "rle": encode_rle(m), "area": int(m.sum()), **signals})
+        rle = encode_rle(m)
+        own_counts = rle["counts"] if m is generator_mask else encode_rle(generator_mask)["counts"]
+        rows.append({"ann_id": int(dataset.ann_ids[i]), "rle": rle, "area": int(m.sum()), **signals,
+                     "generator_rle_counts": own_counts})
     return rows
 
 
@@ -202,26 +228,31 @@ def triage_score(generator_score: float, box_fit: float, point_reach: float, ref
 def shard_pseudo_label_table(probs: torch.Tensor, table: pa.Table, dataset: Any, labelled: torch.Tensor | None,
                              target: torch.Tensor | None, threshold: float, progress: bool = False,
                              refine: Callable[[int, torch.Tensor], np.ndarray] | None = None,
-                             crop_refine_agreement: Sequence[float] | None = None) -> pa.Table:
+                             crop_refine_agreement: Sequence[float] | None = None,
+                             generator_probs: torch.Tensor | None = None) -> pa.Table:
     """One shard's ``PSEUDO_SCHEMA`` table: pasted RLEs, the generator's scores
     (:func:`mask_scores`) and the final mask's triage score (:func:`triage_score`).
 
     probs: (K, S, S) crop probabilities of the shard's K objects (:func:`predict_crop_probs`);
     table: their K rows of the instances table (same order); labelled / target: (K, N, N)
     point labels of the same objects, or None without retrieval. crop_refine_agreement: (K,)
-    from ``predict_crop_probs(crf_agreement=...)`` when the crop-level CRF refined ``probs``.
+    from ``predict_crop_probs(crf_agreement=...)`` when the crop-level CRF refined ``probs``;
+    generator_probs: (K, S, S) their probabilities before that CRF (``raw_probs=``), the
+    generator's own masks (:func:`paste_pseudo_masks`).
     """
     box_masks = torch.stack([dataset[i]["box_mask"] for i in range(len(dataset))])
     certainty, agreement, generator_score = mask_scores(probs, box_masks, labelled, target, threshold)
     cols = table.select(["image_id", "category_id", "height", "width"]).to_pydict()
     sizes = {i: {"height": h, "width": w} for i, h, w in zip(cols["image_id"], cols["height"], cols["width"])}
-    rows = paste_pseudo_masks(probs, dataset, sizes, cols["image_id"], threshold, progress=progress, refine=refine)
+    rows = paste_pseudo_masks(probs, dataset, sizes, cols["image_id"], threshold, progress=progress, refine=refine,
+                              generator_probs=generator_probs)
     scores = {}
     for i, r in enumerate(rows):
         if crop_refine_agreement is not None:
             r["refine_agreement"] = float(crop_refine_agreement[i])
         signals = {k: r[k] for k in ("box_fit", "point_reach", "refine_agreement")}
         scores[r["ann_id"]] = {"score": triage_score(float(generator_score[i]), **signals),
+                               "generator_rle_counts": r["generator_rle_counts"],
                                "certainty": float(certainty[i]), "agreement": float(agreement[i]),
                                "generator_score": float(generator_score[i]), **signals}
     return pseudo_label_table(rows, scores, cols["image_id"], cols["category_id"])
@@ -231,7 +262,8 @@ def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float
                        category_ids: Sequence[int]) -> pa.Table:
     """Rows of :func:`paste_pseudo_masks` with their scores as a ``PSEUDO_SCHEMA`` table (same order).
 
-    ``image_ids`` / ``category_ids`` are per row; ``scores[ann_id]`` has score, certainty, agreement.
+    ``image_ids`` / ``category_ids`` are per row; ``scores[ann_id]`` has score, certainty, agreement
+    and optionally the :data:`TRIAGE_COLUMNS` (null where absent).
     """
     cols: dict[str, list] = {name: [] for name in PSEUDO_SCHEMA.names}
     for r, image_id, category_id in zip(rows, image_ids, category_ids, strict=True):

@@ -14,18 +14,22 @@ from typing import Any
 
 from exits.report import build_report
 from exits.report.evaluation import evaluate_masks, pseudo_label_rles
+from exits.report.parts import DEFAULT_PEER_SAMPLE
 
 __all__ = ["evaluate_masks", "pseudo_label_rles", "write_report"]
 
 
 def write_report(workdir: str | Path, gt: str | Path | None = None, separated_ids: str | Path | None = None,
                  min_part_pixels: int = 16, min_part_fraction: float = 0.05, *, n_worst: int = 12,
-                 publish: bool = True) -> dict[str, Any]:
+                 publish: bool = True, peer_sample: int = DEFAULT_PEER_SAMPLE) -> dict[str, Any]:
     """Evaluate ``WORKDIR/pseudo_labels.json`` and write ``WORKDIR/report/`` (metrics.parquet,
     summary.json, figures/, gallery/, report.md, report.html); returns the summary.
 
-    ``gt`` defaults to the run's GT json, else its input annotations (run.json). See
+    ``gt`` defaults to the run's GT json, else its input annotations (run.json);
+    ``peer_sample``: objects of the parts table (box / GrabCut / dense CRF / generator /
+    final mask on one sample, :mod:`exits.report.parts`), 0 = none. See
     :func:`exits.report.build_report`.
     """
     return build_report(workdir, gt=gt, separated_ids=separated_ids, min_part_pixels=min_part_pixels,
-                        min_part_fraction=min_part_fraction, n_worst=n_worst, publish=publish)
+                        min_part_fraction=min_part_fraction, n_worst=n_worst, publish=publish,
+                        peer_sample=peer_sample)
