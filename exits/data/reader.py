@@ -3,22 +3,25 @@
 Output is a ``PointDataset`` of ``ObjectRecord``s: extreme points and boxes only. The
 ``segmentation`` field of an annotation is never read when the annotation has
 ``extreme_points``; where it has none, ``point_labels.MaskToPoints`` clicks them from the
-mask (the labelling step) and only the points come out.
+mask (the labelling step, decoded by :mod:`exits.data.segmentation_decoder`) and only the
+points come out. The file is opened and streamed by :mod:`exits.data.instances_json`; here
+every image, category and annotation record is validated, and every rejected one listed.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
 from tqdm import tqdm
 
 from exits.data.extreme_points import box_from_extreme_points
-from exits.io.json_stream import JsonFileError, JsonStreamError, iter_top_level, open_json_text
+from exits.data.instances_json import StreamedInstancesJson, detect_format
 from exits.data.point_labels import MaskToPoints
 from exits.data.records import CategoryRecord, ImageRecord, ObjectRecord, PointDataset, Rejection
+from exits.data.segmentation_decoder import SegmentationDecoder
 from exits.data.validation import (
     DatasetError,
     RecordError,
@@ -42,143 +45,6 @@ Format = Literal["auto", "coco", "lvis"]
 #: was rejected: a non-integer id is a sign the file was written by a broken tool.
 _WARN_EACH = {"bad_id": 50}
 _WARN_FIRST = 20
-
-
-def detect_format(dataset: dict) -> Literal["coco", "lvis"]:
-    """LVIS json has per-category ``frequency`` and images named by ``coco_url``."""
-    cats = dataset.get("categories") or []
-    if isinstance(cats, list) and cats and all(isinstance(c, dict) and "frequency" in c for c in cats):
-        return "lvis"
-    images = dataset.get("images") or []
-    if (isinstance(images, list) and images and isinstance(images[0], dict)
-            and "file_name" not in images[0] and "coco_url" in images[0]):
-        return "lvis"
-    return "coco"
-
-
-def _dataset_error(path: Path, exc: JsonStreamError | JsonFileError) -> DatasetError:
-    if isinstance(exc, JsonFileError):
-        return DatasetError(str(exc))
-    if exc.top_level:
-        return DatasetError(f"{path}: top level must be an object with images/annotations/categories")
-    if not exc.invalid:
-        return DatasetError(f"{path}: {exc.detail}")
-    return DatasetError(f"{path}: not valid JSON ({exc.detail})")
-
-
-class _StreamedJson:
-    """An instances json read key by key: ``images``, ``categories`` (and every other key)
-    whole, ``annotations`` one at a time (:mod:`exits.io.json_stream`), so a COCO-sized file
-    never sits in memory as one dict. When ``annotations`` comes before ``images`` or
-    ``categories`` in the file, the annotations are held as a list instead. The file is
-    opened with :func:`exits.io.json_stream.open_json_text` (gzip, UTF-8/16/32, BOM)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.head: dict[str, Any] = {}
-        self._fh = None
-        try:
-            self._fh = open_json_text(path)
-        except FileNotFoundError as exc:
-            raise DatasetError(f"annotation file not found: {path}") from exc
-        except JsonFileError as exc:
-            raise _dataset_error(path, exc) from None
-        self._it = iter_top_level(self._fh, stream="annotations", source=str(path))
-        self.annotations: Iterator[Any] | list[Any] | None = None
-        try:
-            for key, value in self._it:
-                if key == "annotations":
-                    if not all(isinstance(self.head.get(k), list) for k in ("images", "categories")):
-                        value = list(value)  # keys out of the usual order: hold them
-                    self.annotations = value
-                    if not isinstance(value, list):
-                        break
-                else:
-                    self.head[key] = value
-        except (JsonStreamError, JsonFileError) as exc:
-            self.close()
-            raise _dataset_error(path, exc) from None
-        for key in ("images", "categories"):
-            if not isinstance(self.head.get(key), list):
-                self.close()
-                raise DatasetError(f"{path}: missing or non-list '{key}'")
-        if self.annotations is None:
-            self.close()
-            raise DatasetError(f"{path}: missing or non-list 'annotations'")
-
-    def iter_annotations(self) -> Iterator[Any]:
-        try:
-            yield from self.annotations
-            if not isinstance(self.annotations, list):
-                for key, value in self._it:  # keys after the annotations (validates the tail)
-                    self.head[key] = value
-        except (JsonStreamError, JsonFileError) as exc:
-            raise _dataset_error(self.path, exc) from None
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-
-class _SegmentationDecoder:
-    """What :class:`MaskToPoints` needs of the dataset API: ``annToMask``, decoding a polygon,
-    uncompressed or compressed RLE exactly as pycocotools' ``COCO.annToRLE`` and lvis'
-    ``LVIS.ann_to_rle`` do, given the image sizes (no index over all annotations). An RLE
-    whose ``size`` is not its image's is refused (its mask would be another image's pixels)."""
-
-    def __init__(self, sizes: dict[int, tuple[int, int]]):
-        self.sizes = sizes
-
-    def annToMask(self, ann: dict) -> np.ndarray:  # noqa: N802 - the pycocotools name
-        import pycocotools.mask as mask_utils
-
-        h, w = self.sizes[ann["image_id"]]
-        segm = ann["segmentation"]
-        if isinstance(segm, list):
-            _check_polygons(segm, h, w)
-            rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-        else:
-            size = segm.get("size") if isinstance(segm, dict) else None
-            if not isinstance(size, list) or [as_int_id(v) for v in size] != [h, w]:
-                raise ValueError(f"RLE size {short_repr(size)} is not the image's [height, width] [{h}, {w}]")
-            counts = segm.get("counts")
-            if isinstance(counts, list):
-                _check_counts(counts, h, w)
-                rle = mask_utils.frPyObjects(segm, h, w)
-            elif isinstance(counts, (str, bytes)):
-                rle = segm
-            else:
-                raise ValueError(f"RLE counts {short_repr(counts)} is neither a list nor a string")
-        return mask_utils.decode(rle)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_polygons(polygons: list, h: int, w: int) -> None:
-    """Polygons pycocotools can rasterise safely: lists of >= 3 finite [x, y] number pairs
-    within one image size of the image (its ``rleFrPoly`` walks every upsampled pixel along
-    each edge: a coordinate like 1e9 exhausts memory, 1e308 crashes the process)."""
-    for poly in polygons:
-        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not all(_is_number(v) for v in poly):
-            raise ValueError(f"polygon {short_repr(poly)} is not a list of >= 3 [x, y] number pairs")
-        xs, ys = np.asarray(poly[0::2], dtype=np.float64), np.asarray(poly[1::2], dtype=np.float64)
-        if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
-            raise ValueError(f"polygon {short_repr(poly)} has non-finite coordinates")
-        if xs.min() < -w or xs.max() > 2 * w or ys.min() < -h or ys.max() > 2 * h:
-            raise ValueError(f"polygon {short_repr(poly)} reaches far outside the {w}x{h} image")
-
-
-def _check_counts(counts: list, h: int, w: int) -> None:
-    """Uncompressed RLE counts: non-negative integers adding up to the image's h * w."""
-    if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2 ** 32 for c in counts):
-        raise ValueError(f"RLE counts {short_repr(counts)} are not non-negative integers")
-    if sum(counts) != h * w:
-        raise ValueError(f"RLE counts add up to {sum(counts)}, not the image's {h} x {w} = {h * w} pixels")
 
 
 def _parse_records(raw: list, parse: Callable[[Any], Any], id_of: Callable[[Any], int]
@@ -297,7 +163,7 @@ def load_point_dataset(
     """
     path = Path(annotations)
     image_dir = Path(image_dir)
-    streamed = _StreamedJson(path)
+    streamed = StreamedInstancesJson(path)
     data = streamed.head
     fmt = detect_format(data) if fmt == "auto" else fmt
     src = str(path)
@@ -393,7 +259,7 @@ def load_point_dataset(
         elif derive_missing_points:
             source = "derived_from_mask"
             if mask_to_points is None:
-                mask_to_points = MaskToPoints(_SegmentationDecoder(
+                mask_to_points = MaskToPoints(SegmentationDecoder(
                     {i: (im.height, im.width) for i, im in images.items()}))
             try:
                 pts = mask_to_points(ann)

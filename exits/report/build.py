@@ -35,7 +35,9 @@ from exits.report.metrics import calibration_of, object_metrics_table, report_su
 from exits.report.parts import DEFAULT_PEER_SAMPLE, parts_comparison
 from exits.report.render import render_html, render_markdown
 from exits.report.run_files import read_object_geometry, read_points_source, read_retrieval_stats
-from exits.report.streaming import evaluate_streaming, metrics_rows, pseudo_masks_of_run, read_metrics_columns
+from exits.report.metrics_parquet import metrics_rows, read_metrics_columns
+from exits.report.pseudo_masks import pseudo_masks_of_run
+from exits.report.streaming import evaluate_streaming
 from exits.run_folder import RunFolder
 
 log = logging.getLogger(__name__)

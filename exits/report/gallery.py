@@ -177,7 +177,7 @@ def gallery_items(rows: Sequence[Mapping[str, Any]], pred_rles: Mapping[int, dic
 def read_pseudo_rles(run_dir: Path, ann_ids: Sequence[int]) -> dict[int, dict]:
     """``{ann_id: RLE}`` of some pseudo masks: from pseudo_labels.parquet (its ids, then only
     the row groups holding those objects), else from pseudo_labels.json."""
-    from exits.report.streaming import PseudoMasks
+    from exits.report.pseudo_masks import PseudoMasks
 
     run = RunFolder(run_dir)
     path = run.pseudo_parquet
@@ -194,7 +194,7 @@ def run_gallery(run_dir: str | Path, ann_ids: Sequence[int], gt: str | Path | No
     pseudo masks, ``instances.parquet`` and the GT json the report used
     (``report/summary.json``'s ``inputs.gt``, or ``gt``; streamed, only those masks kept).
     """
-    from exits.report.streaming import metrics_rows
+    from exits.report.metrics_parquet import metrics_rows
 
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)

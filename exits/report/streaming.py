@@ -7,12 +7,13 @@ LVIS size as on the demo:
 
 - the GT json is streamed (:class:`exits.eval.GtJsonStream`, one annotation at a time);
 - the pseudo masks are read from ``pseudo_labels.parquet`` a row group at a time, only the
-  rows a batch of GT objects needs (:class:`PseudoMasks`; a pseudo_labels.json newer than
-  the Parquet file is first streamed into a temporary one);
+  rows a batch of GT objects needs (:class:`exits.report.pseudo_masks.PseudoMasks`; a
+  pseudo_labels.json newer than the Parquet file is first streamed into a temporary one);
 - objects are scored in batches of :data:`BATCH_OBJECTS` and each batch goes to a Parquet
   writer at once; the finished table is ``report/metrics.parquet`` (sorted by ann id, as the
   in-memory report writes it: when the GT json lists its objects in another order, the
-  batches are re-sorted from the temporary file);
+  batches are re-sorted from the temporary file; :mod:`exits.report.metrics_parquet` reads
+  it back);
 - the gallery's GT masks are the only masks kept: the ``n_worst`` lowest-IoU objects seen so
   far (a bounded heap).
 
@@ -27,167 +28,37 @@ import logging
 import os
 import tempfile
 from array import array
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from exits.eval import GtJsonStream, load_separated_ids
 from exits.eval.ground_truth import GtFormatError, GtInstance, annotation_id, duplicate_id_error, gt_instance
 from exits.eval.mask_iou import pair_ious
 from exits.eval.miou import MEDIUM_MAX_AREA, SIZE_BUCKETS, SMALL_MAX_AREA
-from exits.eval.rle import Rle, to_rle
+from exits.eval.rle import Rle
 from exits.eval.separated import count_parts_rle
-from exits.io.json_stream import iter_top_level, open_json_text
 from exits.report.evaluation import DERIVED_FROM_GT
 from exits.report.metrics import METRICS_SCHEMA
+from exits.report.metrics_parquet import metrics_rows, read_metrics_columns
+from exits.report.pseudo_masks import PSEUDO_CACHE_GROUPS, PseudoMasks, pseudo_masks_of_run
 from exits.report.run_files import PointsSourceColumn
-from exits.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
 # GT objects scored per batch: one batch's GT RLEs and pseudo RLEs are what memory holds.
 BATCH_OBJECTS = 4096
-# Rows per row group of metrics.parquet (and of a temporary pseudo table).
+# Rows per row group of metrics.parquet.
 ROW_GROUP_ROWS = 1 << 16
-# Pseudo-label row groups kept decoded (the GT json usually follows the pseudo table's order,
-# so consecutive batches read the same one or two).
-PSEUDO_CACHE_GROUPS = 2
 # objects between two progress lines in the log
 LOG_EVERY = 100_000
 
 # metrics.parquet columns the pass writes; category and size are added when it is finished
 _PASS_SCHEMA = pa.schema([f for f in METRICS_SCHEMA if f.name not in ("category", "size")])
-
-
-class PseudoMasks:
-    """The run's pseudo masks by ann id, from a pseudo-label Parquet table (columns ann_id,
-    height, width, rle_counts, score), read a row group at a time.
-
-    Holds the ids sorted (int64) and their rows (int64): 16 bytes per object. An id listed
-    twice is its last row, as the ``{ann_id: rle}`` dict of the in-memory report.
-    ``round_scores``: scores as the json holds them (5 decimals; the Parquet file has the
-    unrounded float32), else as stored.
-    """
-
-    def __init__(self, path: Path, *, round_scores: bool):
-        self.path = Path(path)
-        self.round_scores = round_scores
-        self._pf = pq.ParquetFile(self.path)
-        md = self._pf.metadata
-        self._group_start = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-        ids = np.concatenate([np.asarray(self._pf.read_row_group(i, columns=["ann_id"])["ann_id"].to_numpy(), np.int64)
-                              for i in range(md.num_row_groups)] or [np.zeros(0, np.int64)])
-        order = np.argsort(ids, kind="stable")
-        ids = ids[order]
-        last = np.ones(ids.size, dtype=bool)
-        last[:-1] = ids[1:] != ids[:-1]
-        self.ids, self._rows = ids[last], order[last]
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]] = OrderedDict()
-
-    @property
-    def count(self) -> int:
-        """Distinct pseudo-labelled objects."""
-        return int(self.ids.size)
-
-    def has(self, ann_id: int) -> bool:
-        j = int(np.searchsorted(self.ids, ann_id))
-        return j < self.ids.size and int(self.ids[j]) == ann_id
-
-    def rows_of(self, ann_ids: np.ndarray) -> np.ndarray:
-        """Row of each id in the table (-1: no pseudo mask)."""
-        ann_ids = np.asarray(ann_ids, dtype=np.int64)
-        if self.ids.size == 0:
-            return np.full(ann_ids.size, -1, np.int64)
-        j = np.minimum(np.searchsorted(self.ids, ann_ids), self.ids.size - 1)
-        return np.where(self.ids[j] == ann_ids, self._rows[j], -1)
-
-    def _group(self, g: int) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]:
-        if g in self._cache:
-            self._cache.move_to_end(g)
-            return self._cache[g]
-        t = self._pf.read_row_group(g, columns=["height", "width", "rle_counts", "score"])
-        entry = (np.asarray(t["height"].to_numpy(zero_copy_only=False), np.int64),
-                 np.asarray(t["width"].to_numpy(zero_copy_only=False), np.int64),
-                 t["rle_counts"].combine_chunks(),
-                 np.asarray(t["score"].to_numpy(zero_copy_only=False), np.float64))
-        self._cache[g] = entry
-        while len(self._cache) > PSEUDO_CACHE_GROUPS:
-            self._cache.popitem(last=False)
-        return entry
-
-    def read(self, rows: np.ndarray) -> tuple[list[Rle], np.ndarray]:
-        """Canonical RLEs and scores of ``rows`` (each >= 0), in that order."""
-        rows = np.asarray(rows, dtype=np.int64)
-        rles: list[Rle | None] = [None] * rows.size
-        scores = np.empty(rows.size, np.float64)
-        groups = np.searchsorted(self._group_start, rows, side="right") - 1
-        for g in np.unique(groups).tolist():
-            at = np.flatnonzero(groups == g)
-            height, width, counts, score = self._group(g)
-            local = rows[at] - self._group_start[g]
-            texts = counts.take(pa.array(local)).to_pylist()
-            for k, i, text in zip(at.tolist(), local.tolist(), texts):
-                rles[k] = to_rle({"size": [int(height[i]), int(width[i])], "counts": text})
-            scores[at] = score[local]
-        if self.round_scores:  # the json's value: round(score, 5), NaN when not finite
-            scores = np.array([round(v, 5) if np.isfinite(v) else float("nan") for v in scores.tolist()], np.float64)
-        return rles, scores  # type: ignore[return-value]
-
-    def rles_of(self, ann_ids: list[int]) -> dict[int, Rle]:
-        """``{ann_id: RLE}`` of the given objects that have a pseudo mask."""
-        rows = self.rows_of(np.asarray(ann_ids, dtype=np.int64))
-        found = rows >= 0
-        rles, _ = self.read(rows[found])
-        return {int(a): r for a, r in zip(np.asarray(ann_ids)[found].tolist(), rles)}
-
-
-def _pseudo_table_from_json(pseudo_json: Path, dest: Path) -> None:
-    """A pseudo_labels.json streamed into a Parquet table of ann_id, height, width,
-    rle_counts, score (the json's values: ``int(id)``, the segmentation in canonical form,
-    the score as written, NaN when absent)."""
-    schema = pa.schema([("ann_id", pa.int64()), ("height", pa.int64()), ("width", pa.int64()),
-                        ("rle_counts", pa.large_string()), ("score", pa.float64())])
-    cols: dict[str, list] = {n: [] for n in schema.names}
-
-    def flush(writer: pq.ParquetWriter) -> None:
-        writer.write_table(pa.table(cols, schema=schema), row_group_size=ROW_GROUP_ROWS)
-        for v in cols.values():
-            v.clear()
-
-    with open_json_text(pseudo_json) as fh, pq.ParquetWriter(dest, schema) as writer:
-        for key, value in iter_top_level(fh, stream="annotations", source=str(pseudo_json)):
-            if key != "annotations":
-                continue
-            for a in value:
-                rle = to_rle(dict(a["segmentation"]))
-                cols["ann_id"].append(int(a["id"]))
-                cols["height"].append(int(rle["size"][0]))
-                cols["width"].append(int(rle["size"][1]))
-                cols["rle_counts"].append(rle["counts"].decode("ascii"))
-                cols["score"].append(float(a["score"]) if a.get("score") is not None else float("nan"))
-                if len(cols["ann_id"]) >= ROW_GROUP_ROWS:
-                    flush(writer)
-        flush(writer)
-
-
-def pseudo_masks_of_run(pseudo_json: Path, scratch: Path) -> PseudoMasks:
-    """The pseudo masks the in-memory report would read (:func:`exits.report.evaluation.pseudo_label_rles`):
-    ``pseudo_labels.parquet`` when it is at least as new as the json, else the json
-    (streamed into ``scratch``, a Parquet file the caller removes)."""
-    pseudo_json = Path(pseudo_json)
-    run = RunFolder(pseudo_json.parent)
-    pq_path = run.pseudo_parquet
-    if (pseudo_json.name == run.pseudo_json.name and pq_path.is_file()
-            and pq_path.stat().st_mtime_ns >= pseudo_json.stat().st_mtime_ns):
-        return PseudoMasks(pq_path, round_scores=True)
-    _pseudo_table_from_json(pseudo_json, scratch)
-    return PseudoMasks(scratch, round_scores=False)
 
 
 @dataclass
@@ -401,29 +272,5 @@ def evaluate_streaming(pseudo: PseudoMasks, gt_json: str | Path, metrics_path: P
                               separated_rule=rule, worst_gt=worst.rles())
 
 
-def read_metrics_columns(path: Path) -> pa.Table:
-    """The columns of metrics.parquet the summary, calibration, figures and gallery choice
-    read (ids, category id, area, crowd, separated, IoU, score; points source
-    dictionary-encoded): ~50 bytes per object, no Python object per row."""
-    return pq.read_table(path, columns=["ann_id", "category_id", "area", "iscrowd", "separated", "iou", "score",
-                                        "points_source"], read_dictionary=["points_source"])
-
-
-def metrics_rows(path: Path, ann_ids: list[int]) -> list[dict[str, Any]]:
-    """The metrics rows (dicts) of ``ann_ids``, in that order, reading a row group at a time."""
-    if not ann_ids:
-        return []
-    wanted = pa.array(sorted(set(ann_ids)), pa.int64())
-    pf = pq.ParquetFile(path)
-    by_id: dict[int, dict[str, Any]] = {}
-    for i in range(pf.metadata.num_row_groups):
-        t = pf.read_row_group(i)
-        keep = pc.is_in(t["ann_id"], value_set=wanted)
-        if pc.any(keep).as_py():
-            for r in t.filter(keep).to_pylist():
-                by_id[r["ann_id"]] = r
-    return [by_id[i] for i in ann_ids]
-
-
-__all__ = ["BATCH_OBJECTS", "DERIVED_FROM_GT", "GtFormatError", "PseudoMasks", "StreamedEvaluation",
-           "evaluate_streaming", "metrics_rows", "pseudo_masks_of_run", "read_metrics_columns"]
+__all__ = ["BATCH_OBJECTS", "DERIVED_FROM_GT", "GtFormatError", "PSEUDO_CACHE_GROUPS", "PseudoMasks",
+           "StreamedEvaluation", "evaluate_streaming", "metrics_rows", "pseudo_masks_of_run", "read_metrics_columns"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import numpy as np
 
 if TYPE_CHECKING:
-    from exits.spotfix.catalog import ReviewObject
+    from exits.spotfix.review_object import ReviewObject
 
 # Rows of the score-sorted columns one step of a queue request looks at (its memory: ~1 B
 # per row, whatever the run's size).
