@@ -97,8 +97,9 @@ def scratch_run(run: RunFolder, generator: Path, tmp: Path) -> RunFolder:
     return RunFolder(tmp)
 
 
-def evaluate_1d(cfg, images: Path, run: RunFolder, gt: Path, refine_at: str, weight: float | None) -> dict:
-    p = cfg.pseudo.model_copy(update={"refine_at": refine_at,
+def evaluate_1d(cfg, images: Path, run: RunFolder, gt: Path, refine_at: str, weight: float | None,
+                threshold: float | None = None) -> dict:
+    p = cfg.pseudo.model_copy(update={"refine_at": refine_at, "threshold": cfg.pseudo.threshold if threshold is None else threshold,
                                       "image_crf": {**cfg.pseudo.image_crf, **({} if weight is None else {"prior_weight": weight})}})
     c = cfg.model_copy(update={"pseudo": p})
     t0 = time.perf_counter()
@@ -107,7 +108,7 @@ def evaluate_1d(cfg, images: Path, run: RunFolder, gt: Path, refine_at: str, wei
         t = pq.read_table(shard, columns=["ann_id", "rle_counts", "height", "width"]).to_pydict()
     pred = {a: {"size": [h, w], "counts": r} for a, r, h, w in zip(t["ann_id"], t["rle_counts"], t["height"], t["width"])}
     summary, _ = evaluate_masks(pred, gt)
-    return {"refine_at": refine_at, "prior_weight": weight, "miou_all": round(100 * summary["all"]["miou"], 2),
+    return {"refine_at": refine_at, "prior_weight": weight, "threshold": p.threshold, "miou_all": round(100 * summary["all"]["miou"], 2),
             "miou_separated": round(100 * summary["separated"]["miou"], 2), "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--lambda-self", type=float, default=1.0)
     ap.add_argument("--weights", type=float, nargs="+", default=[0.15, 0.3, 0.5])
     ap.add_argument("--no-crf-loss", action="store_true", help="fine-tune without the EXITS CRF loss term")
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[],
+                    help="only evaluate the run's generator's own mask at these thresholds, then stop")
     ap.add_argument("--skip-before", action="store_true", help="only the self-trained generator")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -131,6 +134,11 @@ def main() -> None:
     out_path = args.out or ROOT / "bench" / "results" / f"self_training_{args.run.name}.json"
     result = {"run": str(args.run), "gt": str(args.gt), "epochs": args.epochs, "lr": args.lr, "top": args.top,
               "lambda_self": args.lambda_self, "before": [], "after": []}
+    if args.thresholds:
+        result["thresholds"] = [evaluate_1d(cfg, images, run, args.gt, "none", None, t) for t in args.thresholds]
+        print(result["thresholds"])
+        write_json(out_path, result, indent=1)
+        return
     if not args.skip_before:
         result["before"].append(evaluate_1d(cfg, images, run, args.gt, "none", None))
         for w in args.weights:
