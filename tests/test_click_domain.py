@@ -104,3 +104,33 @@ def test_grabcut_mix_adds_grabcuts_answer_to_the_probabilities(tiny_run: Path): 
     base = pred.predict(1, [(20.0, 20.0, True)], None)
     pred.sessions = type(pred.sessions)(objects=4)
     assert np.array_equal(pred.predict(1, [(20.0, 20.0, True)], None), base)
+
+
+def test_grabcut_after_hands_later_clicks_to_grabcut(tiny_run: Path):  # noqa: F811
+    torch.set_num_threads(1)
+    train_click_model(tiny_run, ClickModelConfig(**SMALL, iterations=2, train_top_fraction=1.0), progress=False)
+    pred = ClickPredictor.from_workdir(tiny_run)
+    info = pred.objects[1]
+    win = info.window
+    first = [(20.0, 20.0, True)]
+    both = first + [(float(win.x0 + 2), float(win.y0 + 2), False)]
+    plain_first = pred.predict(1, first, None)
+    pred.decoder.config = pred.decoder.config.replace(grabcut_after=2)
+    pred.sessions = type(pred.sessions)(objects=4)
+    after_first = pred.predict(1, first, None)
+    assert np.array_equal(after_first, plain_first)  # below N clicks: the click model's answer
+    second = pred.predict(1, both, after_first)
+    # from the N-th click: GrabCut on the window, started from the previous answer, clicks kept
+    f = pred.features(1)
+    rgb = np.ascontiguousarray((f.window_image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    radius = pred.decoder.config.disk_radius * max(win.width, win.height) / win.size
+    uv = [(x - win.x0, y - win.y0, p) for x, y, p in both]
+    prev_local = after_first[win.y0:win.y0 + win.height, win.x0:win.x0 + win.width]
+    pts = info.extreme_points - np.array([win.x0, win.y0])
+    box = np.array([pts[1, 0], pts[0, 1], pts[3, 0], pts[2, 1]])
+    grab = grabcut_from_clicks(rgb, uv, CropWindow(0, 0, win.width, win.height, size=win.size), prev_local, box=box,
+                               radius=radius)
+    inside = second[win.y0:win.y0 + win.height, win.x0:win.x0 + win.width]
+    labels = click_label_map(uv, grab.shape, radius)
+    assert np.array_equal(inside[labels == 0], grab[labels == 0])
+    assert second[20, 20] and not second[win.y0 + 2, win.x0 + 2]

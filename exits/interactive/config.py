@@ -16,7 +16,7 @@ CONSTRAINTS = ("none", "disk", "crf", "grabcut")
 CRF_RESOLUTIONS = ("crop", "window")
 # Settings that act only after the decoder: an evaluation may change them on a trained model.
 INFERENCE_ONLY = ("progressive", "constraint", "crf_iters", "crf_sxy", "crf_srgb", "crf_w", "crf_colour",
-                  "crf_max_size", "crf_resolution", "grabcut_mix")
+                  "crf_max_size", "crf_resolution", "grabcut_mix", "grabcut_after")
 SYNTHETIC_VARIANTS = ("demo", "holdout")  # exits.demo.sources.VARIANTS
 
 
@@ -88,7 +88,9 @@ class ClickModelConfig(FrozenSettings):
     and previous mask (:func:`exits.interactive.grabcut.grabcut_from_clicks` on the window) in
     the probability the click constraint refines, p = (1 - w) p_decoder + w 1[GrabCut fg]:
     where the decoder and GrabCut agree the label is sure, where they disagree the CRF's
-    colour model and kernels decide. ``loss``: "nfl" (normalized focal loss, gamma
+    colour model and kernels decide. ``grabcut_after`` (inference only, 0 = off): from the
+    N-th click of an object on, GrabCut answers (the same clicks, started from the previous
+    answer, which the click model made for the first clicks), as the GrabCut editor would. ``loss``: "nfl" (normalized focal loss, gamma
     ``focal_gamma``) or "bce_dice".
     """
 
@@ -134,6 +136,7 @@ class ClickModelConfig(FrozenSettings):
     synthetic_variant: str = "demo"
     sim_constraint: bool = True
     grabcut_mix: float = 0.0
+    grabcut_after: int = 0
     iterations: int = 300
     batch_size: int = 16
     lr: float = 2e-3
@@ -171,7 +174,7 @@ class ClickModelConfig(FrozenSettings):
             if int(getattr(self, name)) < 1:
                 errors.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("imsa_depth", "sgc_iters", "max_sim_rounds", "seed", "latent_heads", "pdm_iterations",
-                     "crf_iters", "synthetic_seed"):
+                     "crf_iters", "synthetic_seed", "grabcut_after"):
             if int(getattr(self, name)) < 0:
                 errors.append(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.dim % self.heads:

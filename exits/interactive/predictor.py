@@ -179,6 +179,10 @@ class ClickPredictor:
         With ``grabcut_mix`` > 0 GrabCut's answer to the same clicks and previous mask
         (``prev``, full image) is mixed into the probabilities first."""
         cfg, win = self.decoder.config, f.window
+        if cfg.grabcut_after and len(clicks) >= cfg.grabcut_after and f.window_image is not None:
+            uv = [(float(x) - win.x0, float(y) - win.y0, bool(p)) for x, y, p in clicks]
+            radius = cfg.disk_radius * max(win.width, win.height) / win.size
+            return self._grabcut_answer(f, uv, prev, radius, f.window_image)
         kwargs = dict(method=self.constraint, iters=cfg.crf_iters, sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w,
                       colour=cfg.crf_colour, max_size=cfg.crf_max_size,
                       kernels=self._kernels(f) if self.constraint in ("crf", "grabcut") else None)
@@ -198,8 +202,20 @@ class ClickPredictor:
     def _mix_grabcut(self, f: ObjectFeatures, prob: np.ndarray, uv: Sequence[Click], prev: np.ndarray | None,
                      radius: float, image: torch.Tensor) -> np.ndarray:
         """p = (1 - w) p_decoder + w 1[GrabCut fg] on ``image``'s grid (the window's pixels or
-        the crop; ``uv`` clicks in that grid), w = ``grabcut_mix``. GrabCut starts from the
-        previous mask cut to that grid (else the extreme-point box), as the GrabCut editor."""
+        the crop; ``uv`` clicks in that grid), w = ``grabcut_mix``."""
+        h, w = image.shape[-2:]
+        answer = self._grabcut_answer(f, uv, prev, radius, image)
+        p = torch.from_numpy(np.ascontiguousarray(prob, np.float32))[None, None]
+        if p.shape[-2:] != (h, w):
+            p = torch.nn.functional.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+        mix = float(self.decoder.config.grabcut_mix)
+        return (1 - mix) * p[0, 0].numpy() + mix * answer.astype(np.float32)
+
+    def _grabcut_answer(self, f: ObjectFeatures, uv: Sequence[Click], prev: np.ndarray | None, radius: float,
+                        image: torch.Tensor) -> np.ndarray:
+        """(h, w) bool GrabCut answer on ``image``'s grid (the window's pixels or the crop; ``uv``
+        clicks in that grid), started from the previous mask cut to that grid (else the
+        extreme-point box), as :func:`exits.interactive.grabcut.grabcut_from_clicks`."""
         win = f.window
         h, w = image.shape[-2:]
         on_window = (h, w) == (win.height, win.width)
@@ -215,12 +231,7 @@ class ClickPredictor:
             pts = np.asarray(pts, np.float64) - origin
             box = np.array([pts[1, 0], pts[0, 1], pts[3, 0], pts[2, 1]])
         rgb = np.ascontiguousarray((image.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
-        answer = grabcut_from_clicks(rgb, uv, CropWindow(0, 0, w, h, size=win.size), prev_local, box=box, radius=radius)
-        p = torch.from_numpy(np.ascontiguousarray(prob, np.float32))[None, None]
-        if p.shape[-2:] != (h, w):
-            p = torch.nn.functional.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
-        mix = float(self.decoder.config.grabcut_mix)
-        return (1 - mix) * p[0, 0].numpy() + mix * answer.astype(np.float32)
+        return grabcut_from_clicks(rgb, uv, CropWindow(0, 0, w, h, size=win.size), prev_local, box=box, radius=radius)
 
     def predict(self, ann_id: int, clicks: list[tuple[float, float, bool]], prev_mask: np.ndarray | None) -> np.ndarray:
         """The new (H, W) bool full-image mask after ``clicks`` on top of ``prev_mask``."""
