@@ -1,5 +1,6 @@
 """`exits spotfix --editor auto` follows a measurement that exists: the run's own eval-clicks
-result for its current click model, else GrabCut with the reason."""
+result for its current click model, else the measured default (the click model that hands
+late clicks to GrabCut) or GrabCut, with the reason."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from exits.spotfix.editors import DEFAULT_EDITOR, editor_from_eval, resolve_editor
 
@@ -42,26 +44,46 @@ def test_editor_from_eval_prefers_the_pseudo_protocol_and_needs_a_comparison():
     assert editor_from_eval({}) is None
 
 
-def _run_with_model(tmp_path: Path) -> Path:
-    (tmp_path / "click_model").mkdir()
-    (tmp_path / "click_model" / "model.pt").write_bytes(b"weights")
+def _run_with_model(tmp_path: Path, config: dict | None = None) -> Path:
+    """A run folder whose click model file holds ``config`` (None: bytes that are no model)."""
+    (tmp_path / "click_model").mkdir(parents=True)
+    model = tmp_path / "click_model" / "model.pt"
+    if config is None:
+        model.write_bytes(b"weights")
+    else:
+        torch.save({"config": config}, model)
     return tmp_path
 
 
-def test_auto_reads_the_runs_eval_and_ignores_one_older_than_the_model(tmp_path):
-    run = _run_with_model(tmp_path)
+def test_auto_without_a_measurement_follows_the_models_hand_over(tmp_path):
+    run = _run_with_model(tmp_path / "a", {})  # default settings: GrabCut from the 8th click
     kind, why = resolve_editor("auto", run)
-    assert kind == DEFAULT_EDITOR == "grabcut" and "eval-clicks" in why and str(run) in why
+    assert kind == DEFAULT_EDITOR == "clicks" and "8th click" in why and "eval-clicks" in why and str(run) in why
+    run = _run_with_model(tmp_path / "b", {"grabcut_after": 0})  # the click model alone failed more often
+    kind, why = resolve_editor("auto", run)
+    assert kind == "grabcut" and "grabcut_after: 0" in why
+    run = _run_with_model(tmp_path / "c", None)
+    kind, why = resolve_editor("auto", run)
+    assert kind == "grabcut" and "cannot be read" in why
+
+
+def test_auto_reads_the_runs_eval_and_ignores_one_older_than_the_model(tmp_path):
+    run = _run_with_model(tmp_path, {})
+    kind, why = resolve_editor("auto", run)
+    assert kind == DEFAULT_EDITOR and "eval-clicks" in why and str(run) in why
 
     evaluated = run / "click_model" / "eval_clicks.json"
     evaluated.write_text(json.dumps(_result(WIN, {"NoC@85": 5.0, "NoC@90": 6.0, "NoF@85": 3, "NoF@90": 4})))
     assert resolve_editor("auto", run)[0] == "clicks"
+    evaluated.write_text(json.dumps(_result(WIN, {"NoC@85": 2.0, "NoC@90": 3.0, "NoF@85": 1, "NoF@90": 2})))
+    kind, why = resolve_editor("auto", run)
+    assert kind == "grabcut" and "this run's eval-clicks" in why  # the run's own measurement beats the default
 
     model = run / "click_model" / "model.pt"
     stat = evaluated.stat()
     os.utime(model, (stat.st_atime, stat.st_mtime + 60))  # retrained after the evaluation
     kind, why = resolve_editor("auto", run)
-    assert kind == "grabcut" and "older click model" in why
+    assert kind == DEFAULT_EDITOR and "older click model" in why  # the stale result is ignored
 
     evaluated.write_text("{not json")
     os.utime(evaluated, (stat.st_atime, stat.st_mtime + 120))

@@ -192,7 +192,7 @@ def test_eval_json_and_commands(tiny_run: Path, tmp_path: Path):
     from exits.spotfix.editors import DEFAULT_EDITOR, editor_from_eval, resolve_editor
 
     kind, why = resolve_editor("auto", tiny_run)  # a click model, but nothing measured it yet
-    assert kind == DEFAULT_EDITOR == "grabcut" and "eval-clicks" in why
+    assert kind == DEFAULT_EDITOR == "clicks" and "eval-clicks" in why  # the measured default: GrabCut from click 8
     bad = runner.invoke(app, ["train-clicks", "--workdir", str(tiny_run), "--set", "nope=1"])
     assert bad.exit_code != 0 and "nope" in bad.output
 

@@ -88,9 +88,15 @@ class ClickModelConfig(FrozenSettings):
     and previous mask (:func:`exits.interactive.grabcut.grabcut_from_clicks` on the window) in
     the probability the click constraint refines, p = (1 - w) p_decoder + w 1[GrabCut fg]:
     where the decoder and GrabCut agree the label is sure, where they disagree the CRF's
-    colour model and kernels decide. ``grabcut_after`` (inference only, 0 = off): from the
+    colour model and kernels decide. ``grabcut_after`` (inference only, default 8, 0 = off): from the
     N-th click of an object on, GrabCut answers (the same clicks, started from the previous
-    answer, which the click model made for the first clicks), as the GrabCut editor would. ``loss``: "nfl" (normalized focal loss, gamma
+    answer, which the click model made for the first clicks). Out of domain the click model
+    alone needs fewer clicks than GrabCut but fails on more objects (its answers stop
+    improving on hard objects, where GrabCut's colour models keep going); handing over at
+    the 8th click (chosen on queue ranks 41-80 of both variants: 3, 5, 8, 12 tried; GrabCut
+    mixing w 0.25 / 0.5 / 1 tried and worse) met the bar on ranks 1-40 of both variants over
+    3 seeds (docs/benchmarks.md, "Editor choice"). ``grabcut_mix`` stays 0: it cost clicks
+    on the tuning split. ``loss``: "nfl" (normalized focal loss, gamma
     ``focal_gamma``) or "bce_dice".
     """
 
@@ -136,7 +142,7 @@ class ClickModelConfig(FrozenSettings):
     synthetic_variant: str = "demo"
     sim_constraint: bool = True
     grabcut_mix: float = 0.0
-    grabcut_after: int = 0
+    grabcut_after: int = 8
     iterations: int = 300
     batch_size: int = 16
     lr: float = 2e-3
