@@ -1,12 +1,14 @@
 """Mask editors: what answers each click. Any object with ``prepare``/``predict`` works
 (:class:`MaskEditor`); the app wraps it in :class:`EditorRunner` so calls never overlap.
 
-- ``clicks``: the trained click model (``exits.interactive.predictor.ClickPredictor``).
+- ``clicks``: the trained click model (``exits.interactive.predictor.ClickPredictor``); with
+  ``click_model.grabcut_after`` (default 8) GrabCut answers from that click of an object on.
 - ``grabcut``: OpenCV GrabCut seeded by the clicks and the previous mask; needs no model.
 - ``auto`` (the default of ``exits spotfix``): chosen from a measurement that exists, never
   from a constant. When the run has its own ``exits eval-clicks`` result for its current
   click model, the editor that result favours (:func:`editor_from_eval`); otherwise
-  :data:`DEFAULT_EDITOR` with the reason printed.
+  :data:`DEFAULT_EDITOR` (the click model with the GrabCut hand-over, measured out of domain)
+  or GrabCut for a model without the hand-over, with the reason printed.
 """
 from __future__ import annotations
 
