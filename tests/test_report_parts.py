@@ -23,7 +23,7 @@ from exits.data.crops import CropWindow
 from exits.data.images import read_rgb
 from exits.report.build import build_report, build_report_in_memory
 from exits.report.parts import PARTS, sample_positions
-from exits.stages.pseudo_labels import PSEUDO_SCHEMA, TRIAGE_COLUMNS, merge_pseudo_labels
+from exits.stages.pseudo_labels import NULLABLE_COLUMNS, PSEUDO_SCHEMA, merge_pseudo_labels
 
 from tests.test_cli_first_run import exits_command, fresh_user_env
 from tests.tiny_run import build_tiny_run
@@ -100,7 +100,7 @@ def test_merge_keeps_it_in_parquet_only_and_old_shards_read_as_null(tiny, tmp_pa
     merge_pseudo_labels([work / "shards" / "pseudo-00000.parquet"], ann, work)
     merged = pq.read_table(work / "pseudo_labels.parquet")
     assert merged["generator_rle_counts"].null_count == merged.num_rows > 0
-    assert "generator_rle_counts" in TRIAGE_COLUMNS and PSEUDO_SCHEMA.field("generator_rle_counts").type == pa.string()
+    assert "generator_rle_counts" in NULLABLE_COLUMNS and PSEUDO_SCHEMA.field("generator_rle_counts").type == pa.string()
 
 
 def _independent_rows(work, gt_json, ann_ids: list[int]) -> dict[str, dict[int, float]]:

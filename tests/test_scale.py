@@ -15,7 +15,7 @@ import pytest
 from exits.io import json_stream
 from exits.io.json_stream import JsonStreamError, iter_top_level
 from exits.eval.separated import count_parts_rle
-from exits.stages.pseudo_labels import PSEUDO_SCHEMA, TRIAGE_COLUMNS, merge_pseudo_labels
+from exits.stages.pseudo_labels import PSEUDO_SCHEMA, NULLABLE_COLUMNS, merge_pseudo_labels
 from exits.stages.shards import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def _gt_shards(annotations_json: Path, out: Path, shard_size: int, drop: set[int
                      "score": 0.1 + (k * 0.37) % 0.9, "certainty": 0.5, "point_agreement": float("nan"),
                      "num_parts": count_parts_rle({"size": [h, w], "counts": counts})})
     # Shards as an older version wrote them: no triage columns (and, without parts, no num_parts).
-    schema = pa.schema([f for f in PSEUDO_SCHEMA if f.name not in TRIAGE_COLUMNS and (with_parts or f.name != "num_parts")])
+    schema = pa.schema([f for f in PSEUDO_SCHEMA if f.name not in NULLABLE_COLUMNS and (with_parts or f.name != "num_parts")])
     paths = []
     for i, start in enumerate(range(0, len(rows), shard_size)):
         part = rows[start:start + shard_size]

@@ -29,7 +29,7 @@ from exits.spotfix.app import create_app
 from exits.spotfix.catalog import QueueFilter, RunCatalog
 from exits.spotfix.store import FixesStore, FixRecord
 from exits.stages.pseudo_label_files import CATEGORIES_METADATA
-from exits.stages.pseudo_labels import PSEUDO_SCHEMA, TRIAGE_COLUMNS
+from exits.stages.pseudo_labels import PSEUDO_SCHEMA, NULLABLE_COLUMNS
 
 H, W = 12, 16
 CATEGORIES = {1: "one", 2: "two", 3: "three", 7: "empty"}  # 7 has no objects
@@ -109,7 +109,7 @@ def make_queue_run(root: Path, n: int = 300, seed: int = 0, parquet: bool = True
                                ("height", H), ("width", W), ("rle_counts", r["counts"]), ("area", 1),
                                ("score", r["raw_score"]), ("certainty", 0.5), ("point_agreement", 0.5),
                                ("num_parts", None if k in nulls else r["parts"]),
-                               *((name, None) for name in TRIAGE_COLUMNS)):
+                               *((name, None) for name in NULLABLE_COLUMNS)):
                 cols[key].append(value)
         schema = PSEUDO_SCHEMA.with_metadata({CATEGORIES_METADATA: json.dumps(CATEGORIES).encode()})
         pq.write_table(pa.table(cols, schema=schema), run / "pseudo_labels.parquet", row_group_size=row_group)
@@ -394,7 +394,7 @@ def test_the_app_answers_the_same_from_parquet_columns_as_from_the_json(tmp_path
                                    ("category_id", a["category_id"]), ("height", seg["size"][0]),
                                    ("width", seg["size"][1]), ("rle_counts", seg["counts"]), ("area", int(a["area"])),
                                    ("score", a["score"]), ("certainty", 0.5), ("point_agreement", 0.5),
-                                   ("num_parts", count_parts_rle(seg)), *((name, None) for name in TRIAGE_COLUMNS)):
+                                   ("num_parts", count_parts_rle(seg)), *((name, None) for name in NULLABLE_COLUMNS)):
                     cols[key].append(value)
             names = {c["id"]: c["name"] for c in data["categories"]}
             schema = PSEUDO_SCHEMA.with_metadata({CATEGORIES_METADATA: json.dumps(names).encode()})

@@ -177,18 +177,19 @@ class ClickPredictor:
         at the crop's resolution then resampled to the window (``crf_resolution: crop``),
         or at the window's own pixels (``window``; :mod:`exits.interactive.constrain`).
         With ``grabcut_mix`` > 0 GrabCut's answer to the same clicks and previous mask
-        (``prev``, full image) is mixed into the probabilities first."""
+        (``prev``, full image) is mixed into the probabilities first; from the
+        ``grabcut_after``-th click GrabCut's answer is returned instead."""
         cfg, win = self.decoder.config, f.window
+        # clicks and disk radius in the window's own pixels
+        uv_win = [(float(x) - win.x0, float(y) - win.y0, bool(p)) for x, y, p in clicks]
+        radius_win = cfg.disk_radius * max(win.width, win.height) / win.size
         if cfg.grabcut_after and len(clicks) >= cfg.grabcut_after and f.window_image is not None:
-            uv = [(float(x) - win.x0, float(y) - win.y0, bool(p)) for x, y, p in clicks]
-            radius = cfg.disk_radius * max(win.width, win.height) / win.size
-            return self._grabcut_answer(f, uv, prev, radius, f.window_image)
+            return self._grabcut_answer(f, uv_win, prev, radius_win, f.window_image)
         kwargs = dict(method=self.constraint, iters=cfg.crf_iters, sxy=cfg.crf_sxy, srgb=cfg.crf_srgb, weight=cfg.crf_w,
                       colour=cfg.crf_colour, max_size=cfg.crf_max_size,
                       kernels=self._kernels(f) if self.constraint in ("crf", "grabcut") else None)
         if cfg.crf_resolution == "window" and self.constraint in ("crf", "grabcut") and f.window_image is not None:
-            uv = [(float(x) - win.x0, float(y) - win.y0, bool(p)) for x, y, p in clicks]
-            radius = cfg.disk_radius * max(win.width, win.height) / win.size
+            uv, radius = uv_win, radius_win
             if cfg.grabcut_mix > 0:
                 prob = self._mix_grabcut(f, prob, uv, prev, radius, f.window_image)
             # the crop covers the window exactly: its probabilities go straight to the CRF's grid

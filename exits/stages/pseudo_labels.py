@@ -84,10 +84,12 @@ PSEUDO_SCHEMA = pa.schema(
     ]
 )
 # Columns a shard written by an older version may lack (read as null; num_parts is recounted
-# on merge, a missing triage signal stays null and that shard keeps its old score): the
-# triage signals and the generator's mask refine_agreement is measured against.
-TRIAGE_COLUMNS = ("generator_score", "box_fit", "point_reach", "refine_agreement", "generator_rle_counts")
-OPTIONAL_COLUMNS = ("num_parts", *TRIAGE_COLUMNS)
+# on merge, a missing triage signal stays null and that shard keeps its old score, a missing
+# generator mask stays null and the report's parts table says so).
+TRIAGE_COLUMNS = ("generator_score", "box_fit", "point_reach", "refine_agreement")
+GENERATOR_MASK_COLUMN = "generator_rle_counts"
+NULLABLE_COLUMNS = (*TRIAGE_COLUMNS, GENERATOR_MASK_COLUMN)
+OPTIONAL_COLUMNS = ("num_parts", *NULLABLE_COLUMNS)
 
 
 def mask_iou_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -263,7 +265,7 @@ def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float
     """Rows of :func:`paste_pseudo_masks` with their scores as a ``PSEUDO_SCHEMA`` table (same order).
 
     ``image_ids`` / ``category_ids`` are per row; ``scores[ann_id]`` has score, certainty, agreement
-    and optionally the :data:`TRIAGE_COLUMNS` (null where absent).
+    and optionally the :data:`NULLABLE_COLUMNS` (null where absent).
     """
     cols: dict[str, list] = {name: [] for name in PSEUDO_SCHEMA.names}
     for r, image_id, category_id in zip(rows, image_ids, category_ids, strict=True):
@@ -274,7 +276,7 @@ def pseudo_label_table(rows: list[dict], scores: Mapping[int, Mapping[str, float
                            ("score", s["score"]), ("certainty", s["certainty"]), ("point_agreement", s["agreement"]),
                            ("num_parts", count_parts_rle(r["rle"]))):
             cols[key].append(value)
-        for key in TRIAGE_COLUMNS:  # absent in the scores of write_pseudo_labels' callers: null
+        for key in NULLABLE_COLUMNS:  # absent in the scores of write_pseudo_labels' callers: null
             cols[key].append(s.get(key))
     return pa.table(cols, schema=PSEUDO_SCHEMA)
 
